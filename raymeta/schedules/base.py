@@ -1,0 +1,46 @@
+"""The schedule interface shared by hand-designed and learned schedules."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+from raymeta.errors import NonFiniteLossError
+
+
+class Schedule(ABC):
+    """Turns (global step, epoch, current mini-batch training loss) into a learning rate.
+
+    Steps are optimisation steps counted globally from 0 across epochs; epochs count from 0.
+    The loss is the mean cross-entropy of the current mini-batch (averaged over all
+    data-parallel workers), a Python float.
+    """
+
+    def start_epoch(self, epoch: int, mean_train_loss: Callable[[], float]) -> None:  # noqa: B027
+        """Called before each epoch; ``mean_train_loss()`` evaluates the mean training loss of
+        the current model over the training split (costly: call it only when needed)."""
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs beyond the step counter (hand-designed schedules: nothing)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:  # noqa: B027
+        """Restore :meth:`state_dict`."""
+
+    @abstractmethod
+    def lr(self, step: int, epoch: int, loss: float) -> float:
+        """Learning rate for optimisation step ``step`` (in epoch ``epoch``) given the batch loss.
+
+        Raises:
+            NonFiniteLossError: ``loss`` is NaN or infinite.
+        """
+
+    @staticmethod
+    def check_loss(loss: float, step: int, epoch: int) -> None:
+        """Raise a one-line :class:`NonFiniteLossError` if ``loss`` is NaN or infinite."""
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss is {loss} at step {step} (epoch {epoch + 1}): training diverged; "
+                "lower the learning rate (or gamma) or check the data"
+            )
