@@ -112,8 +112,10 @@ class MLRSNetMetaTrainer(Schedule):
         meta_loss = lookahead_loss(model, params, direction, self.gamma * unit, meta_x, meta_y)
         self.optimizer.zero_grad(set_to_none=False)
         meta_loss.backward()
-        for p in self.cell.parameters():
-            p.grad = self.average(p.grad)
+        params = list(self.cell.parameters())
+        flat = self.average(torch.cat([p.grad.reshape(-1) for p in params]))
+        for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
+            p.grad.copy_(g.view_as(p))
         self.optimizer.step()
         value = float(meta_loss.detach())
         self.meta_losses.append(value)

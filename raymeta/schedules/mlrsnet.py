@@ -46,7 +46,8 @@ class MLRSNet(nn.Module):
 
     def initial_state(self) -> State:
         """Zero ``(h, c)``, each ``(1, H)``."""
-        zeros = torch.zeros(1, self.hidden_size, device=self.head.weight.device)
+        w = self.head.weight
+        zeros = torch.zeros(1, self.hidden_size, device=w.device, dtype=w.dtype)
         return zeros, zeros.clone()
 
     def forward(self, loss: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:

@@ -204,9 +204,14 @@ def train(
     meta = schedule if isinstance(schedule, MLRSNetMetaTrainer) else None
     meta_batches = None
     if meta is not None:
+        if meta.meta_batch_size % workers.world_size:
+            raise ConfigError(
+                f"meta_batch_size={meta.meta_batch_size} is not divisible by "
+                f"num_workers={workers.world_size}"
+            )
         meta_batches = endless_batches(
             len(data.meta_y),
-            meta.meta_batch_size,
+            meta.meta_batch_size // workers.world_size,
             seed=task.seed,
             rank=workers.rank,
             world_size=workers.world_size,

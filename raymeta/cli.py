@@ -1,0 +1,233 @@
+"""The ``raymeta`` command. Heavy imports (torch, Ray, MLflow) happen inside the subcommands so
+that ``raymeta --help`` answers at once."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from raymeta.errors import RaymetaError
+
+PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
+
+
+def _pipeline_path(name: str) -> Path:
+    for candidate in (Path(name), Path("pipelines") / name, PIPELINES / name):
+        if candidate.is_file():
+            return candidate
+    return Path(name)
+
+
+def _run(args) -> None:
+    from raymeta.config import load_pipeline
+    from raymeta.pipeline import run_pipeline
+
+    cfg = load_pipeline(_pipeline_path(args.file))
+    run_pipeline(_override(cfg, args))
+
+
+def _override(cfg, args):
+    """Apply the common flags (output dir, tracking URI, Ray address) to a pipeline config."""
+    update = {}
+    if getattr(args, "output_dir", None):
+        update["output_dir"] = args.output_dir
+    if getattr(args, "tracking_uri", None):
+        update["mlflow"] = cfg.mlflow.model_copy(update={"tracking_uri": args.tracking_uri})
+    if getattr(args, "address", None):
+        update["ray"] = cfg.ray.model_copy(update={"address": args.address})
+    return cfg.model_copy(update=update)
+
+
+def _task_from_args(args, **defaults) -> dict:
+    task = dict(defaults)
+    for key in ("dataset", "model", "batch_size", "epochs", "momentum", "train_subset", "seed"):
+        value = getattr(args, key, None)
+        if value is not None:
+            task[key] = value
+    return task
+
+
+def _meta_train(args) -> None:
+    from raymeta.config import PipelineConfig, parse
+    from raymeta.pipeline import run_pipeline
+
+    data = {
+        "name": "meta-train",
+        "output_dir": args.output_dir or "outputs/meta-train",
+        "ray": {"num_workers": args.workers, "use_gpu": args.use_gpu},
+        "mlflow": {"experiment": args.experiment},
+        "meta_train": {
+            "task": _task_from_args(args),
+            "t_val": args.t_val,
+            "registered_model": args.registered_model,
+            "alias": args.alias,
+        },
+    }
+    run_pipeline(_override(parse(PipelineConfig, data, "meta-train"), args))
+
+
+def _transfer(args) -> None:
+    from raymeta.config import PipelineConfig, parse
+    from raymeta.pipeline import run_pipeline
+
+    methods = [{"name": "MLR-SNet", "schedule": "mlrsnet", "model_uri": args.model_uri}]
+    for spec in args.baseline:
+        family, _, lr = spec.partition(":")
+        try:
+            methods.append({"schedule": family, "lr": float(lr or 0.1)})
+        except ValueError:
+            raise RaymetaError(
+                f"--baseline {spec!r}: expected FAMILY:LR, e.g. multistep:0.1"
+            ) from None
+    data = {
+        "name": "transfer",
+        "output_dir": args.output_dir or "outputs/transfer",
+        "ray": {"num_workers": args.workers, "use_gpu": args.use_gpu},
+        "mlflow": {"experiment": args.experiment},
+        "transfer": {"task": _task_from_args(args, meta_per_class=0), "methods": methods},
+    }
+    run_pipeline(_override(parse(PipelineConfig, data, "transfer"), args))
+
+
+def _import_reference(args) -> None:
+    import mlflow
+    import torch
+
+    from raymeta.schedules.reference import load_reference
+    from raymeta.tracking import log_meta_learner, setup
+
+    bundle = load_reference(args.dir, args.layout)
+    _, experiment_id = setup(args.tracking_uri, args.experiment)
+    with mlflow.start_run(experiment_id=experiment_id, run_name="import-reference"):
+        mlflow.log_params({"layout": args.layout, "dir": str(args.dir)})
+        version = log_meta_learner(bundle, args.registered_model, args.alias)
+    demo = torch.tensor([2.3, 1.5, 1.0, 0.6, 0.3])
+    units = [f"{u:.4f}" for u in bundle(demo).tolist()]
+    print(
+        f"registered {args.registered_model} version {version} (alias {args.alias}) from {args.dir}"
+    )
+    print(f"unit LR of the last checkpoint on losses {demo.tolist()}: {units}")
+    print(f"use it with model_uri: models:/{args.registered_model}@{args.alias}")
+
+
+def _ui(args) -> None:
+    from raymeta.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    cmd = [
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(args.port),
+    ]
+    print(" ".join(cmd), flush=True)
+    os.execvp(cmd[0], cmd)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output-dir", help="where tables and plots go (default from the pipeline)")
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)"
+    )
+    p.add_argument(
+        "--address", help="Ray address of an existing cluster (default: $RAY_ADDRESS or local)"
+    )
+
+
+def _add_task(p: argparse.ArgumentParser, model: str) -> None:
+    p.add_argument(
+        "--dataset", default="fashion_mnist", help="fashion_mnist | digits | cifar10 | cifar100"
+    )
+    p.add_argument("--model", default=model, help=f"model registry name (default {model})")
+    p.add_argument("--epochs", type=int, help="epochs (default 3)")
+    p.add_argument("--batch-size", type=int, help="global batch size (default 128)")
+    p.add_argument("--momentum", type=float, help="SGD momentum (default 0)")
+    p.add_argument("--train-subset", type=int, help="cap the training split (for quick runs)")
+    p.add_argument("--seed", type=int, help="seed (default 0)")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train data-parallel workers")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
+    p.add_argument("--experiment", default="raymeta", help="MLflow experiment name")
+    _add_common(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raymeta",
+        description="Meta-train learned LR schedules (MLR-SNet) on Ray, register them in MLflow, transfer them.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "quickstart", help="run pipelines/quickstart.yaml (about 5 minutes on 2 CPUs)"
+    )
+    _add_common(p)
+    p.set_defaults(func=_run, file="quickstart.yaml")
+
+    p = sub.add_parser("run", help="run a pipeline YAML file")
+    p.add_argument("file", help="pipeline file, e.g. pipelines/quickstart.yaml")
+    _add_common(p)
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("meta-train", help="meta-train MLR-SNet and register it in MLflow")
+    _add_task(p, "small_cnn")
+    p.add_argument("--t-val", type=int, default=1, help="look-ahead meta step every T_VAL steps")
+    p.add_argument("--registered-model", default="mlrsnet", help="MLflow registered model name")
+    p.add_argument("--alias", default="champion", help="alias set on the new version")
+    p.set_defaults(func=_meta_train)
+
+    p = sub.add_parser(
+        "transfer", help="train a task with a frozen registered MLR-SNet (and baselines)"
+    )
+    p.add_argument(
+        "--model-uri", default="models:/mlrsnet@champion", help="registered meta-learner"
+    )
+    p.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="FAMILY:LR",
+        help="also train with a hand-designed schedule, e.g. multistep:0.1 (repeatable)",
+    )
+    _add_task(p, "mlp")
+    p.set_defaults(func=_transfer)
+
+    p = sub.add_parser(
+        "import-reference", help="import and register the released MLR-SNet checkpoints"
+    )
+    p.add_argument("--dir", type=Path, default=None, help="folder with mlr_snet_{1,100,200}.pth")
+    p.add_argument("--layout", default="meta-test", help="meta-test (released files) | meta-train")
+    p.add_argument("--registered-model", default="mlrsnet-reference")
+    p.add_argument("--alias", default="reference")
+    p.add_argument("--experiment", default="raymeta")
+    p.add_argument("--tracking-uri")
+    p.set_defaults(func=_import_reference)
+
+    p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the local store")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--tracking-uri")
+    p.set_defaults(func=_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "dir", "unset") is None:
+        from raymeta.schedules.reference import REFERENCE_DIR
+
+        args.dir = Path(os.environ.get("RAYMETA_REFERENCE_DIR", REFERENCE_DIR))
+    try:
+        args.func(args)
+    except RaymetaError as exc:
+        print(f"raymeta: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

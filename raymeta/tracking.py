@@ -1,0 +1,138 @@
+"""MLflow: tracking store, runs, metrics, artifacts and the model registry.
+
+Default store: a SQLite file ``mlflow.db`` plus an artifact folder ``mlartifacts/`` in the
+current working directory, resolved to absolute paths in the driver, so that Ray Train workers
+and Tune trials (which run in other working directories) write to the same store.
+``MLFLOW_TRACKING_URI`` (or an explicit URI, e.g. a tracking server on a cluster) overrides it.
+
+Meta-learners are logged with ``mlflow.pytorch`` in the ``pickle`` serialization format: an
+:class:`~raymeta.schedules.MLRSNetBundle` holds several checkpoints and its hyper-parameters as
+attributes, which the ``pt2`` (``torch.export``) format cannot carry. Loading a pickled model
+runs code from the store: load only from stores you trust (your own tracking server).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from raymeta.errors import ConfigError
+
+PIP_REQUIREMENTS = ["torch==2.14.1", "mlflow==3.17.2", "raymeta"]
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The tracking URI to use, with any relative SQLite/file path made absolute.
+
+    Order: ``uri``, ``$MLFLOW_TRACKING_URI``, ``sqlite:///<cwd>/mlflow.db``.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    if "://" not in uri:
+        return Path(uri).resolve().as_uri()
+    return uri
+
+
+def setup(tracking_uri: str | None, experiment: str) -> tuple[str, str]:
+    """Point MLflow at the store and create the experiment once (in the driver).
+
+    For a local SQLite store the experiment's artifacts go to ``mlartifacts/`` next to the
+    database. Returns ``(tracking_uri, experiment_id)``.
+    """
+    import mlflow
+
+    uri = resolve_tracking_uri(tracking_uri)
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # inherited by Ray workers started from here
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is not None:
+        return uri, exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return uri, mlflow.create_experiment(experiment, artifact_location=location)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dict -> ``{"a.b.c": value}`` for ``mlflow.log_params``."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def log_epoch_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float]) -> None:
+    """Log one epoch's metrics (step = the 1-based ``metrics["epoch"]``) to a run by id;
+    used by rank 0 of a Ray Train run, which has no active run of its own."""
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    step = int(metrics["epoch"])
+    batch = [Metric(k, float(v), ts, step) for k, v in metrics.items() if k != "epoch" and v == v]
+    MlflowClient(tracking_uri).log_batch(run_id, metrics=batch)
+
+
+def log_meta_learner(bundle, registered_model: str, alias: str, name: str = "meta_learner") -> str:
+    """Log ``bundle`` to the active run with ``mlflow.pytorch``, register it under
+    ``registered_model`` and point ``alias`` at the new version. Returns the version."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    info = mlflow.pytorch.log_model(
+        bundle,
+        name=name,
+        serialization_format="pickle",
+        pip_requirements=PIP_REQUIREMENTS,
+        registered_model_name=registered_model,
+        metadata={
+            "kind": "mlrsnet",
+            "checkpoint_epochs": list(bundle.checkpoint_epochs),
+            "hidden_size": bundle.hidden_size,
+            "mlp_hidden": bundle.mlp_hidden,
+            "gamma_rule": bundle.gamma_rule,
+            "source": bundle.source,
+        },
+    )
+    version = str(info.registered_model_version)
+    MlflowClient().set_registered_model_alias(registered_model, alias, version)
+    return version
+
+
+def load_meta_learner(model_uri: str):
+    """Load a registered MLR-SNet by ``models:/NAME@ALIAS`` (or any MLflow model URI).
+
+    Returns ``(bundle, version)`` where ``version`` is the registry version (or ``None`` for a
+    non-registry URI), to record which meta-learner a transfer run used.
+
+    Raises:
+        ConfigError: the model, version or alias does not exist, or it is not an MLR-SNet.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from raymeta.schedules.mlrsnet import MLRSNetBundle
+
+    version = None
+    try:
+        if model_uri.startswith("models:/") and "@" in model_uri:
+            name, alias = model_uri.removeprefix("models:/").split("@", 1)
+            version = MlflowClient().get_model_version_by_alias(name, alias).version
+        bundle = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    except (MlflowException, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot load meta-learner {model_uri!r}: {first}") from None
+    if not isinstance(bundle, MLRSNetBundle):
+        raise ConfigError(
+            f"{model_uri!r} is a {type(bundle).__name__}, not an MLR-SNet meta-learner"
+        )
+    return bundle, version

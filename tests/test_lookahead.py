@@ -1,0 +1,127 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from raymeta.config import TaskConfig
+from raymeta.errors import NonFiniteLossError
+from raymeta.meta.lookahead import lookahead_loss, sgd_direction
+from raymeta.meta.mlrsnet import MLRSNetMetaTrainer
+from raymeta.models import build_model
+from raymeta.schedules import HandSchedule, MLRSNet
+from raymeta.train.loop import Workers, build_task_model, load_task_data, mean_train_loss, train
+
+
+def setup_problem(model_name="mlp", momentum=0.9):
+    torch.manual_seed(0)
+    model = build_model(model_name, 1, 10, 8).double()
+    x, y = torch.randn(32, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (32,))
+    mx, my = torch.randn(16, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum, weight_decay=5e-4)
+    for _ in range(2):  # fill the momentum buffers
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    cell = MLRSNet().double()
+    return model, opt, cell, loss.item(), (x, y), (mx, my)
+
+
+def meta_loss_of(cell, model, opt, loss, meta, gamma=0.5):
+    unit, _ = cell(torch.tensor(loss, dtype=torch.float64), cell.initial_state())
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    return lookahead_loss(model, params, sgd_direction(model, opt), gamma * unit, *meta)
+
+
+def test_meta_gradient_matches_finite_differences():
+    model, opt, cell, loss, _, meta = setup_problem()
+    grads = torch.autograd.grad(meta_loss_of(cell, model, opt, loss, meta), list(cell.parameters()))
+    torch.manual_seed(1)
+    direction = [torch.randn_like(p) for p in cell.parameters()]
+    analytic = sum((g * v).sum() for g, v in zip(grads, direction, strict=True))
+    eps = 1e-6
+
+    def shifted(sign):
+        c = copy.deepcopy(cell)
+        with torch.no_grad():
+            for p, v in zip(c.parameters(), direction, strict=True):
+                p += sign * eps * v
+        return meta_loss_of(c, model, opt, loss, meta).item()
+
+    numeric = (shifted(1) - shifted(-1)) / (2 * eps)
+    assert abs(float(analytic)) > 1e-6
+    assert float(analytic) == pytest.approx(numeric, rel=1e-5)
+
+
+def test_first_order_meta_gradient_equals_full_second_order_graph():
+    """lr only scales a gradient that does not depend on the meta-learner: the create_graph
+    computation of the reference gives the same hypergradient."""
+    model, opt, cell, loss, (x, y), meta = setup_problem(momentum=0.0)
+    ours = torch.autograd.grad(meta_loss_of(cell, model, opt, loss, meta), list(cell.parameters()))
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    train_loss = F.cross_entropy(functional_call(model, {**buffers, **params}, (x,)), y)
+    g = torch.autograd.grad(train_loss, list(params.values()), create_graph=True)
+    unit, _ = cell(torch.tensor(loss, dtype=torch.float64), cell.initial_state())
+    new = {
+        n: p - 0.5 * unit * (gi + 5e-4 * p) for (n, p), gi in zip(params.items(), g, strict=True)
+    }
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    full_loss = F.cross_entropy(functional_call(model, {**buffers, **new}, (meta[0],)), meta[1])
+    full = torch.autograd.grad(full_loss, list(cell.parameters()))
+    for a, b in zip(ours, full, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
+def test_virtual_passes_leave_batchnorm_buffers_untouched():
+    model, opt, cell, loss, _, meta = setup_problem("resnet8")
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    meta_loss_of(cell, model, opt, loss, meta).backward()
+    task = TaskConfig(dataset="digits", model="resnet8", val_size=0, meta_per_class=0)
+    data = load_task_data(task)
+    mean_train_loss(model.float(), data, Workers())
+    for name, b in model.named_buffers():
+        assert torch.equal(b, before[name].to(b.dtype)), name
+
+
+def test_same_seed_same_metrics_and_meta_learner():
+    task = TaskConfig(
+        dataset="digits",
+        model="small_cnn",
+        batch_size=32,
+        epochs=2,
+        val_size=200,
+        meta_per_class=10,
+    )
+    data = load_task_data(task)
+
+    def run():
+        torch.manual_seed(123)
+        meta = MLRSNetMetaTrainer(MLRSNet(), data.num_classes, t_val=3, meta_batch_size=20)
+        state = train(task, data, build_task_model(task, data, "cpu"), meta)
+        return state, meta
+
+    (s1, m1), (s2, m2) = run(), run()
+    assert s1.history[-1]["test_acc"] > 0.5
+    for a, b in zip(s1.history, s2.history, strict=True):
+        assert {k: v for k, v in a.items() if k != "epoch_time_s"} == {
+            k: v for k, v in b.items() if k != "epoch_time_s"
+        }
+    assert s1.lrs == s2.lrs and len(m1.meta_losses) == (2 * len(s1.lrs) // 2) // 3
+    for p, q in zip(m1.cell.parameters(), m2.cell.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_diverging_run_stops_with_one_line_error():
+    task = TaskConfig(
+        dataset="digits", model="mlp", batch_size=64, epochs=2, val_size=0, meta_per_class=0
+    )
+    data = load_task_data(task)
+    model = build_task_model(task, data, "cpu")
+    with pytest.raises(NonFiniteLossError, match="training diverged") as err:
+        train(task, data, model, HandSchedule("fixed", 1e12, 40, 20))
+    assert "\n" not in str(err.value)
