@@ -1,0 +1,301 @@
+"""Per-channel feature modulation for MFM (Meta Feature Modulator, Wang et al., arXiv 2008.03428).
+
+The paper's internals are not public: this module implements raymeta's reading of its abstract
+(design.md section 4), not a reproduction of the authors' code.
+
+A modulation rescales and shifts every channel of the feature maps that chosen submodules
+(**sites**) of a classifier output: ``f -> scale * f + shift`` with ``scale``/``shift``
+broadcast over the spatial dimensions. It is applied with forward hooks on the sites, so the
+backbone is not re-implemented, its ``parameters()`` and ``state_dict()`` stay the classifier's
+own, and :func:`torch.func.functional_call` on the classifier (the shared look-ahead) still runs
+the modulation: the modulation parameters are separate leaf tensors, and gradients flow to them
+through virtual steps of the classifier weights.
+
+Two variants, both exactly the identity at initialisation (``scale = 1``, ``shift = 0``, so a
+modulated network reproduces the unmodulated outputs bit for bit):
+
+- :class:`DirectModulation`: one learnable ``scale`` and ``shift`` per channel and site —
+  hyper-parameters of one architecture, meta-optimised on the meta set.
+- :class:`ModulatorNet`: a small MLP shared across channels and sites that maps the
+  statistics ``(mean, std)`` of each channel of each sample's feature map to that channel's
+  ``(scale, shift)``; independent of width, depth and dataset, so it can be meta-trained on one
+  long-tailed dataset and used frozen on another.
+
+Default sites (:func:`default_sites`) are the outputs of the stages of raymeta's backbones:
+``SmallCNN``'s two conv stages (conv-ReLU-max-pool; the network has no normalisation) and the
+three stages of ``CifarResNet`` (after the last block's BatchNorm, residual sum and ReLU), and
+``layer1..4`` of torchvision ResNets. Any submodule whose output is ``(B, C, ...)`` can be
+named instead, e.g. ``"stages.2.4.bn2"`` for pre-activation modulation right after a BN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from functools import partial
+
+import torch
+from torch import nn
+
+from raymeta.errors import ConfigError
+
+MODULATION_KINDS = ("direct", "network")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def default_sites(model: nn.Module) -> list[str]:
+    """Names of the submodules whose outputs are modulated by default.
+
+    Raises:
+        ConfigError: the architecture has no default; pass ``sites`` explicitly.
+    """
+    from raymeta.models.resnet_cifar import CifarResNet
+    from raymeta.models.small import SmallCNN
+
+    model = _unwrap(model)
+    if isinstance(model, SmallCNN):
+        return [
+            f"features.{i}" for i, m in enumerate(model.features) if isinstance(m, nn.MaxPool2d)
+        ]
+    if isinstance(model, CifarResNet):
+        return [f"stages.{i}" for i in range(len(model.stages))]
+    names = dict(model.named_children())
+    if all(f"layer{i}" in names for i in range(1, 5)):  # torchvision ResNet family
+        return [f"layer{i}" for i in range(1, 5)]
+    raise ConfigError(
+        f"no default modulation sites for {type(model).__name__}; accepted: pass sites=[...] "
+        "naming submodules with (B, C, ...) outputs"
+    )
+
+
+def _site(model: nn.Module, name: str) -> nn.Module:
+    """The submodule ``name`` of ``model``; ConfigError listing the accepted names otherwise."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ConfigError(
+            f"modulation site {name!r} is not a submodule of {type(model).__name__}; "
+            f"accepted: one of {', '.join(n for n, _ in model.named_modules() if n)}"
+        ) from None
+
+
+class Modulation(nn.Module):
+    """Base class: a feature modulation attached to a classifier with forward hooks.
+
+    Subclasses implement :meth:`forward` ``(feature, site) -> modulated feature``.
+
+    Attributes:
+        enabled: when False the hooks pass features through unchanged (train and test time).
+        sites: names of the hooked submodules, in order (``site`` index = position here).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.enabled = True
+        self.sites: list[str] = []
+        self._handles: list = []
+
+    def forward(self, feature: torch.Tensor, site: int) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def _hook(self, site: int, module: nn.Module, inputs, output):
+        if not self.enabled:
+            return None
+        return self(output, site)
+
+    def attach(self, model: nn.Module, sites: Sequence[str] | None = None) -> Modulation:
+        """Register forward hooks on ``model``'s ``sites`` (default :func:`default_sites`).
+
+        Attaching again first removes the previous hooks. ``model`` may be DDP-wrapped.
+
+        Raises:
+            ConfigError: a site is not a submodule of ``model`` or, for
+                :class:`DirectModulation`, the number of sites differs from its ``channels``.
+        """
+        self.remove()
+        model = _unwrap(model)
+        sites = list(default_sites(model) if sites is None else sites)
+        self._check_sites(sites)
+        modules = [_site(model, name) for name in sites]
+        for i, module in enumerate(modules):
+            self._handles.append(module.register_forward_hook(partial(self._hook, i)))
+        self.sites = sites
+        return self
+
+    def _check_sites(self, sites: list[str]) -> None:
+        pass
+
+    def remove(self) -> None:
+        """Remove the hooks (the classifier becomes unmodulated)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Temporarily switch the modulation off."""
+        prev, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = prev
+
+    @contextlib.contextmanager
+    def no_meta_grad(self) -> Iterator[None]:
+        """Temporarily stop gradients to the modulation's own parameters (they still act on
+        the features, and gradients still flow through them to the classifier)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+    def __getstate__(self):
+        # Hook handles hold weak references (not picklable). A pickled or deep-copied classifier
+        # keeps working hooks that point to its copy of the modulation; a modulation copied on
+        # its own is detached and must be re-attached.
+        state = self.__dict__.copy()
+        state["_handles"] = []
+        return state
+
+
+class DirectModulation(Modulation):
+    """Direct per-channel modulation parameters, one ``(scale, shift)`` pair per channel and site.
+
+    ``feature (B, C_k, *spatial) -> scale[k] * feature + shift[k]`` with ``scale[k]``,
+    ``shift[k]`` of shape ``(C_k,)`` broadcast over batch and spatial dimensions.
+
+    Args:
+        channels: ``C_k`` of every site, in site order.
+
+    Parameters are named ``scale.{k}`` and ``shift.{k}`` (initialised to ones and zeros).
+    """
+
+    def __init__(self, channels: Sequence[int]):
+        super().__init__()
+        self.channels = [int(c) for c in channels]
+        self.scale = nn.ParameterList([nn.Parameter(torch.ones(c)) for c in self.channels])
+        self.shift = nn.ParameterList([nn.Parameter(torch.zeros(c)) for c in self.channels])
+
+    def _check_sites(self, sites):
+        if len(sites) != len(self.channels):
+            raise ConfigError(
+                f"{len(sites)} modulation sites for DirectModulation with "
+                f"{len(self.channels)} channel counts; accepted: {len(self.channels)} sites"
+            )
+
+    def config(self) -> dict:
+        """Constructor arguments: ``DirectModulation(**m.config())`` rebuilds the module."""
+        return {"channels": list(self.channels)}
+
+    def forward(self, feature: torch.Tensor, site: int) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (feature.dim() - 2)
+        return feature * self.scale[site].view(shape) + self.shift[site].view(shape)
+
+
+class ModulatorNet(Modulation):
+    """A modulator network shared across channels and sites (raymeta's reading of MFM).
+
+    For a feature map ``f`` of shape ``(B, C, *spatial)`` it takes per-sample, per-channel
+    statistics ``s = (mean, std)`` over the spatial dimensions (``std`` with ``eps`` inside the
+    square root; ``0`` for features without spatial dimensions), shape ``(B, C, 2)``, and an
+    MLP ``2 -> hidden -> 2`` (ReLU) gives ``o`` of shape ``(B, C, 2)``:
+    ``scale = 1 + o[..., 0]``, ``shift = o[..., 1]``, applied as ``scale * f + shift``.
+    The last layer is zero-initialised, so the modulation starts as the exact identity. The
+    statistics keep their graph: the classifier's gradients include the path through the
+    modulation.
+
+    Args:
+        hidden: width of the MLP's hidden layer.
+        eps: added to the variance before the square root.
+    """
+
+    def __init__(self, hidden: int = 16, eps: float = 1e-5):
+        super().__init__()
+        self.hidden, self.eps = hidden, eps
+        self.mlp = nn.Sequential(nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def config(self) -> dict:
+        """Constructor arguments: ``ModulatorNet(**m.config())`` rebuilds the module (then
+        ``load_state_dict`` and :meth:`attach` it to any classifier, e.g. frozen for transfer)."""
+        return {"hidden": self.hidden, "eps": self.eps}
+
+    def statistics(self, feature: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *spatial) -> (B, C, 2)`` per-channel (mean, std) of every sample."""
+        flat = feature.flatten(2) if feature.dim() > 2 else feature.unsqueeze(-1)
+        mean = flat.mean(-1)
+        std = (flat.var(-1, unbiased=False) + self.eps).sqrt()
+        return torch.stack([mean, std], dim=-1)
+
+    def forward(self, feature: torch.Tensor, site: int) -> torch.Tensor:
+        out = self.mlp(self.statistics(feature))  # (B, C, 2)
+        shape = out.shape[:2] + (1,) * (feature.dim() - 2)
+        scale = (1 + out[..., 0]).view(shape)
+        shift = out[..., 1].view(shape)
+        return feature * scale + shift
+
+
+@torch.no_grad()
+def site_channels(model: nn.Module, sites: Sequence[str], example: torch.Tensor) -> list[int]:
+    """Channels ``C`` of every site's output, from one eval-mode forward of ``example``
+    ``(B, in_channels, S, S)`` (BatchNorm buffers are not touched)."""
+    model = _unwrap(model)
+    found: dict[int, int] = {}
+    handles = [
+        _site(model, name).register_forward_hook(
+            lambda m, i, o, k=k: found.__setitem__(k, o.shape[1])
+        )
+        for k, name in enumerate(sites)
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        model(example)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return [found[k] for k in range(len(sites))]
+
+
+def build_modulation(
+    kind: str,
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    sites: Sequence[str] | None = None,
+    hidden: int = 16,
+) -> Modulation:
+    """Build a modulation of ``kind`` (``"direct"`` or ``"network"``) and attach it to ``model``.
+
+    Args:
+        model: the classifier (possibly DDP-wrapped); the modulation is moved to its device and
+            dtype.
+        input_shape: ``(in_channels, S, S)`` of one input, used to find the sites' channels.
+        sites: submodule names (default :func:`default_sites`).
+        hidden: hidden width of :class:`ModulatorNet`.
+
+    Raises:
+        ConfigError: unknown ``kind`` or site.
+    """
+    inner = _unwrap(model)
+    sites = list(default_sites(inner) if sites is None else sites)
+    ref = next(inner.parameters())
+    if kind == "direct":
+        for name in sites:  # a clear error before the probe forward
+            _site(inner, name)
+        example = torch.zeros(2, *input_shape, device=ref.device, dtype=ref.dtype)
+        mod: Modulation = DirectModulation(site_channels(inner, sites, example))
+    elif kind == "network":
+        mod = ModulatorNet(hidden)
+    else:
+        raise ConfigError(f"unknown modulation {kind!r}; accepted: {', '.join(MODULATION_KINDS)}")
+    return mod.to(device=ref.device, dtype=ref.dtype).attach(inner, sites)

@@ -1,0 +1,306 @@
+"""Long-tailed protocol (meta set first, exponential / step profiles), shot-group metrics and
+the long-tail baselines (losses, re-sampling, Meta-Weight-Net) on real Fashion-MNIST-LT."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raymeta.data import load_dataset
+from raymeta.data.batches import epoch_batches
+from raymeta.data.longtail import (
+    longtail_metrics,
+    longtail_profile,
+    make_longtail_split,
+    shot_groups,
+)
+from raymeta.errors import ConfigError
+from raymeta.meta.longtail_losses import (
+    ClassBalancedLoss,
+    FocalLoss,
+    LDAMLoss,
+    LogitAdjustedLoss,
+    MetaWeightNetTrainer,
+    WeightNet,
+    build_longtail_method,
+    class_balanced_indices,
+    effective_number_weights,
+)
+from raymeta.models.small import SmallCNN
+
+CIFAR_LIKE = torch.arange(50_000) % 10  # 5000 images per class, like CIFAR-10
+
+
+def test_exponential_profile_matches_the_reference_formula():
+    expected = np.floor(4990 * 100.0 ** (-np.arange(10) / 9)).astype(int).tolist()
+    assert expected[0] == 4990 and expected[-1] == 49
+    assert longtail_profile(10, 4990, 100) == expected
+    split = make_longtail_split(CIFAR_LIKE, 10, imbalance_factor=100, meta_per_class=10)
+    assert split.n_max == 4990  # default: smallest class minus the meta set
+    assert split.counts == expected
+    assert torch.bincount(CIFAR_LIKE[split.train], minlength=10).tolist() == expected
+
+
+@pytest.mark.parametrize("imbalance", [1, 10, 20, 50, 200])
+def test_profile_for_other_imbalance_factors(imbalance):
+    expected = np.floor(4990 * float(imbalance) ** (-np.arange(10) / 9)).astype(int).tolist()
+    assert longtail_profile(10, 4990, imbalance) == expected
+
+
+def test_step_profile():
+    assert longtail_profile(10, 1000, 10, "step") == [1000] * 5 + [100] * 5
+    assert longtail_profile(5, 1000, 4, "step") == [1000] * 2 + [250] * 3
+
+
+def test_meta_set_is_taken_first_balanced_and_disjoint():
+    split = make_longtail_split(CIFAR_LIKE, 10, imbalance_factor=50, meta_per_class=10, seed=3)
+    assert torch.bincount(CIFAR_LIKE[split.meta], minlength=10).tolist() == [10] * 10
+    train, meta = set(split.train.tolist()), set(split.meta.tolist())
+    assert len(train) == len(split.train) and not train & meta
+    # the meta set does not depend on the imbalance factor, profile or class order
+    other = make_longtail_split(
+        CIFAR_LIKE, 10, imbalance_factor=2, profile="step", class_order="permuted", seed=3
+    )
+    assert torch.equal(other.meta, split.meta)
+    val = make_longtail_split(CIFAR_LIKE, 10, imbalance_factor=10, val_per_class=20, seed=3)
+    assert torch.bincount(CIFAR_LIKE[val.val], minlength=10).tolist() == [20] * 10
+    assert not set(val.val.tolist()) & (set(val.train.tolist()) | set(val.meta.tolist()))
+    assert val.n_max == 5000 - 30
+
+
+def test_seeded_permutation_is_reproducible():
+    a = make_longtail_split(CIFAR_LIKE, 10, imbalance_factor=100, class_order="permuted", seed=5)
+    b = make_longtail_split(CIFAR_LIKE, 10, imbalance_factor=100, class_order="permuted", seed=5)
+    c = make_longtail_split(
+        CIFAR_LIKE, 10, imbalance_factor=100, class_order="permuted", seed=5, order_seed=6
+    )
+    assert a.class_order == b.class_order and a.counts == b.counts
+    assert torch.equal(a.train, b.train) and torch.equal(a.meta, b.meta)
+    assert sorted(a.class_order) == list(range(10)) and a.class_order != list(range(10))
+    assert c.class_order != a.class_order and torch.equal(c.meta, a.meta)
+    profile = longtail_profile(10, 4990, 100)
+    assert [a.counts[cls] for cls in a.class_order] == profile
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "names"),
+    [
+        ({"imbalance_factor": 0.5}, "imbalance_factor=0.5"),
+        ({"imbalance_factor": float("nan")}, "imbalance_factor=nan"),
+        ({"imbalance_factor": 10, "meta_per_class": 5001}, "meta_per_class=5001"),
+        ({"imbalance_factor": 10, "num_classes": 12}, "num_classes=12"),
+        ({"imbalance_factor": 10, "num_classes": 8}, "num_classes=8"),
+        ({"imbalance_factor": 10, "profile": "linear"}, "'linear'"),
+        ({"imbalance_factor": 10, "class_order": "random"}, "'random'"),
+        ({"imbalance_factor": 10, "n_max": 4995}, "n_max=4995"),
+        ({"imbalance_factor": 1e5}, "imbalance_factor=100000"),
+    ],
+)
+def test_bad_longtail_values_raise_one_line_config_errors(kwargs, names):
+    kwargs = {"num_classes": 10, **kwargs}
+    with pytest.raises(ConfigError) as info:
+        make_longtail_split(CIFAR_LIKE, **kwargs)
+    msg = str(info.value)
+    assert "\n" not in msg and names in msg and "accepted" in msg
+
+
+def test_shot_groups_and_metrics():
+    counts = longtail_profile(10, 4990, 100)  # 4990 ... 49
+    groups = shot_groups(counts)
+    assert groups == {"many": [0, 1, 2, 3], "medium": [4, 5, 6], "few": [7, 8, 9]}
+    # OLTR's absolute thresholds reproduced at n_max = 500
+    assert shot_groups([500, 101, 100, 20, 19]) == {"many": [0, 1], "medium": [2, 3], "few": [4]}
+    assert shot_groups([500, 150, 50], many_threshold=200, few_threshold=100)["few"] == [2]
+    with pytest.raises(ConfigError):
+        shot_groups(counts, many_threshold=10, few_threshold=20)
+
+    targets = torch.tensor([0, 0, 1, 1, 2, 2, 2, 2])
+    preds = torch.tensor([0, 0, 1, 0, 0, 0, 2, 2])
+    m = longtail_metrics(preds, targets, [100, 10, 1], many_threshold=50, few_threshold=5)
+    assert m.top1 == pytest.approx(5 / 8)
+    assert m.per_class == pytest.approx([1.0, 0.5, 0.5])
+    assert (m.many, m.medium, m.few) == pytest.approx((1.0, 0.5, 0.5))
+    d = m.to_dict("test_")
+    assert d["test_top1"] == m.top1 and d["test_acc_class_2"] == 0.5
+    balanced = longtail_metrics(preds, targets, [10, 10, 10])
+    assert balanced.many == pytest.approx(2 / 3) and math.isnan(balanced.few)
+
+
+def test_effective_number_weights_and_losses():
+    counts = [1000, 100, 10]
+    n = np.array(counts, dtype=float)
+    w = (1 - 0.999) / (1 - 0.999**n)
+    w = w / w.sum() * 3
+    assert effective_number_weights(counts, 0.999).numpy() == pytest.approx(w, rel=1e-6)
+    assert effective_number_weights(counts, 0.0).tolist() == [1.0, 1.0, 1.0]
+
+    torch.manual_seed(0)
+    logits, y = torch.randn(16, 3), torch.randint(0, 3, (16,))
+    ce = F.cross_entropy(logits, y)
+    assert torch.allclose(FocalLoss(gamma=0.0)(logits, y), ce)
+    assert FocalLoss(gamma=2.0)(logits, y) < ce
+    cb = ClassBalancedLoss(counts, beta=0.999)(logits, y)
+    wt = torch.tensor(w, dtype=torch.float32)
+    assert torch.allclose(cb, F.cross_entropy(logits, y, weight=wt))
+    assert torch.allclose(
+        LogitAdjustedLoss(counts)(logits, y),
+        F.cross_entropy(logits + torch.log(torch.tensor(n / n.sum())).float(), y),
+    )
+    ldam = LDAMLoss(counts, max_m=0.5, s=1.0, drw_epoch=2)
+    m = 1 / n**0.25
+    m = m * 0.5 / m.max()
+    shifted = logits - F.one_hot(y, 3) * torch.tensor(m, dtype=torch.float32)[y][:, None]
+    assert torch.allclose(ldam(logits, y), F.cross_entropy(shifted, y))
+    ldam.start_epoch(2)  # deferred re-weighting switches on
+    drw = F.cross_entropy(shifted, y, weight=effective_number_weights(counts))
+    assert torch.allclose(ldam(logits, y), drw)
+
+
+def test_weighted_mean_matches_across_workers():
+    """Two workers with half batches average to the one-worker loss gradient (weighted mean)."""
+    counts = [500, 50, 5]
+    torch.manual_seed(1)
+    logits = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 0, 0, 0, 0, 1, 1, 2])
+    full = ClassBalancedLoss(counts).double()
+    (g_full,) = torch.autograd.grad(full(logits, y), logits)
+    halves = [slice(0, 4), slice(4, 8)]
+    w = full.class_weight.double()[y]
+    mean_w = torch.stack([w[h].mean() for h in halves]).mean()
+    grads = []
+    for h in halves:
+        loss = ClassBalancedLoss(counts).double()
+        loss.average = lambda t, m=mean_w: m  # what an all-reduce mean returns
+        (g,) = torch.autograd.grad(loss(logits[h], y[h]), logits)
+        grads.append(g)
+    assert torch.allclose((grads[0] + grads[1]) / 2, g_full)
+
+
+def test_class_balanced_resampling():
+    labels = torch.tensor([0] * 900 + [1] * 90 + [2] * 10)
+    a = class_balanced_indices(labels, seed=0, epoch=0)
+    b = class_balanced_indices(labels, seed=0, epoch=0)
+    assert torch.equal(a, b) and not torch.equal(a, class_balanced_indices(labels, seed=0, epoch=1))
+    freq = torch.bincount(labels[a], minlength=3) / len(a)
+    assert torch.allclose(freq, torch.full((3,), 1 / 3), atol=0.05)
+
+
+def _fashion_lt(imbalance=10, n_max=300, seed=0):
+    ds = load_dataset("fashion_mnist")
+    split = make_longtail_split(
+        ds.train_y,
+        10,
+        imbalance_factor=imbalance,
+        n_max=n_max,
+        class_order="permuted",
+        seed=seed,
+        class_names=ds.class_names,
+    )
+    test_idx = torch.arange(0, 10_000, 5)  # 2000 balanced-ish test images
+    return ds, split, ds.test_x[test_idx], ds.test_y[test_idx]
+
+
+def _run(method, model, ds, split, steps, batch=64, lr=0.05, meta_batch=50):
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    tx, ty = ds.train_x[split.train], ds.train_y[split.train]
+    mx, my = ds.train_x[split.meta], ds.train_y[split.meta]
+    losses, step, epoch = [], 0, 0
+    gen = torch.Generator().manual_seed(0)
+    while step < steps:
+        method.start_epoch(epoch)
+        for idx in epoch_batches(len(ty), batch, seed=0, epoch=epoch):
+            if step == steps:
+                break
+            midx = torch.randperm(len(my), generator=gen)[:meta_batch]
+            out = method.train_step(
+                model,
+                optimizer,
+                tx[idx],
+                ty[idx],
+                lr=lr,
+                step=step,
+                meta_x=mx[midx],
+                meta_y=my[midx],
+            )
+            losses.append(float(out.loss))
+            step += 1
+        epoch += 1
+    return losses
+
+
+def _accuracy(model, x, y):
+    model.eval()
+    with torch.no_grad():
+        preds = model(x).argmax(1)
+    model.train()
+    return preds
+
+
+def test_short_baseline_and_mwn_runs_on_fashion_mnist_lt():
+    ds, split, test_x, test_y = _fashion_lt()
+    for name, steps in (("logit_adjust", 40), ("mwn", 20)):
+        torch.manual_seed(0)
+        model = SmallCNN(1, 10, 28)
+        method = build_longtail_method(name, split.counts, model, epochs=2)
+        losses = _run(method, model, ds, split, steps)
+        assert np.mean(losses[-5:]) < np.mean(losses[:5]), (name, losses)
+        metrics = longtail_metrics(_accuracy(model, test_x, test_y), test_y, split.counts)
+        assert metrics.top1 > 0.3, (name, metrics)
+        if name == "mwn":
+            assert len(method.meta_losses) == steps
+
+
+class _ThreadMean:
+    """An all-reduce mean across threads (a stand-in for torch.distributed in one process)."""
+
+    def __init__(self, n):
+        self.n, self.slots = n, [None] * n
+        self.barrier = threading.Barrier(n, timeout=60)
+
+    def for_rank(self, r):
+        def average(t):
+            self.slots[r] = t.detach().clone()
+            self.barrier.wait()
+            out = torch.stack(self.slots).mean(0)
+            self.barrier.wait()
+            return out
+
+        return average
+
+
+def test_mwn_meta_gradient_of_two_workers_matches_one_worker():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 1, 8, 8, dtype=torch.float64), torch.randint(0, 3, (8,))
+    mx, my = torch.randn(6, 1, 8, 8, dtype=torch.float64), torch.randint(0, 3, (6,))
+
+    def make(average):
+        torch.manual_seed(1)
+        model = SmallCNN(1, 3, 8, width=4).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-3)
+        return model, opt, MetaWeightNetTrainer(WeightNet(8).double(), average=average)
+
+    model, opt, trainer = make(lambda t: t)
+    ref_loss, ref = trainer.meta_gradient(model, opt, x, y, mx, my, 0.3)
+    fake = _ThreadMean(2)
+    results = [None, None]
+
+    replicas = [make(fake.for_rank(r)) for r in range(2)]  # built here: the RNG is global
+
+    def worker(r):
+        m, o, t = replicas[r]
+        h, mh = slice(4 * r, 4 * r + 4), slice(3 * r, 3 * r + 3)
+        results[r] = t.meta_gradient(m, o, x[h], y[h], mx[mh], my[mh], 0.3)
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.allclose((results[0][0] + results[1][0]) / 2, ref_loss)
+    for k, g in enumerate(ref):
+        assert torch.allclose((results[0][1][k] + results[1][1][k]) / 2, g, rtol=1e-9, atol=1e-12)
