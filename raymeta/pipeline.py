@@ -176,7 +176,13 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     import ray
 
     from raymeta.tracking import flatten, setup
+    from raymeta.train.loop import check_task
 
+    if cfg.meta_train is not None:
+        workers = cfg.meta_train_workers or cfg.ray.num_workers
+        check_task(cfg.meta_train.task, workers, cfg.meta_train.meta_batch_size)
+    if cfg.transfer is not None:
+        check_task(cfg.transfer.task, cfg.ray.num_workers)
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     uri, experiment_id = setup(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)

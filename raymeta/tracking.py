@@ -36,7 +36,7 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 
 
 def setup(tracking_uri: str | None, experiment: str) -> tuple[str, str]:
-    """Point MLflow at the store and create the experiment once (in the driver).
+    """Point MLflow at the store, create the experiment once (in the driver) and make it active.
 
     For a local SQLite store the experiment's artifacts go to ``mlartifacts/`` next to the
     database. Returns ``(tracking_uri, experiment_id)``.
@@ -47,12 +47,15 @@ def setup(tracking_uri: str | None, experiment: str) -> tuple[str, str]:
     os.environ["MLFLOW_TRACKING_URI"] = uri  # inherited by Ray workers started from here
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(experiment)
-    if exp is not None:
-        return uri, exp.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-    return uri, mlflow.create_experiment(experiment, artifact_location=location)
+    if exp is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+        experiment_id = mlflow.create_experiment(experiment, artifact_location=location)
+    else:
+        experiment_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)  # nested runs land here too
+    return uri, experiment_id
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -126,7 +129,7 @@ def load_meta_learner(model_uri: str):
     try:
         if model_uri.startswith("models:/") and "@" in model_uri:
             name, alias = model_uri.removeprefix("models:/").split("@", 1)
-            version = MlflowClient().get_model_version_by_alias(name, alias).version
+            version = str(MlflowClient().get_model_version_by_alias(name, alias).version)
         bundle = mlflow.pytorch.load_model(model_uri, map_location="cpu")
     except (MlflowException, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

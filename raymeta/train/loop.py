@@ -73,8 +73,8 @@ class TaskData:
     class_names: tuple[str, ...]
 
 
-def load_task_data(task: TaskConfig, device: torch.device | str = "cpu") -> TaskData:
-    """Load the task's dataset and cut its seeded train / validation / meta splits."""
+def task_splits(task: TaskConfig):
+    """The task's dataset and its seeded train / validation / meta :class:`Splits`."""
     ds = load_dataset(task.dataset)
     sp = make_splits(
         ds.train_y,
@@ -85,6 +85,12 @@ def load_task_data(task: TaskConfig, device: torch.device | str = "cpu") -> Task
         train_subset=task.train_subset,
         class_names=ds.class_names,
     )
+    return ds, sp
+
+
+def load_task_data(task: TaskConfig, device: torch.device | str = "cpu") -> TaskData:
+    """Load the task's dataset and cut its seeded train / validation / meta splits."""
+    ds, sp = task_splits(task)
 
     def take(idx):
         return ds.train_x[idx].to(device), ds.train_y[idx].to(device)
@@ -138,6 +144,34 @@ def mean_train_loss(model: nn.Module, data: TaskData, workers: Workers) -> float
     return float(workers.sum(total) / n)
 
 
+def check_batches(
+    n_train: int, batch_size: int, num_workers: int, meta_batch_size: int | None = None
+) -> None:
+    """Raise a one-line :class:`ConfigError` if the batches cannot be split across workers.
+
+    ``batch_size`` and ``meta_batch_size`` are global (summed over workers).
+    """
+    if batch_size % num_workers:
+        raise ConfigError(f"batch_size={batch_size} is not divisible by num_workers={num_workers}")
+    if meta_batch_size is not None and meta_batch_size % num_workers:
+        raise ConfigError(
+            f"meta_batch_size={meta_batch_size} is not divisible by num_workers={num_workers}"
+        )
+    if steps_per_epoch(n_train, batch_size // num_workers, num_workers) == 0:
+        raise ConfigError(f"batch_size={batch_size} is larger than the training split ({n_train})")
+
+
+def check_task(task: TaskConfig, num_workers: int = 1, meta_batch_size: int | None = None) -> None:
+    """Validate everything about ``task`` that depends on the data, in the driver, before any
+    Ray worker starts (a missing dataset, a meta set larger than a class, batch sizes).
+
+    Raises:
+        ConfigError, DataNotFoundError: one line naming the value.
+    """
+    ds, sp = task_splits(task)
+    check_batches(len(sp.train), task.batch_size, num_workers, meta_batch_size)
+
+
 @dataclass
 class RunState:
     """Everything a resumed run needs: weights, optimiser, schedule, counters and history."""
@@ -186,16 +220,14 @@ def train(
     """
     workers = workers or Workers.current()
     state = state or RunState()
-    if task.batch_size % workers.world_size:
-        raise ConfigError(
-            f"batch_size={task.batch_size} is not divisible by num_workers={workers.world_size}"
-        )
+    check_batches(
+        len(data.train_y),
+        task.batch_size,
+        workers.world_size,
+        schedule.meta_batch_size if isinstance(schedule, MLRSNetMetaTrainer) else None,
+    )
     local_batch = task.batch_size // workers.world_size
     n_steps = steps_per_epoch(len(data.train_y), local_batch, workers.world_size)
-    if n_steps == 0:
-        raise ConfigError(
-            f"batch_size={task.batch_size} is larger than the training split ({len(data.train_y)})"
-        )
     optimizer = torch.optim.SGD(
         model.parameters(), lr=0.0, momentum=task.momentum, weight_decay=task.weight_decay
     )
@@ -204,11 +236,6 @@ def train(
     meta = schedule if isinstance(schedule, MLRSNetMetaTrainer) else None
     meta_batches = None
     if meta is not None:
-        if meta.meta_batch_size % workers.world_size:
-            raise ConfigError(
-                f"meta_batch_size={meta.meta_batch_size} is not divisible by "
-                f"num_workers={workers.world_size}"
-            )
         meta_batches = endless_batches(
             len(data.meta_y),
             meta.meta_batch_size // workers.world_size,

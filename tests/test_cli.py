@@ -1,0 +1,67 @@
+"""The command line as a user meets it: fast help, one-line errors for bad configs."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RAYMETA = [sys.executable, "-m", "raymeta.cli"]
+
+
+def run(*args, cwd=ROOT):
+    return subprocess.run([*RAYMETA, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_help_is_fast():
+    t0 = time.perf_counter()
+    res = run("--help")
+    assert res.returncode == 0 and "quickstart" in res.stdout
+    assert time.perf_counter() - t0 < 2.0
+
+
+@pytest.mark.parametrize(
+    ("patch", "expected"),
+    [
+        ("meta_train:\n  task:\n    epochz: 3\n", "meta_train.task.epochz: unknown key"),
+        (
+            "meta_train:\n  task:\n    epochs: -1\n",
+            "meta_train.task.epochs: Input should be greater than 0 (got -1)",
+        ),
+        (
+            "meta_train:\n  task:\n    batch_size: 0\n",
+            "meta_train.task.batch_size: Input should be greater than 0 (got 0)",
+        ),
+        (
+            "meta_train:\n  task:\n    epochs: many\n",
+            "meta_train.task.epochs: Input should be a valid integer",
+        ),
+        (
+            "meta_train:\n  task:\n    meta_per_class: 7000\n",
+            "meta_per_class=7000 is larger than class 'T-shirt/top' (6000 training images)",
+        ),
+        (
+            "transfer:\n  methods:\n    - {schedule: stepwise, lr: 0.1}\n",
+            "unknown schedule 'stepwise'; accepted: mlrsnet, fixed",
+        ),
+    ],
+)
+def test_bad_config_is_one_line_error(tmp_path, patch, expected):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(f"name: bad\noutput_dir: {tmp_path}/out\n{patch}")
+    res = run("run", str(cfg), cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raymeta: error: ") and expected in lines[0], (
+        res.stderr
+    )
+
+
+def test_missing_pipeline_file(tmp_path):
+    res = run("run", "nope.yaml", cwd=tmp_path)
+    assert (
+        res.returncode == 2
+        and res.stderr.strip() == "raymeta: error: config file nope.yaml not found"
+    )

@@ -1,0 +1,63 @@
+"""MLflow registry round trip on a real local SQLite store (no mocks)."""
+
+import mlflow
+import pytest
+import torch
+
+from raymeta.errors import ConfigError
+from raymeta.schedules import MLRSNet, MLRSNetBundle
+from raymeta.tracking import load_meta_learner, log_meta_learner, resolve_tracking_uri, setup
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri, exp = setup(None, "test-registry")
+    yield uri, exp
+    mlflow.set_tracking_uri(None)
+
+
+def test_default_store_is_absolute_sqlite_with_artifacts_beside_it(store, tmp_path):
+    uri, exp = store
+    assert uri == f"sqlite:///{tmp_path}/mlflow.db"
+    assert mlflow.get_experiment(exp).artifact_location == (tmp_path / "mlartifacts").as_uri()
+    assert resolve_tracking_uri("sqlite:///rel/x.db") == f"sqlite:///{tmp_path}/rel/x.db"
+    assert resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_register_and_load_by_alias_gives_identical_lrs(store):
+    torch.manual_seed(0)
+    bundle = MLRSNetBundle([MLRSNet().state_dict() for _ in range(3)], [1, 2, 3], source="test")
+    with mlflow.start_run(experiment_id=store[1]):
+        v1 = log_meta_learner(bundle, "mlrsnet-test", "champion")
+    torch.manual_seed(1)
+    other = MLRSNetBundle([MLRSNet().state_dict()], [5])
+    with mlflow.start_run(experiment_id=store[1]):
+        v2 = log_meta_learner(other, "mlrsnet-test", "challenger")
+    assert (v1, v2) == ("1", "2")
+    loaded, version = load_meta_learner("models:/mlrsnet-test@champion")
+    assert version == "1" and loaded.checkpoint_epochs == [1, 2, 3]
+    losses = torch.linspace(2.3, 0.1, 50)
+    for k in range(3):
+        assert torch.equal(loaded(losses, k), bundle(losses, k))
+    assert load_meta_learner("models:/mlrsnet-test@challenger")[1] == "2"
+
+
+def test_missing_alias_and_wrong_model_are_one_line_errors(store):
+    with mlflow.start_run(experiment_id=store[1]):
+        mlflow.pytorch.log_model(
+            torch.nn.Linear(2, 1),
+            name="m",
+            serialization_format="pickle",
+            pip_requirements=["torch"],
+            registered_model_name="not-a-schedule",
+        )
+    mlflow.MlflowClient().set_registered_model_alias("not-a-schedule", "champion", "1")
+    with pytest.raises(ConfigError, match="is a Linear, not an MLR-SNet meta-learner"):
+        load_meta_learner("models:/not-a-schedule@champion")
+    with pytest.raises(
+        ConfigError, match="cannot load meta-learner 'models:/nothing@champion'"
+    ) as err:
+        load_meta_learner("models:/nothing@champion")
+    assert "\n" not in str(err.value)
