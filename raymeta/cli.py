@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("meta-train", help="meta-train MLR-SNet and register it in MLflow")
     _add_task(p, "small_cnn")
-    p.add_argument("--t-val", type=int, default=1, help="look-ahead meta step every T_VAL steps")
+    p.add_argument("--t-val", type=int, default=20, help="look-ahead meta step every T_VAL steps")
     p.add_argument("--registered-model", default="mlrsnet", help="MLflow registered model name")
     p.add_argument("--alias", default="champion", help="alias set on the new version")
     p.set_defaults(func=_meta_train)

@@ -88,12 +88,15 @@ class MetaTrainConfig(Strict):
     """MLR-SNet meta-training (paper Sec. 4.1) on one task.
 
     ``t_val``: a look-ahead meta step every ``t_val`` optimisation steps, counted globally across
-    epochs. ``checkpoint_epochs``: 1-based epochs at which the meta-learner is saved (default:
+    epochs (paper: 300 on CIFAR, about once per epoch). Very frequent meta steps over-fit the
+    greedy one-step objective and collapse the LR (short-horizon bias: on Fashion-MNIST,
+    t_val=1 drove the LR from 0.37 to 0.02 within a tenth of the run); the default keeps the
+    meta-learner's drift slow, as the paper's schedule does. ``checkpoint_epochs``: 1-based epochs at which the meta-learner is saved (default:
     first, middle, last), used by the three-phase meta-test protocol.
     """
 
     task: TaskConfig = TaskConfig()
-    t_val: PositiveInt = 1
+    t_val: PositiveInt = 20
     meta_lr: PositiveFloat = 1e-3
     meta_weight_decay: NonNegFloat = 1e-4
     meta_batch_size: PositiveInt = 100
@@ -125,6 +128,191 @@ class TransferConfig(Strict):
     methods: list[MethodConfig] = Field(min_length=1)
 
 
+LONGTAIL_METHODS = {  # name -> default label (raymeta.meta.longtail_losses.METHODS)
+    "ce": "CE",
+    "cb_reweight": "CB re-weighting",
+    "cb_resample": "CB re-sampling",
+    "focal": "focal",
+    "ldam_drw": "LDAM-DRW",
+    "logit_adjust": "logit adjustment",
+    "mwn": "Meta-Weight-Net",
+    "mfm_direct": "MFM (direct)",
+    "mfm_network": "MFM (network)",
+}
+META_METHODS = ("mwn", "mfm_direct", "mfm_network")
+ImbalanceFactor = Annotated[float, Field(ge=1, allow_inf_nan=False)]
+
+
+class LongTailTaskConfig(Strict):
+    """A long-tailed task (:mod:`raymeta.data.longtail`, the Meta-Weight-Net protocol).
+
+    The balanced meta set (``meta_per_class`` images of every class) is taken from the training
+    set first; the rest is sub-sampled to the ``profile`` (``exp`` or ``step``) with head/tail
+    ratio ``imbalance_factor`` (IF >= 1; 1 = balanced). ``class_order``: ``natural`` (class 0
+    is the head) or ``permuted`` (a permutation seeded by ``order_seed``, default ``seed``,
+    decides which classes are rare). ``n_max``: head-class size (default: the smallest class
+    after the meta set; smaller values give reduced, faster tasks). Evaluation: the dataset's
+    full balanced test set. Optimiser defaults follow the Meta-Weight-Net CIFAR-LT protocol
+    (batch 100, SGD momentum 0.9, weight decay 5e-4); ``batch_size`` is global.
+    """
+
+    dataset: Literal["fashion_mnist", "digits", "cifar10", "cifar100"] = "fashion_mnist"
+    model: str = "small_cnn"
+    imbalance_factor: ImbalanceFactor = 100.0
+    profile: Literal["exp", "step"] = "exp"
+    meta_per_class: NonNegInt = 10
+    class_order: Literal["natural", "permuted"] = "natural"
+    order_seed: int | None = None
+    n_max: PositiveInt | None = None
+    batch_size: PositiveInt = 100
+    epochs: PositiveInt = 10
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    weight_decay: NonNegFloat = 5e-4
+    seed: int = 0
+
+
+class LongTailMethodConfig(Strict):
+    """One long-tailed method trained under the common loop.
+
+    ``method``: ``ce``, ``cb_reweight``, ``cb_resample``, ``focal``, ``ldam_drw``,
+    ``logit_adjust``, ``mwn``, ``mfm_direct``, ``mfm_network``; ``params`` go to
+    :func:`raymeta.meta.longtail_losses.build_longtail_method` (e.g. ``beta``, ``gamma``,
+    ``tau``, ``meta_lr``, ``meta_every``, ``lookahead``, ``hidden``). ``meta_batch_size``:
+    global meta batch of the meta-learned methods. ``model_uri`` (``mfm_network`` only): a
+    registered modulator network (``models:/NAME@ALIAS``) applied frozen, with no meta set.
+    """
+
+    name: str | None = None
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    meta_batch_size: PositiveInt = 100
+    model_uri: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.method not in LONGTAIL_METHODS:
+            raise ValueError(
+                f"unknown long-tail method {self.method!r}; accepted: {', '.join(LONGTAIL_METHODS)}"
+            )
+        if self.model_uri is not None and self.method != "mfm_network":
+            raise ValueError(
+                f"model_uri is for a registered modulator network (method mfm_network), "
+                f"not {self.method!r}"
+            )
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        return "MFM (frozen)" if self.model_uri else LONGTAIL_METHODS[self.method]
+
+    @property
+    def needs_meta(self) -> bool:
+        return self.method in META_METHODS and self.model_uri is None
+
+
+DEFAULT_LONGTAIL_SCHEDULE = {
+    "schedule": "multistep",
+    "lr": 0.1,
+    "params": {"milestones": [0.8, 0.9], "decay": 0.1},
+}
+
+
+def _check_longtail_runs(task: LongTailTaskConfig, methods, schedule: MethodConfig, where: str):
+    if schedule.schedule == "mlrsnet":
+        raise ValueError(
+            f"{where}schedule: long-tailed methods need their LR before the batch loss; "
+            "accepted: a hand-designed schedule (e.g. multistep)"
+        )
+    if task.meta_per_class == 0:
+        needy = [m.label for m in methods if m.needs_meta]
+        if needy:
+            raise ValueError(
+                f"{where}task.meta_per_class is 0 but {', '.join(needy)} "
+                f"{'needs' if len(needy) == 1 else 'need'} a meta set; "
+                "accepted: meta_per_class >= 1"
+            )
+
+
+class LongTailTransferConfig(Strict):
+    """Apply a registered modulator network, frozen and with no meta set, to another
+    long-tailed task, beside ``baselines`` trained under the same loop and budget.
+
+    ``model_uri``: default the study's ``models:/{registered_model}@{alias}``. ``seeds``:
+    default the study's.
+    """
+
+    name: str
+    task: LongTailTaskConfig
+    model_uri: str | None = None
+    baselines: list[LongTailMethodConfig] = Field(
+        default_factory=lambda: [LongTailMethodConfig(method="ce")]
+    )
+    seeds: list[int] | None = Field(default=None, min_length=1)
+
+
+class LongTailStudyConfig(Strict):
+    """The ``mfm`` section of a pipeline: every method on every (imbalance factor, seed) of a
+    long-tailed task, the meta-trained modulator network registered in MLflow, then transfer.
+
+    ``imbalance_factors``: default ``[task.imbalance_factor]``. ``seeds``: each sets the task's
+    ``seed`` (split sampling, class permutation unless ``order_seed`` is fixed, model
+    initialisation, batch order). ``num_workers``: Ray Train workers per run (default
+    ``ray.num_workers``). ``max_concurrent``: runs in flight at once (default: the cluster's
+    CPUs divided by ``num_workers``). The modulator of the ``mfm_network`` run at
+    ``register_imbalance_factor`` / ``register_seed`` (default: the first of each) is
+    registered as ``registered_model`` with ``alias``.
+    """
+
+    task: LongTailTaskConfig = LongTailTaskConfig()
+    imbalance_factors: list[ImbalanceFactor] | None = Field(default=None, min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    schedule: MethodConfig = MethodConfig(**DEFAULT_LONGTAIL_SCHEDULE)
+    methods: list[LongTailMethodConfig] = Field(default_factory=list)
+    num_workers: PositiveInt | None = None
+    max_concurrent: PositiveInt | None = None
+    registered_model: str = "mfm-modulator"
+    alias: str = "champion"
+    register_imbalance_factor: ImbalanceFactor | None = None
+    register_seed: int | None = None
+    transfer: list[LongTailTransferConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.methods and not self.transfer:
+            raise ValueError("the mfm section needs methods, transfer or both")
+        _check_longtail_runs(self.task, self.methods, self.schedule, "")
+        for i, t in enumerate(self.transfer):
+            _check_longtail_runs(t.task, t.baselines, self.schedule, f"transfer.{i}.")
+            if t.model_uri is None and self.registered_method is None:
+                raise ValueError(
+                    f"transfer.{i} ({t.name!r}) has no model_uri and no mfm_network method is "
+                    "meta-trained here to register; accepted: model_uri: models:/NAME@ALIAS"
+                )
+        if self.register_imbalance_factor is not None and (
+            self.register_imbalance_factor not in self.factors
+        ):
+            raise ValueError(
+                f"register_imbalance_factor={self.register_imbalance_factor:g} is not one of "
+                f"imbalance_factors {self.factors}"
+            )
+        if self.register_seed is not None and self.register_seed not in self.seeds:
+            raise ValueError(f"register_seed={self.register_seed} is not one of seeds {self.seeds}")
+        return self
+
+    @property
+    def factors(self) -> list[float]:
+        return list(self.imbalance_factors or [self.task.imbalance_factor])
+
+    @property
+    def registered_method(self) -> LongTailMethodConfig | None:
+        """The meta-trained ``mfm_network`` method whose modulator is registered."""
+        return next(
+            (m for m in self.methods if m.method == "mfm_network" and m.model_uri is None), None
+        )
+
+
 class RayConfig(Strict):
     """Where Ray runs: ``address`` None starts a local Ray with ``num_cpus``."""
 
@@ -143,7 +331,8 @@ class MlflowConfig(Strict):
 
 
 class PipelineConfig(Strict):
-    """A declarative workflow: optional meta-training, then optional transfer."""
+    """A declarative workflow: optional MLR-SNet meta-training, then optional transfer, and an
+    optional long-tailed study (``mfm``: MFM, its baselines, registration and transfer)."""
 
     name: str
     output_dir: str = "outputs"
@@ -152,11 +341,12 @@ class PipelineConfig(Strict):
     meta_train: MetaTrainConfig | None = None
     meta_train_workers: PositiveInt | None = None
     transfer: TransferConfig | None = None
+    mfm: LongTailStudyConfig | None = None
 
     @model_validator(mode="after")
     def _check(self):
-        if self.meta_train is None and self.transfer is None:
-            raise ValueError("a pipeline needs meta_train, transfer or both")
+        if self.meta_train is None and self.transfer is None and self.mfm is None:
+            raise ValueError("a pipeline needs meta_train, transfer, mfm or several")
         return self
 
 
