@@ -28,6 +28,36 @@ def _run(args) -> None:
     run_pipeline(_override(cfg, args))
 
 
+def _compare(args) -> None:
+    from raymeta.config import load_pipeline
+    from raymeta.tune.compare import run_compare
+
+    cfg = load_pipeline(_pipeline_path(args.file))
+    run_compare(_override(cfg, args), resume=args.resume)
+
+
+def _study(args) -> None:
+    from raymeta.config import load_pipeline
+    from raymeta.tune.study import run_study
+
+    run_study(_override(load_pipeline(_pipeline_path(args.file)), args), resume=args.resume)
+
+
+def _report(args) -> None:
+    from raymeta.tune.study import read_results, write_report
+
+    source = args.dir if "://" in args.dir else str(Path(args.dir) / "results")
+    if "://" not in args.dir and not Path(source).is_dir():
+        source = args.dir
+    table = read_results(source) if "://" in source or Path(source).is_dir() else None
+    if table is None or table.empty:
+        raise RaymetaError(f"no study results (Parquet rows) found in {args.dir}")
+    out = Path(args.out or (args.dir if "://" not in args.dir else "report"))
+    paths = write_report(table, out)
+    print((out / "report.md").read_text())
+    print(f"{len(table)} rows; wrote {', '.join(str(p) for p in paths)}")
+
+
 def _override(cfg, args):
     """Apply the common flags (output dir, tracking URI, Ray address) to a pipeline config."""
     update = {}
@@ -112,6 +142,124 @@ def _import_reference(args) -> None:
     print(f"use it with model_uri: models:/{args.registered_model}@{args.alias}")
 
 
+def _longtail_task(args, **defaults) -> dict:
+    task = dict(defaults)
+    for key in (
+        "dataset",
+        "model",
+        "profile",
+        "class_order",
+        "order_seed",
+        "n_max",
+        "meta_per_class",
+        "epochs",
+        "batch_size",
+    ):
+        value = getattr(args, key, None)
+        if value is not None:
+            task[key] = value
+    return task
+
+
+def _mfm(args) -> None:
+    """``raymeta mfm train|transfer``: a pipeline with an ``mfm`` section (raymeta.longtail_study)."""
+    from raymeta.config import PipelineConfig, parse
+    from raymeta.pipeline import run_pipeline
+
+    factors = args.imbalance_factor or [100.0 if args.mfm_command == "train" else 50.0]
+    section = {
+        "seeds": args.seeds,
+        "schedule": {
+            "schedule": "multistep",
+            "lr": args.lr,
+            "params": {"milestones": [0.8, 0.9], "decay": 0.1},
+        },
+    }
+    if args.mfm_command == "train":
+        mfm_params = {"meta_every": args.meta_every, "lookahead": args.lookahead}
+        section |= {
+            "task": _longtail_task(args),
+            "imbalance_factors": factors,
+            "methods": [
+                {"method": m, "params": mfm_params if m.startswith("mfm_") else {}}
+                for m in args.methods
+            ],
+            "registered_model": args.registered_model,
+            "alias": args.alias,
+        }
+    else:
+        task = _longtail_task(args, meta_per_class=0, imbalance_factor=factors[0])
+        section["transfer"] = [
+            {
+                "name": f"{task.get('dataset', 'fashion_mnist')}-LT IF {factors[0]:g}",
+                "task": task,
+                "model_uri": args.model_uri,
+                "baselines": [{"method": m} for m in args.baselines],
+            }
+        ]
+    data = {
+        "name": f"mfm-{args.mfm_command}",
+        "output_dir": args.output_dir or f"outputs/mfm-{args.mfm_command}",
+        "ray": {"num_workers": args.workers, "use_gpu": args.use_gpu},
+        "mlflow": {"experiment": args.experiment},
+        "mfm": section,
+    }
+    run_pipeline(_override(parse(PipelineConfig, data, f"mfm {args.mfm_command}"), args))
+
+
+def _add_mfm(sub) -> None:
+    mfm = sub.add_parser(
+        "mfm", help="long-tailed recognition: MFM and baselines, register and transfer a modulator"
+    )
+    commands = mfm.add_subparsers(dest="mfm_command", required=True)
+    train = commands.add_parser(
+        "train", help="train MFM and baselines on a long-tailed task; register the modulator"
+    )
+    transfer = commands.add_parser(
+        "transfer", help="train a classifier with a registered modulator, frozen (no meta set)"
+    )
+    for p in (train, transfer):
+        p.add_argument("--dataset", help="fashion_mnist (default) | digits | cifar10 | cifar100")
+        p.add_argument("--model", help="backbone (default small_cnn; resnet32 for CIFAR)")
+        p.add_argument(
+            "--imbalance-factor",
+            type=float,
+            nargs="+",
+            metavar="IF",
+            help="head/tail ratio(s) >= 1 (default: train 100, transfer 50)",
+        )
+        p.add_argument("--profile", help="exp (default) | step")
+        p.add_argument("--class-order", help="natural (default) | permuted")
+        p.add_argument("--order-seed", type=int, help="seed of the class permutation")
+        p.add_argument("--n-max", type=int, help="head-class size (smaller: a quicker task)")
+        p.add_argument("--meta-per-class", type=int, help="balanced meta images per class")
+        p.add_argument("--epochs", type=int, help="epochs (default 10)")
+        p.add_argument("--batch-size", type=int, help="global batch size (default 100)")
+        p.add_argument("--lr", type=float, default=0.1, help="initial LR (MultiStep at 80%%, 90%%)")
+        p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default 0)")
+        p.add_argument("--workers", type=int, default=1, help="Ray Train data-parallel workers")
+        p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
+        p.add_argument("--experiment", default="raymeta-mfm", help="MLflow experiment name")
+        _add_common(p)
+        p.set_defaults(func=_mfm)
+    train.add_argument(
+        "--methods",
+        nargs="+",
+        default=["mfm_direct", "mfm_network", "ce"],
+        help="ce cb_reweight cb_resample focal ldam_drw logit_adjust mwn mfm_direct mfm_network",
+    )
+    train.add_argument("--meta-every", type=int, default=1, help="MFM look-ahead every K steps")
+    train.add_argument("--lookahead", default="fast", help="MFM look-ahead: fast | exact")
+    train.add_argument("--registered-model", default="mfm-modulator", help="registry name")
+    train.add_argument("--alias", default="champion", help="alias set on the new version")
+    transfer.add_argument(
+        "--model-uri", default="models:/mfm-modulator@champion", help="registered modulator"
+    )
+    transfer.add_argument(
+        "--baselines", nargs="*", default=["ce"], help="methods trained beside it (default ce)"
+    )
+
+
 def _ui(args) -> None:
     from raymeta.tracking import resolve_tracking_uri
 
@@ -174,6 +322,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=_run)
 
+    p = sub.add_parser(
+        "compare",
+        help="search hand-designed schedules (Ray Tune + Optuna) and compare with learned ones",
+    )
+    p.add_argument(
+        "file", help="pipeline with a 'compare' section, e.g. pipelines/compare_fashion.yaml"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted study (finished trials are kept)",
+    )
+    _add_common(p)
+    p.set_defaults(func=_compare)
+
+    p = sub.add_parser(
+        "study", help="run a transfer study (a grid of tasks) as one Ray Tune experiment"
+    )
+    p.add_argument(
+        "file", help="pipeline with a 'study' section, e.g. pipelines/transfer_study.yaml"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted study (finished tasks are kept)",
+    )
+    _add_common(p)
+    p.set_defaults(func=_study)
+
+    p = sub.add_parser(
+        "report", help="render a study's Parquet results as Markdown pivot tables and plots"
+    )
+    p.add_argument(
+        "dir", help="the study's output_dir (or its results location, e.g. s3://bucket/study)"
+    )
+    p.add_argument("--out", help="where to write report.md and the PNGs (default: DIR)")
+    p.set_defaults(func=_report)
+
     p = sub.add_parser("meta-train", help="meta-train MLR-SNet and register it in MLflow")
     _add_task(p, "small_cnn")
     p.add_argument("--t-val", type=int, default=20, help="look-ahead meta step every T_VAL steps")
@@ -208,6 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri")
     p.set_defaults(func=_import_reference)
 
+    _add_mfm(sub)
+
+    from raymeta.jobs import add_job_commands
+
+    add_job_commands(sub)
+
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the local store")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--tracking-uri")
@@ -216,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no store-creation chatter
     args = build_parser().parse_args(argv)
     if getattr(args, "dir", "unset") is None:
         from raymeta.schedules.reference import REFERENCE_DIR

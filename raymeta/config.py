@@ -24,14 +24,28 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LabelNoiseConfig(Strict):
+    """Corruption of the training labels (:mod:`raymeta.data.noise`); the meta, validation and
+    test splits stay clean. ``seed`` None means the task's seed."""
+
+    type: Literal["uniform", "pair"]
+    rate: Annotated[float, Field(ge=0, lt=1)]
+    seed: int | None = None
+
+
 class TaskConfig(Strict):
     """One supervised training task: data, model and the inner-loop optimiser.
 
     ``batch_size`` is the global batch per optimisation step, split evenly across the
-    data-parallel workers. ``epochs`` counts passes over the training split.
+    data-parallel workers. ``epochs`` counts passes over the training split. ``optimizer``:
+    ``sgd`` (``momentum``, ``weight_decay``), ``adam`` (``betas``; ``weight_decay`` as L2), or
+    ``sgd_hd``: SGD whose LR is adapted online by hypergradient descent (Baydin et al., ICLR
+    2018) with step ``hypergradient_lr``, starting from the schedule's LR.
     """
 
-    dataset: Literal["fashion_mnist", "digits", "cifar10", "cifar100"] = "fashion_mnist"
+    dataset: Literal["fashion_mnist", "digits", "cifar10", "cifar100", "tinyshakespeare"] = (
+        "fashion_mnist"
+    )
     model: str = "small_cnn"
     batch_size: PositiveInt = 128
     epochs: PositiveInt = 3
@@ -41,6 +55,23 @@ class TaskConfig(Strict):
     meta_per_class: NonNegInt = 100
     train_subset: PositiveInt | None = None
     seed: int = 0
+    optimizer: Literal["sgd", "adam", "sgd_hd"] = "sgd"
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
+        0.9,
+        0.999,
+    )
+    hypergradient_lr: PositiveFloat = 1e-4
+    label_noise: LabelNoiseConfig | None = None
+    seq_len: PositiveInt = 100
+
+    @model_validator(mode="after")
+    def _check_modality(self):
+        text = self.dataset == "tinyshakespeare"
+        if text != (self.model == "char_lstm"):
+            raise ValueError("dataset tinyshakespeare goes with model char_lstm (and only it)")
+        if text and self.label_noise is not None:
+            raise ValueError("label_noise applies to image classification, not to text")
+        return self
 
 
 class MethodConfig(Strict):
@@ -58,10 +89,21 @@ class MethodConfig(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     model_uri: str | None = None
     gamma: PositiveFloat | None = None
+    optimizer: dict[str, Any] = Field(default_factory=dict)
+
+    def apply_optimizer(self, task: TaskConfig) -> TaskConfig:
+        """``task`` with this method's optimiser overrides (e.g. Adam, momentum)."""
+        return parse(TaskConfig, {**task.model_dump(), **self.optimizer}, f"method {self.label}")
 
     @model_validator(mode="after")
     def _check(self):
         from raymeta.schedules.hand import FAMILIES
+
+        allowed = {"optimizer", "betas", "hypergradient_lr", "momentum", "weight_decay"}
+        if set(self.optimizer) - allowed:
+            raise ValueError(
+                f"optimizer keys {sorted(set(self.optimizer) - allowed)} unknown; accepted: {sorted(allowed)}"
+            )
 
         if self.schedule == "mlrsnet":
             if self.lr is not None or self.params:
@@ -313,6 +355,100 @@ class LongTailStudyConfig(Strict):
         )
 
 
+class SearchConfig(Strict):
+    """Ray Tune + Optuna search of the hand-designed families (:mod:`raymeta.tune.spaces`).
+
+    Every family gets the same ``trials_per_family`` budget and the task's epochs per trial;
+    ASHA stops weak trials after ``grace_period`` epochs. ``ranges`` overrides the default
+    ``[low, high]`` of a family's parameter.
+    """
+
+    families: list[str] = Field(
+        default_factory=lambda: ["fixed", "multistep", "cosine"], min_length=1
+    )
+    trials_per_family: PositiveInt = 8
+    ranges: dict[str, dict[str, list[float]]] = Field(default_factory=dict)
+    search_momentum: bool = False
+    search_weight_decay: bool = False
+    seed: int = 0
+    max_concurrent: PositiveInt = 2
+    cpus_per_trial: PositiveFloat = 1.0
+    gpus_per_trial: Annotated[float, Field(ge=0, le=1)] = 0.0
+    grace_period: PositiveInt = 1
+    reduction_factor: Annotated[int, Field(ge=2)] = 2
+
+
+class CompareMetaTrainConfig(Strict):
+    """MLR-SNet (Train): meta-train on the compared task itself (meta set from its training split)."""
+
+    t_val: PositiveInt = 20
+    meta_batch_size: PositiveInt = 100
+    meta_lr: PositiveFloat = 1e-3
+    meta_weight_decay: NonNegFloat = 1e-4
+    meta_per_class: PositiveInt = 100
+
+
+class CompareConfig(Strict):
+    """``raymeta compare``: searched hand-designed schedules vs learned ones on ``task``.
+
+    ``task`` must have a validation split (``val_size > 0``) for the search; the final runs
+    use train + validation and the test split, ``seeds`` seeds (0..seeds-1) per method.
+    ``learned``: MLR-SNet (Test) entries (``schedule: mlrsnet`` with a ``model_uri``).
+    """
+
+    task: TaskConfig = TaskConfig(meta_per_class=0)
+    search: SearchConfig = SearchConfig()
+    seeds: PositiveInt = 3
+    learned: list[MethodConfig] = Field(default_factory=list)
+    meta_train: CompareMetaTrainConfig | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.task.val_size == 0:
+            raise ValueError(
+                "task.val_size must be > 0: the search selects on the validation split"
+            )
+        if self.task.meta_per_class:
+            raise ValueError(
+                "task.meta_per_class must be 0 (MLR-SNet (Train) carves its own meta set)"
+            )
+        for m in self.learned:
+            if m.schedule != "mlrsnet" or not m.model_uri:
+                raise ValueError(
+                    f"learned entry {m.label!r} needs schedule: mlrsnet and a model_uri"
+                )
+        return self
+
+
+class StudyResources(Strict):
+    """Resources of one study task (a Tune trial)."""
+
+    cpus_per_task: PositiveFloat = 1.0
+    gpus_per_task: Annotated[float, Field(ge=0, le=1)] = 0.0
+
+
+class StudyConfig(Strict):
+    """A transfer study (:mod:`raymeta.tune.study`): the grid ``axes`` (TaskConfig fields ->
+    values) x ``methods``, plus ``extra_tasks`` (TaskConfig overrides), minus ``exclude``
+    (dicts of field -> value, ``method`` matching a method's name)."""
+
+    base_task: TaskConfig = TaskConfig(meta_per_class=0)
+    axes: dict[str, list[Any]] = Field(default_factory=dict)
+    extra_tasks: list[dict[str, Any]] = Field(default_factory=list)
+    methods: list[MethodConfig] = Field(min_length=1)
+    exclude: list[dict[str, Any]] = Field(default_factory=list)
+    resources: StudyResources = StudyResources()
+    max_concurrent: PositiveInt = 2
+    results: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        empty = [k for k, v in self.axes.items() if not v]
+        if empty:
+            raise ValueError(f"axes {empty} have no values")
+        return self
+
+
 class RayConfig(Strict):
     """Where Ray runs: ``address`` None starts a local Ray with ``num_cpus``."""
 
@@ -331,8 +467,10 @@ class MlflowConfig(Strict):
 
 
 class PipelineConfig(Strict):
-    """A declarative workflow: optional MLR-SNet meta-training, then optional transfer, and an
-    optional long-tailed study (``mfm``: MFM, its baselines, registration and transfer)."""
+    """A declarative workflow: optional MLR-SNet meta-training, then optional transfer, an
+    optional long-tailed study (``mfm``: MFM, its baselines, registration and transfer), and an
+    optional schedule comparison (``compare``: Ray Tune + Optuna, run by ``raymeta compare``
+    or after the other sections by ``raymeta run``)."""
 
     name: str
     output_dir: str = "outputs"
@@ -342,11 +480,15 @@ class PipelineConfig(Strict):
     meta_train_workers: PositiveInt | None = None
     transfer: TransferConfig | None = None
     mfm: LongTailStudyConfig | None = None
+    compare: CompareConfig | None = None
+    study: StudyConfig | None = None
 
     @model_validator(mode="after")
     def _check(self):
-        if self.meta_train is None and self.transfer is None and self.mfm is None:
-            raise ValueError("a pipeline needs meta_train, transfer, mfm or several")
+        if (self.meta_train, self.transfer, self.mfm, self.compare, self.study) == (None,) * 5:
+            raise ValueError(
+                "a pipeline needs meta_train, transfer, mfm, compare, study or several"
+            )
         return self
 
 

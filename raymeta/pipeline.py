@@ -183,6 +183,16 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
         check_task(cfg.meta_train.task, workers, cfg.meta_train.meta_batch_size)
     if cfg.transfer is not None:
         check_task(cfg.transfer.task, cfg.ray.num_workers)
+    comparison = None
+    if cfg.compare is not None:
+        from raymeta.tune.compare import Comparison
+
+        comparison = Comparison(cfg)
+        comparison.check_data()
+    if cfg.mfm is not None:
+        from raymeta.longtail_study import check_study
+
+        check_study(cfg.mfm, cfg.ray.num_workers)
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     uri, experiment_id = setup(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
@@ -190,7 +200,16 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     ctx = Context(cfg.ray, uri, out)
     t0 = time.perf_counter()
     rows, curves, histories = [], {}, {}
+    df = pd.DataFrame()
     try:
+        if cfg.mfm is not None:  # its own parent run (raymeta.longtail_study)
+            from raymeta.longtail_study import run_study_pipeline
+
+            df = run_study_pipeline(cfg, ctx, experiment_id)
+            if cfg.meta_train is None and cfg.transfer is None and comparison is None:
+                return df
+        if cfg.meta_train is None and cfg.transfer is None and comparison is not None:
+            return comparison.run()
         with mlflow.start_run(
             experiment_id=experiment_id, run_name=f"pipeline/{cfg.name}"
         ) as parent:
@@ -222,11 +241,14 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
                 mlflow.log_artifact(str(path))
             mlflow.log_metric("pipeline_wall_time_s", time.perf_counter() - t0)
             run_id = parent.info.run_id
+        print("\n" + to_markdown(df) + "\n")
+        print(f"results: {parquet} , {md} and PNG plots in {out}; MLflow run {run_id}")
+        if comparison is not None:
+            df = comparison.run()
     finally:
         if started:
             ray.shutdown()
-    print("\n" + to_markdown(df) + "\n")
-    print(f"results: {parquet} , {md} and PNG plots in {out}")
-    print(f"MLflow run {run_id} in {uri}")
-    print(f"browse it: raymeta ui   (or: mlflow ui --backend-store-uri {uri} --host 127.0.0.1)")
+    print(
+        f"browse the runs: raymeta ui   (or: mlflow ui --backend-store-uri {uri} --host 127.0.0.1)"
+    )
     return df

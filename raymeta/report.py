@@ -7,13 +7,16 @@ from pathlib import Path
 import pandas as pd
 
 
-def write_table(df: pd.DataFrame, out_dir: str | Path, stem: str = "results") -> tuple[Path, Path]:
-    """Write ``df`` as ``<stem>.parquet`` (pyarrow) and ``<stem>.md``; returns both paths."""
+def write_table(
+    df: pd.DataFrame, out_dir: str | Path, stem: str = "results", markdown: str | None = None
+) -> tuple[Path, Path]:
+    """Write ``df`` as ``<stem>.parquet`` (pyarrow) and ``<stem>.md`` (``markdown`` if given,
+    else :func:`to_markdown` of ``df``); returns both paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     parquet, md = out_dir / f"{stem}.parquet", out_dir / f"{stem}.md"
     df.to_parquet(parquet, engine="pyarrow", index=False)
-    md.write_text(to_markdown(df) + "\n")
+    md.write_text((to_markdown(df) if markdown is None else markdown) + "\n")
     return parquet, md
 
 
@@ -21,7 +24,7 @@ def to_markdown(df: pd.DataFrame) -> str:
     """Markdown table with accuracies as percentages and times in seconds."""
     shown = df.copy()
     for col in shown.columns:
-        if col.endswith("_acc") or col.startswith("acc_"):
+        if "_acc" in col or col.startswith("acc_"):
             shown[col] = shown[col].map(lambda v: f"{100 * v:.2f}" if v == v else "")
         elif shown[col].dtype.kind == "f":
             shown[col] = shown[col].map(lambda v: f"{v:.4g}" if v == v else "")
@@ -78,4 +81,96 @@ def plot_accuracy_curves(
     fig.tight_layout()
     fig.savefig(path)
     fig.clf()
+    return Path(path)
+
+
+SHOT_METRICS = {"overall": "top1_acc", "many": "many_acc", "medium": "medium_acc", "few": "few_acc"}
+
+
+def summarise(
+    df: pd.DataFrame, by: list[str], metrics: dict[str, str] | None = None
+) -> pd.DataFrame:
+    """Mean and sample standard deviation over seeds (the rows of each ``by`` group).
+
+    Args:
+        df: one row per run, with the ``metrics`` columns (fractions).
+        by: the grouping columns (e.g. target, imbalance factor, method), kept in order of
+            first appearance.
+        metrics: display name -> column (default :data:`SHOT_METRICS`: overall top-1 and
+            many / medium / few-shot accuracy).
+
+    Returns:
+        One row per group: the ``by`` columns, ``seeds`` (runs in the group) and
+        ``acc_{name}_mean`` / ``acc_{name}_std`` (fractions; std is NaN for one seed).
+    """
+    metrics = metrics or SHOT_METRICS
+    groups = df.groupby(by, sort=False, dropna=False)
+    out = groups.size().rename("seeds").to_frame()
+    for name, col in metrics.items():
+        out[f"acc_{name}_mean"] = groups[col].mean()
+        out[f"acc_{name}_std"] = groups[col].std(ddof=1)
+    return out.reset_index()
+
+
+def summary_markdown(
+    summary: pd.DataFrame, sections: list[str], label: str = "method", title=None
+) -> str:
+    """Markdown tables of :func:`summarise`'s output, one per value of the ``sections``
+    columns: a row per ``label``, a column per metric as ``mean ± std`` in percent.
+
+    Args:
+        title: ``section values -> heading`` (default: the values joined by ", ").
+    """
+    names = [c.removeprefix("acc_").removesuffix("_mean") for c in summary if c.endswith("_mean")]
+    parts = []
+    for key, part in summary.groupby(sections, sort=False, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        heading = title(*key) if title else ", ".join(str(k) for k in key)
+        rows = {label: part[label].tolist()}
+        for n in names:
+            pairs = zip(part[f"acc_{n}_mean"], part[f"acc_{n}_std"], strict=True)
+            rows[n] = [_mean_std(m, s) for m, s in pairs]
+        seeds = ", ".join(str(v) for v in sorted(set(part["seeds"])))
+        table = pd.DataFrame(rows).to_markdown(index=False)
+        parts.append(f"#### {heading} (top-1 %, mean ± std over {seeds} seeds)\n\n{table}")
+    return "\n\n".join(parts)
+
+
+def _mean_std(mean: float, std: float) -> str:
+    if mean != mean:
+        return ""
+    return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std == std else "")
+
+
+def plot_per_class(
+    panels: dict[str, dict[str, list[float]]],
+    xlabels: dict[str, list[str]],
+    path: str | Path,
+    title: str = "per-class test accuracy",
+) -> Path:
+    """Per-class accuracy curves: one panel per task, one line per method.
+
+    Args:
+        panels: panel title -> method -> accuracy (fraction) per class position, head first.
+        xlabels: panel title -> the tick label of every class position.
+        path: PNG to write.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.2), dpi=110, squeeze=False)
+    for ax, (name, lines) in zip(axes[0], panels.items(), strict=True):
+        for method, accs in lines.items():
+            ax.plot(range(len(accs)), [100 * a for a in accs], marker="o", ms=3, label=method)
+        ax.set_xticks(range(len(xlabels[name])), xlabels[name], rotation=60, fontsize=7)
+        ax.set(title=name, ylabel="test accuracy (%)", ylim=(0, 100))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
     return Path(path)

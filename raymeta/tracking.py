@@ -84,58 +84,100 @@ def log_epoch_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float])
     MlflowClient(tracking_uri).log_batch(run_id, metrics=batch)
 
 
-def log_meta_learner(bundle, registered_model: str, alias: str, name: str = "meta_learner") -> str:
-    """Log ``bundle`` to the active run with ``mlflow.pytorch``, register it under
-    ``registered_model`` and point ``alias`` at the new version. Returns the version."""
+def _registry_metadata(model) -> dict[str, Any]:
+    """What the registry records about a meta-learner (shown in the MLflow UI)."""
+    from raymeta.models.modulation import Modulation
+    from raymeta.schedules.mlrsnet import MLRSNetBundle
+
+    if isinstance(model, MLRSNetBundle):
+        return {
+            "kind": "mlrsnet",
+            "checkpoint_epochs": list(model.checkpoint_epochs),
+            "hidden_size": model.hidden_size,
+            "mlp_hidden": model.mlp_hidden,
+            "gamma_rule": model.gamma_rule,
+            "source": model.source,
+        }
+    if isinstance(model, Modulation):
+        return {"kind": "mfm_modulator", "class": type(model).__name__, "config": model.config()}
+    raise TypeError(f"cannot register a {type(model).__name__} as a raymeta meta-learner")
+
+
+def log_meta_learner(
+    model,
+    registered_model: str,
+    alias: str,
+    name: str = "meta_learner",
+    metadata: dict[str, Any] | None = None,
+) -> str:
+    """Log a meta-learner to the active run with ``mlflow.pytorch`` (pickle format, explicit
+    ``pip_requirements``), register it under ``registered_model`` and point ``alias`` at the
+    new version. Returns the version.
+
+    Args:
+        model: an :class:`~raymeta.schedules.MLRSNetBundle` or an MFM
+            :class:`~raymeta.models.modulation.Modulation` (log a detached one, e.g. a
+            :class:`~raymeta.models.modulation.ModulatorNet` rebuilt from its config and state).
+        metadata: extra registry metadata (e.g. where it was meta-trained).
+
+    Raises:
+        TypeError: ``model`` is neither.
+    """
     import mlflow
     from mlflow import MlflowClient
 
     info = mlflow.pytorch.log_model(
-        bundle,
+        model,
         name=name,
         serialization_format="pickle",
         pip_requirements=PIP_REQUIREMENTS,
         registered_model_name=registered_model,
-        metadata={
-            "kind": "mlrsnet",
-            "checkpoint_epochs": list(bundle.checkpoint_epochs),
-            "hidden_size": bundle.hidden_size,
-            "mlp_hidden": bundle.mlp_hidden,
-            "gamma_rule": bundle.gamma_rule,
-            "source": bundle.source,
-        },
+        metadata={**_registry_metadata(model), **(metadata or {})},
     )
     version = str(info.registered_model_version)
     MlflowClient().set_registered_model_alias(registered_model, alias, version)
     return version
 
 
-def load_meta_learner(model_uri: str):
-    """Load a registered MLR-SNet by ``models:/NAME@ALIAS`` (or any MLflow model URI).
+def _meta_learner_kinds() -> dict[str, tuple[type, str]]:
+    from raymeta.models.modulation import ModulatorNet
+    from raymeta.schedules.mlrsnet import MLRSNetBundle
 
-    Returns ``(bundle, version)`` where ``version`` is the registry version (or ``None`` for a
+    return {
+        "mlrsnet": (MLRSNetBundle, "an MLR-SNet meta-learner"),
+        "modulator": (ModulatorNet, "an MFM modulator network"),
+    }
+
+
+def load_meta_learner(model_uri: str, kind: str = "mlrsnet"):
+    """Load a registered meta-learner by ``models:/NAME@ALIAS`` (or any MLflow model URI).
+
+    Args:
+        model_uri: the model's URI.
+        kind: ``"mlrsnet"`` (an :class:`~raymeta.schedules.MLRSNetBundle`) or ``"modulator"``
+            (an MFM :class:`~raymeta.models.modulation.ModulatorNet`, detached: attach it to a
+            classifier).
+
+    Returns ``(model, version)`` where ``version`` is the registry version (or ``None`` for a
     non-registry URI), to record which meta-learner a transfer run used.
 
     Raises:
-        ConfigError: the model, version or alias does not exist, or it is not an MLR-SNet.
+        ConfigError: the model, version or alias does not exist, or it is not of ``kind``.
     """
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from raymeta.schedules.mlrsnet import MLRSNetBundle
-
+    expected, what = _meta_learner_kinds()[kind]
     version = None
     try:
         if model_uri.startswith("models:/") and "@" in model_uri:
             name, alias = model_uri.removeprefix("models:/").split("@", 1)
             version = str(MlflowClient().get_model_version_by_alias(name, alias).version)
-        bundle = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
     except (MlflowException, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"cannot load meta-learner {model_uri!r}: {first}") from None
-    if not isinstance(bundle, MLRSNetBundle):
-        raise ConfigError(
-            f"{model_uri!r} is a {type(bundle).__name__}, not an MLR-SNet meta-learner"
-        )
-    return bundle, version
+    if not isinstance(model, expected):
+        raise ConfigError(f"{model_uri!r} is a {type(model).__name__}, not {what}")
+    return model, version

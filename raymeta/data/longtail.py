@@ -340,6 +340,23 @@ def longtail_metrics(
     correct = (preds == targets).double()
     totals = torch.bincount(targets, minlength=num_classes).double()
     hits = torch.bincount(targets, weights=correct, minlength=num_classes)
+    return metrics_from_class_hits(
+        hits, totals, counts, many_threshold=many_threshold, few_threshold=few_threshold
+    )
+
+
+def metrics_from_class_hits(
+    hits: torch.Tensor,
+    totals: torch.Tensor,
+    counts: Sequence[int],
+    *,
+    many_threshold: float | None = None,
+    few_threshold: float | None = None,
+) -> LongTailMetrics:
+    """:func:`longtail_metrics` from per-class tallies (e.g. summed across data-parallel
+    workers): ``hits`` and ``totals`` are ``(C,)`` correct predictions and test samples per
+    class; ``counts`` the training images per class (the shot groups)."""
+    hits, totals = hits.double().cpu(), totals.double().cpu()
     per_class = (hits / totals).tolist()  # nan where a class has no test sample
     groups = shot_groups(counts, many_threshold=many_threshold, few_threshold=few_threshold)
 
@@ -347,8 +364,9 @@ def longtail_metrics(
         vals = [per_class[c] for c in cs if not math.isnan(per_class[c])]
         return sum(vals) / len(vals) if vals else math.nan
 
+    n = float(totals.sum())
     return LongTailMetrics(
-        top1=float(correct.mean()) if len(correct) else math.nan,
+        top1=float(hits.sum()) / n if n else math.nan,
         per_class=per_class,
         many=group_mean(groups["many"]),
         medium=group_mean(groups["medium"]),

@@ -3,28 +3,46 @@ one-step look-ahead (Wang et al., "Meta Feature Modulator for Long-tailed Recogn
 arXiv 2008.03428).
 
 The paper's internals are not public; this is raymeta's reading of its abstract (design.md
-section 4). The modulation (:mod:`raymeta.models.modulation`: direct per-channel parameters or
-a shared modulator network) acts on the classifier's features and is a hyper-parameter of the
-classifier: it is never trained on the long-tailed training loss. Every ``meta_every`` steps:
+section 4), and every choice below is ours. The modulation (:mod:`raymeta.models.modulation`:
+direct per-channel parameters or a shared modulator network) acts on the classifier's features
+and is a hyper-parameter of the classifier: it is never trained on the long-tailed training
+loss. Two look-ahead variants, chosen by ``lookahead``:
+
+``"exact"`` (design.md section 4, step by step). Every ``meta_every`` steps:
 
 1. the training loss ``L_train(w, phi)`` (mean cross-entropy of the long-tailed batch, with the
    current modulation ``phi``) gives the direction ``d(phi) = dL_train/dw + mu * buf + wd * w``
-   of the coming SGD step, with ``create_graph=True`` (second order through ``d``);
+   of the coming SGD step, with ``create_graph=True`` for *every* classifier weight;
 2. virtual step ``w' = w - lr * d(phi)`` and meta loss ``L_meta(w', phi)`` on a batch of the
    balanced meta set (:func:`raymeta.meta.lookahead.lookahead_loss`);
 3. ``dL_meta/dphi`` (through the direction and through the modulated meta forward), averaged
    across workers, and one step of the meta optimiser (Adam by default) on ``phi``;
 
-then the real classifier step runs with the *updated* modulation. BatchNorm running statistics
-are updated only by the real forward. Cost of a step with a meta step: about 4 to 5 plain
-steps (measured: SmallCNN on Fashion-MNIST-LT, CPU); ``meta_every = k`` divides the overhead.
+then the real classifier step (a second forward and backward) with the *updated* modulation.
+Cost: about 4.5 to 6 cross-entropy steps (measured: SmallCNN and ResNet-8 on
+Fashion-MNIST-LT, CPU; ``benchmarks/mfm_overhead.py``).
 
-Frozen mode (transfer): a modulator meta-trained elsewhere is applied unchanged to train a new
-classifier; no meta set is needed.
+``"fast"`` (the default): the real step *is* the virtual step, and the second-order terms are
+kept only for the classifier head. One forward of the training batch with the current ``phi``
+gives the real gradient ``G``; the direction ``D = mu * buf + G + wd * w`` is both the virtual
+step and the real SGD step, so ``w' = w_{t+1}`` exactly. ``G`` keeps its dependence on ``phi``
+(``create_graph=True``) only for the parameters after the last modulation site
+(:func:`~raymeta.models.modulation.parameters_after`: SmallCNN's two-layer classifier,
+ResNet's ``fc``); the backbone's update enters the meta loss as a constant. The meta-gradient
+``dL_meta(w_{t+1}, phi)/dphi`` then has two paths: the modulated meta forward, and the head's
+update through the training batch's modulated features. Two differences from ``"exact"``, both
+ours: the classifier step at step ``t`` uses ``phi_t`` (the modulation updated at step ``t-1``:
+a one-step lag), and the backbone's dependence on ``phi`` is dropped from the hypergradient.
+Cost: about 2.2 to 2.5 cross-entropy steps at meta batch = training batch.
+
+BatchNorm running statistics are updated only by the real forward (virtual forwards clone the
+buffers). Frozen mode (transfer): a modulator meta-trained elsewhere is applied unchanged to
+train a new classifier; no meta set is needed.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -32,21 +50,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymeta.errors import ConfigError
-from raymeta.meta.bilevel import (
+from raymeta.meta.lookahead import (
     Average,
-    StepOutput,
-    apply_meta_gradient,
-    build_meta_optimizer,
+    averaged_gradients,
+    functional_loss,
     identity_average,
+    lookahead_loss,
     second_order_direction,
     set_lr,
+    sgd_direction,
     trainable_params,
 )
-from raymeta.meta.lookahead import functional_loss, lookahead_loss
-from raymeta.models.modulation import Modulation
+from raymeta.meta.method import LookaheadMethod, StepOutput, sgd_step
+from raymeta.models.modulation import Modulation, parameters_after
+
+LOOKAHEADS = ("fast", "exact")
 
 
-class MFMTrainer:
+class MFMTrainer(LookaheadMethod):
     """One MFM training step at a time, plain PyTorch (no Ray, no MLflow).
 
     Args:
@@ -59,13 +80,17 @@ class MFMTrainer:
         meta_every: a look-ahead meta step every ``meta_every`` optimisation steps (global
             count, as MLR-SNet's ``t_val``; 1 = every step).
         meta_optimizer: ``"adam"`` (default), ``"sgd"`` or a factory ``params -> Optimizer``.
+        lookahead: ``"fast"`` (default) or ``"exact"`` (module docstring).
         frozen: transfer mode — the modulation is applied but never updated; no meta set.
         average: mean of a tensor across data-parallel workers (identity for one worker); used
             for the look-ahead direction (differentiably) and for the meta-gradient.
 
     Raises:
-        ConfigError: ``meta_every < 1`` or an unknown meta optimiser.
+        ConfigError: ``meta_every < 1``, an unknown meta optimiser or look-ahead.
     """
+
+    label = "MFM"
+    state_key = "modulation"
 
     def __init__(
         self,
@@ -75,31 +100,22 @@ class MFMTrainer:
         meta_weight_decay: float = 0.0,
         meta_every: int = 1,
         meta_optimizer: str | Callable = "adam",
+        lookahead: str = "fast",
         frozen: bool = False,
         average: Average = identity_average,
     ):
-        if meta_every < 1:
-            raise ConfigError(f"meta_every={meta_every} is invalid; accepted: an integer >= 1")
-        self.modulation, self.meta_every, self.frozen = modulation, meta_every, frozen
-        self.average = average
-        self.meta_params = list(modulation.parameters())
-        self.optimizer = None
-        if frozen:
-            modulation.requires_grad_(False)
-        else:
-            self.optimizer = build_meta_optimizer(
-                self.meta_params, meta_optimizer, meta_lr, meta_weight_decay
-            )
-        self.meta_losses: list[float] = []
-
-    needs_meta = property(lambda self: not self.frozen)
-
-    def is_meta_step(self, step: int) -> bool:
-        """True when global step ``step`` (0-based) starts with a look-ahead meta step."""
-        return not self.frozen and (step + 1) % self.meta_every == 0
-
-    def start_epoch(self, epoch: int) -> None:
-        """Nothing to do per epoch (the common method interface)."""
+        if lookahead not in LOOKAHEADS:
+            raise ConfigError(f"unknown lookahead {lookahead!r}; accepted: {', '.join(LOOKAHEADS)}")
+        super().__init__(
+            modulation,
+            meta_lr=meta_lr,
+            meta_weight_decay=meta_weight_decay,
+            meta_every=meta_every,
+            meta_optimizer=meta_optimizer,
+            frozen=frozen,
+            average=average,
+        )
+        self.modulation, self.lookahead = modulation, lookahead
 
     def meta_gradient(
         self,
@@ -111,7 +127,9 @@ class MFMTrainer:
         meta_y: torch.Tensor,
         lr: float,
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        """This worker's meta loss and its share of ``dL_meta/dphi`` (not yet averaged).
+        """The ``"exact"`` look-ahead: this worker's meta loss and its share of
+        ``dL_meta/dphi`` (not yet averaged). Parameters and buffers of the classifier are not
+        changed.
 
         Args:
             model: the modulated classifier (possibly DDP-wrapped), in train mode.
@@ -139,7 +157,7 @@ class MFMTrainer:
         grads = torch.autograd.grad(meta_loss, self.meta_params, allow_unused=True)
         return meta_loss.detach(), list(grads)
 
-    def meta_step(
+    def fast_meta_gradient(
         self,
         model: nn.Module,
         optimizer: torch.optim.SGD | None,
@@ -148,16 +166,30 @@ class MFMTrainer:
         meta_x: torch.Tensor,
         meta_y: torch.Tensor,
         lr: float,
-    ) -> float:
-        """One outer-loop update of the modulation (arguments as :meth:`meta_gradient`).
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor | None]]:
+        """The ``"fast"`` look-ahead (arguments as :meth:`meta_gradient`), without any update.
 
-        Returns this worker's meta loss (a float, before the update)."""
-        meta_loss, grads = self.meta_gradient(model, optimizer, x, y, meta_x, meta_y, lr)
-        self.optimizer.zero_grad(set_to_none=True)
-        apply_meta_gradient(self.meta_params, grads, self.optimizer, self.average)
-        value = float(meta_loss)
-        self.meta_losses.append(value)
-        return value
+        Runs the real training forward (BatchNorm running statistics are updated once; a DDP
+        model is called under ``no_sync``: gradients are averaged here instead).
+
+        Returns:
+            ``(loss (), meta_loss (), G, grads)``: this worker's training loss, its meta loss
+            ``L_meta(w - lr * D, phi)``, the worker-averaged classifier gradient ``G``
+            (``name -> tensor``, detached) that the real step applies, and this worker's share
+            of ``dL_meta/dphi`` (as :meth:`meta_gradient`).
+        """
+        params = trainable_params(model)
+        head = parameters_after(model, self.modulation.sites[-1])
+        no_sync = getattr(model, "no_sync", contextlib.nullcontext)
+        with no_sync():
+            loss = F.cross_entropy(model(x), y)
+        grads = averaged_gradients(loss, params, self.average, second_order=head)
+        direction = sgd_direction(model, optimizer, grads)
+        base = {n: p.detach() for n, p in params.items()}
+        meta_loss = lookahead_loss(model, base, direction, lr, meta_x, meta_y)
+        meta_grads = torch.autograd.grad(meta_loss, self.meta_params, allow_unused=True)
+        detached = {n: g.detach() for n, g in grads.items()}
+        return loss.detach(), meta_loss.detach(), detached, list(meta_grads)
 
     def train_step(
         self,
@@ -171,41 +203,31 @@ class MFMTrainer:
         meta_x: torch.Tensor | None = None,
         meta_y: torch.Tensor | None = None,
     ) -> StepOutput:
-        """One optimisation step: the meta step if :meth:`is_meta_step`, then the real SGD
-        step of the classifier at ``lr`` with the (updated) modulation.
+        """One optimisation step of the classifier at ``lr``, with a look-ahead meta step of
+        the modulation when :meth:`is_meta_step` (``"exact"``: before the classifier step,
+        which then uses the updated modulation; ``"fast"``: sharing the classifier step's
+        forward and backward, the modulation updated after it).
 
-        The real step calls ``model(x)`` (DDP averages the classifier gradient), mean
+        Without a meta step: ``model(x)`` (DDP averages the classifier gradient), mean
         cross-entropy, ``backward()`` and ``optimizer.step()``; the modulation gets no
-        gradient from it.
+        gradient.
 
         Raises:
             ConfigError: a meta step is due and no meta batch was given.
         """
-        meta_loss = None
-        if self.is_meta_step(step):
-            if meta_x is None or meta_y is None:
-                raise ConfigError(
-                    f"step {step} is an MFM meta step but no meta batch was given; pass "
-                    "meta_x/meta_y, or use frozen=True for transfer without a meta set"
-                )
-            meta_loss = self.meta_step(model, optimizer, x, y, meta_x, meta_y, lr)
+        due = self.meta_due(step, meta_x, meta_y)
         set_lr(optimizer, lr)
+        if due and self.lookahead == "fast":
+            loss, meta_loss, grads, meta_grads = self.fast_meta_gradient(
+                model, optimizer, x, y, meta_x, meta_y, lr
+            )
+            for name, p in trainable_params(model).items():
+                p.grad = grads[name]
+            optimizer.step()
+            return StepOutput(loss, self.apply_meta_gradient(meta_loss, meta_grads))
+        meta_loss = self.meta_step(model, optimizer, x, y, meta_x, meta_y, lr) if due else None
         with self.modulation.no_meta_grad():
             loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=False)
-        loss.backward()
-        optimizer.step()
+        sgd_step(optimizer, loss)
         return StepOutput(loss.detach(), meta_loss)
 
-    def state_dict(self) -> dict:
-        return {
-            "modulation": self.modulation.state_dict(),
-            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
-            "meta_losses": list(self.meta_losses),
-        }
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.modulation.load_state_dict(sd["modulation"])
-        if self.optimizer is not None and sd.get("optimizer") is not None:
-            self.optimizer.load_state_dict(sd["optimizer"])
-        self.meta_losses = list(sd.get("meta_losses", []))

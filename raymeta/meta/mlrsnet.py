@@ -22,20 +22,19 @@ state advances once per optimisation step and is carried detached.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
-from raymeta.meta.lookahead import lookahead_loss, sgd_direction, unwrap
+from raymeta.meta.lookahead import (
+    Average,
+    apply_meta_gradient,
+    identity_average,
+    lookahead_loss,
+    sgd_direction,
+    unwrap,
+)
 from raymeta.schedules.base import Schedule
-from raymeta.schedules.mlrsnet import MLRSNet, gamma_scale
-
-AllReduce = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _identity(t: torch.Tensor) -> torch.Tensor:
-    return t
+from raymeta.schedules.mlrsnet import MLRSNet, gamma_scale, require_loss
 
 
 class MLRSNetMetaTrainer(Schedule):
@@ -60,7 +59,7 @@ class MLRSNetMetaTrainer(Schedule):
         meta_lr: float = 1e-3,
         meta_weight_decay: float = 1e-4,
         loss_scale: float = 1.0,
-        average: AllReduce = _identity,
+        average: Average = identity_average,
     ):
         self.cell, self.num_classes, self.t_val = cell, num_classes, t_val
         self.meta_batch_size = meta_batch_size
@@ -79,9 +78,12 @@ class MLRSNetMetaTrainer(Schedule):
     def _cell_input(self, loss: float) -> torch.Tensor:
         return torch.tensor(loss / self.loss_scale, device=self.cell.head.weight.device)
 
+    needs_loss = True
+
     @torch.no_grad()
     def lr(self, step, epoch, loss):
         self.check_loss(loss, step, epoch)
+        require_loss(loss)
         unit, self.state = self.cell(self._cell_input(loss), self.state)
         return float(self.gamma * unit)
 
@@ -110,13 +112,9 @@ class MLRSNetMetaTrainer(Schedule):
         params = {n: p.detach() for n, p in unwrap(model).named_parameters()}
         direction = sgd_direction(model, optimizer)
         meta_loss = lookahead_loss(model, params, direction, self.gamma * unit, meta_x, meta_y)
-        self.optimizer.zero_grad(set_to_none=False)
-        meta_loss.backward()
-        params = list(self.cell.parameters())
-        flat = self.average(torch.cat([p.grad.reshape(-1) for p in params]))
-        for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
-            p.grad.copy_(g.view_as(p))
-        self.optimizer.step()
+        cell_params = list(self.cell.parameters())
+        grads = torch.autograd.grad(meta_loss, cell_params)
+        apply_meta_gradient(cell_params, list(grads), self.optimizer, self.average)
         value = float(meta_loss.detach())
         self.meta_losses.append(value)
         return value

@@ -196,7 +196,7 @@ class DirectModulation(Modulation):
 
     def forward(self, feature: torch.Tensor, site: int) -> torch.Tensor:
         shape = (1, -1) + (1,) * (feature.dim() - 2)
-        return feature * self.scale[site].view(shape) + self.shift[site].view(shape)
+        return torch.addcmul(self.shift[site].view(shape), feature, self.scale[site].view(shape))
 
 
 class ModulatorNet(Modulation):
@@ -231,16 +231,36 @@ class ModulatorNet(Modulation):
     def statistics(self, feature: torch.Tensor) -> torch.Tensor:
         """``(B, C, *spatial) -> (B, C, 2)`` per-channel (mean, std) of every sample."""
         flat = feature.flatten(2) if feature.dim() > 2 else feature.unsqueeze(-1)
-        mean = flat.mean(-1)
-        std = (flat.var(-1, unbiased=False) + self.eps).sqrt()
-        return torch.stack([mean, std], dim=-1)
+        var, mean = torch.var_mean(flat, -1, unbiased=False)
+        return torch.stack([mean, (var + self.eps).sqrt()], dim=-1)
 
     def forward(self, feature: torch.Tensor, site: int) -> torch.Tensor:
         out = self.mlp(self.statistics(feature))  # (B, C, 2)
         shape = out.shape[:2] + (1,) * (feature.dim() - 2)
         scale = (1 + out[..., 0]).view(shape)
-        shift = out[..., 1].view(shape)
-        return feature * scale + shift
+        return torch.addcmul(out[..., 1].view(shape), feature, scale)
+
+
+def parameters_after(model: nn.Module, site: str) -> list[str]:
+    """Names of the parameters of ``model`` that act on the output of submodule ``site``: those
+    of the modules registered after ``site`` that are not inside it (for raymeta's sequential
+    backbones, registration order is execution order: the classifier head after the last
+    stage). Used by MFM's fast look-ahead, which keeps second-order terms only for them.
+
+    Raises:
+        ConfigError: ``site`` is not a submodule, or no parameter comes after it.
+    """
+    model = _unwrap(model)
+    _site(model, site)
+    names = [n for n, _ in model.named_modules()]
+    after = {n for n in names[names.index(site) + 1 :] if not n.startswith(site + ".")}
+    out = [n for n, _ in model.named_parameters() if n.rpartition(".")[0] in after]
+    if not out:
+        raise ConfigError(
+            f"no parameters after modulation site {site!r} of {type(model).__name__}; "
+            "accepted: a site followed by a classifier head, or lookahead='exact'"
+        )
+    return out
 
 
 @torch.no_grad()

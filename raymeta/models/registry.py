@@ -5,6 +5,8 @@ Names:
 - ``small_cnn``, ``mlp``: fast CPU networks (:mod:`raymeta.models.small`).
 - ``resnet8``, ``resnet20``, ``resnet32``, ``resnet56``: CIFAR-style ResNets
   (:mod:`raymeta.models.resnet_cifar`).
+- ``char_lstm``: a character-level 2-layer LSTM language model (:mod:`raymeta.models.charlstm`;
+  ``num_classes`` is the vocabulary size).
 - ``resnet18``: the CIFAR-style ResNet-18 of the MLR-SNet paper — torchvision's ``resnet18``
   with a 3x3 stride-1 stem and no max-pool.
 - ``tv:NAME`` (or a bare torchvision name such as ``mobilenet_v2``, ``shufflenet_v2_x1_0``):
@@ -19,6 +21,7 @@ from collections.abc import Callable
 from torch import nn
 
 from raymeta.errors import ConfigError
+from raymeta.models.charlstm import build_char_lstm
 from raymeta.models.resnet_cifar import CifarResNet
 from raymeta.models.small import MLP, SmallCNN
 
@@ -40,6 +43,7 @@ MODELS: dict[str, Callable[[int, int, int], nn.Module]] = {
     "resnet32": lambda c, k, s: CifarResNet(32, c, k),
     "resnet56": lambda c, k, s: CifarResNet(56, c, k),
     "resnet18": _resnet18_cifar,
+    "char_lstm": build_char_lstm,
 }
 
 

@@ -14,8 +14,12 @@ class Schedule(ABC):
 
     Steps are optimisation steps counted globally from 0 across epochs; epochs count from 0.
     The loss is the mean cross-entropy of the current mini-batch (averaged over all
-    data-parallel workers), a Python float.
+    data-parallel workers), a Python float, or None when the step needs its LR before the
+    batch loss is known (a long-tailed method's look-ahead): schedules that need the loss
+    (:attr:`needs_loss`) refuse None.
     """
+
+    needs_loss = False  # the LR depends on the batch loss (MLR-SNet)
 
     def start_epoch(self, epoch: int, mean_train_loss: Callable[[], float]) -> None:  # noqa: B027
         """Called before each epoch; ``mean_train_loss()`` evaluates the mean training loss of
@@ -29,17 +33,19 @@ class Schedule(ABC):
         """Restore :meth:`state_dict`."""
 
     @abstractmethod
-    def lr(self, step: int, epoch: int, loss: float) -> float:
+    def lr(self, step: int, epoch: int, loss: float | None) -> float:
         """Learning rate for optimisation step ``step`` (in epoch ``epoch``) given the batch loss.
 
         Raises:
             NonFiniteLossError: ``loss`` is NaN or infinite.
+            ConfigError: ``loss`` is None and the schedule needs it.
         """
 
     @staticmethod
-    def check_loss(loss: float, step: int, epoch: int) -> None:
-        """Raise a one-line :class:`NonFiniteLossError` if ``loss`` is NaN or infinite."""
-        if not math.isfinite(loss):
+    def check_loss(loss: float | None, step: int, epoch: int) -> None:
+        """Raise a one-line :class:`NonFiniteLossError` if ``loss`` is NaN or infinite (None:
+        no loss yet, nothing to check)."""
+        if loss is not None and not math.isfinite(loss):
             raise NonFiniteLossError(
                 f"training loss is {loss} at step {step} (epoch {epoch + 1}): training diverged; "
                 "lower the learning rate (or gamma) or check the data"

@@ -69,6 +69,16 @@ class MLRSNet(nn.Module):
         return torch.sigmoid(self.head(h)).reshape(()), (h, c)
 
 
+def require_loss(loss: float | None) -> None:
+    """Raise a one-line :class:`ConfigError` when a loss-driven schedule gets no loss."""
+    if loss is None:
+        raise ConfigError(
+            "the MLR-SNet schedule maps the batch loss to the LR, and this step needs its LR "
+            "before the loss (a long-tailed method's look-ahead); accepted: a hand-designed "
+            "schedule"
+        )
+
+
 def gamma_scale(initial_loss: float, num_classes: int) -> float:
     """The MLR-SNet output scale ``gamma = sqrt(L0) * |ln(L0 * C)| / (4 * C**0.25)``.
 
@@ -226,9 +236,12 @@ class MLRSNetSchedule(Schedule):
         if self.phase >= 0:
             self._cell = self.bundle.cells[self.checkpoints[self.phase]]
 
+    needs_loss = True
+
     @torch.no_grad()
     def lr(self, step, epoch, loss):
         self.check_loss(loss, step, epoch)
+        require_loss(loss)
         if self._state is None:
             raise RuntimeError("MLRSNetSchedule.start_epoch must be called before lr()")
         unit, self._state = self._cell(torch.tensor(loss / self.loss_scale), self._state)

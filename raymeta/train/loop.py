@@ -1,11 +1,14 @@
 """The training loop every raymeta job runs on each worker: plain PyTorch plus ``torch.distributed``.
 
-One loop serves plain training with any :class:`~raymeta.schedules.Schedule` and MLR-SNet
+One loop serves plain training with any :class:`~raymeta.schedules.Schedule`, MLR-SNet
 meta-training (the schedule is then a trainable
-:class:`~raymeta.meta.mlrsnet.MLRSNetMetaTrainer`). With several data-parallel workers the
-model gradient is averaged by DDP, the batch loss that feeds the schedule and the
-meta-gradient are averaged with ``all_reduce``, and worker ``r`` takes the ``r``-th chunk of
-every global batch, so N workers with per-worker batch b match one worker with batch N*b.
+:class:`~raymeta.meta.mlrsnet.MLRSNetMetaTrainer`) and the long-tailed methods (MFM and its
+baselines): the step itself is delegated to an :class:`~raymeta.train.rules.UpdateRule`. With
+several data-parallel workers the model gradient is averaged by DDP (or by the rule), the
+batch loss and the meta-gradient are averaged with ``all_reduce``, and worker ``r`` takes the
+``r``-th chunk of every global batch, so N workers with per-worker batch b match one worker
+with batch N*b. Long-tailed tasks (:class:`~raymeta.config.LongTailTaskConfig`) add
+many/medium/few-shot and per-class test accuracies to every epoch's metrics.
 """
 
 from __future__ import annotations
@@ -20,14 +23,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from raymeta.config import TaskConfig
+from raymeta.config import LongTailTaskConfig, TaskConfig
 from raymeta.data import load_dataset, make_splits
 from raymeta.data.batches import endless_batches, epoch_batches, steps_per_epoch
+from raymeta.data.longtail import make_longtail_split, metrics_from_class_hits
 from raymeta.errors import ConfigError
 from raymeta.meta.lookahead import functional_loss, unwrap
-from raymeta.meta.mlrsnet import MLRSNetMetaTrainer
 from raymeta.models import build_model
 from raymeta.schedules.base import Schedule
+from raymeta.train.rules import SGDRule, UpdateRule
 
 L0_SAMPLES = 10_000  # mean training loss (gamma's L0) is estimated on this many training images
 
@@ -71,6 +75,7 @@ class TaskData:
     in_channels: int
     image_size: int
     class_names: tuple[str, ...]
+    class_counts: list[int] | None = None  # long-tailed tasks: training images per class
 
 
 def task_splits(task: TaskConfig):
@@ -88,15 +93,68 @@ def task_splits(task: TaskConfig):
     return ds, sp
 
 
-def load_task_data(task: TaskConfig, device: torch.device | str = "cpu") -> TaskData:
-    """Load the task's dataset and cut its seeded train / validation / meta splits."""
-    ds, sp = task_splits(task)
+def longtail_splits(task: LongTailTaskConfig):
+    """The task's dataset and its seeded :class:`~raymeta.data.longtail.LongTailSplit`.
 
-    def take(idx):
-        return ds.train_x[idx].to(device), ds.train_y[idx].to(device)
+    Raises:
+        ConfigError: the long-tail values do not fit the dataset (one line naming the value).
+        DataNotFoundError: the dataset's files are missing.
+    """
+    ds = load_dataset(task.dataset)
+    sp = make_longtail_split(
+        ds.train_y,
+        ds.num_classes,
+        imbalance_factor=task.imbalance_factor,
+        meta_per_class=task.meta_per_class,
+        profile=task.profile,
+        n_max=task.n_max,
+        class_order=task.class_order,
+        seed=task.seed,
+        order_seed=task.order_seed,
+        class_names=ds.class_names,
+    )
+    return ds, sp
+
+
+def noisy_labels(task: TaskConfig, train_y: torch.Tensor, num_classes: int):
+    """The training labels corrupted by ``task.label_noise`` (seeded; meta, validation and test
+    labels stay clean) and the :class:`~raymeta.data.noise.NoiseRecord` to log."""
+    from raymeta.data.noise import corrupt_labels
+
+    noise = task.label_noise
+    seed = task.seed if noise.seed is None else noise.seed
+    return corrupt_labels(train_y, num_classes, noise.type, noise.rate, seed)
+
+
+def load_task_data(
+    task: TaskConfig | LongTailTaskConfig, device: torch.device | str = "cpu"
+) -> TaskData:
+    """Load the task's dataset and cut its seeded train / validation / meta splits (for a
+    long-tailed task: the long-tailed training set, the balanced meta set, no validation set,
+    and the class counts; with ``label_noise``: corrupted training labels; for Tiny
+    Shakespeare: ``(N, seq_len)`` character windows, ``meta_per_class`` meta windows)."""
+    longtail = isinstance(task, LongTailTaskConfig)
+    if not longtail and task.dataset == "tinyshakespeare":
+        from raymeta.data.text import load_text_task
+
+        text = load_text_task(
+            task.seq_len,
+            meta_sequences=task.meta_per_class,
+            train_subset=task.train_subset,
+            seed=task.seed,
+            device=device,
+        )
+        return TaskData(**text.task_data_kwargs())
+    ds, sp = longtail_splits(task) if longtail else task_splits(task)
+    train_y = ds.train_y[sp.train]
+    if not longtail and task.label_noise is not None:
+        train_y = noisy_labels(task, train_y, ds.num_classes)[0]
+
+    def take(idx, y=None):
+        return ds.train_x[idx].to(device), (ds.train_y[idx] if y is None else y).to(device)
 
     return TaskData(
-        *take(sp.train),
+        *take(sp.train, train_y),
         *take(sp.val),
         *take(sp.meta),
         ds.test_x.to(device),
@@ -105,35 +163,65 @@ def load_task_data(task: TaskConfig, device: torch.device | str = "cpu") -> Task
         ds.in_channels,
         ds.image_size,
         ds.class_names,
+        sp.counts if longtail else None,
     )
 
 
 @torch.no_grad()
+def evaluate_classes(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    workers: Workers,
+    num_classes: int = 0,
+    batch: int = 1000,
+) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+    """Top-1 accuracy (fraction), mean cross-entropy and per-class tallies of ``model`` (eval
+    mode) on ``(x, y)``, sharded across workers (one ``all_reduce``).
+
+    Returns:
+        ``(acc, loss, hits, totals)``: ``hits``/``totals`` are ``(num_classes,)`` float64
+        correct predictions and samples per class, summed over workers. ``(nan, nan, zeros,
+        zeros)`` for an empty set.
+    """
+    if len(y) == 0:
+        zeros = torch.zeros(num_classes, dtype=torch.float64)
+        return math.nan, math.nan, zeros, zeros.clone()
+    was_training = model.training
+    model.eval()
+    idx = torch.arange(workers.rank, len(y), workers.world_size, device=y.device)
+    totals = torch.zeros(2 + 2 * num_classes, dtype=torch.float64, device=y.device)
+    for chunk in idx.split(batch):
+        logits = unwrap(model)(x[chunk])
+        correct = logits.argmax(1) == y[chunk]  # (B,) or (B, T) for a language model
+        totals[0] += correct.sum()
+        totals[1] += F.cross_entropy(logits, y[chunk], reduction="sum")
+        if num_classes:
+            totals[2 : 2 + num_classes] += torch.bincount(
+                y[chunk], weights=correct.double(), minlength=num_classes
+            )
+            totals[2 + num_classes :] += torch.bincount(y[chunk], minlength=num_classes)
+    model.train(was_training)
+    totals = workers.sum(totals).cpu()
+    hits, counts = totals[2 : 2 + num_classes], totals[2 + num_classes :]
+    return float(totals[0] / y.numel()), float(totals[1] / y.numel()), hits, counts
+
+
 def evaluate(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, workers: Workers, batch: int = 1000
 ) -> tuple[float, float]:
     """Top-1 accuracy (fraction) and mean cross-entropy of ``model`` (eval mode) on ``(x, y)``,
     sharded across workers. Returns ``(nan, nan)`` for an empty set."""
-    if len(y) == 0:
-        return math.nan, math.nan
-    was_training = model.training
-    model.eval()
-    idx = torch.arange(workers.rank, len(y), workers.world_size, device=y.device)
-    totals = torch.zeros(2, dtype=torch.float64, device=y.device)
-    for chunk in idx.split(batch):
-        logits = unwrap(model)(x[chunk])
-        totals[0] += (logits.argmax(1) == y[chunk]).sum()
-        totals[1] += F.cross_entropy(logits, y[chunk], reduction="sum")
-    model.train(was_training)
-    totals = workers.sum(totals)
-    return float(totals[0] / len(y)), float(totals[1] / len(y))
+    acc, loss, _, _ = evaluate_classes(model, x, y, workers, batch=batch)
+    return acc, loss
 
 
 @torch.no_grad()
 def mean_train_loss(model: nn.Module, data: TaskData, workers: Workers) -> float:
     """Mean per-sample training loss (train-mode forward, BN buffers untouched) over a fixed
-    subset of at most :data:`L0_SAMPLES` training images, averaged across workers."""
-    n = min(len(data.train_y), L0_SAMPLES)
+    subset of at most :data:`L0_SAMPLES` training images (or target tokens, for text),
+    averaged across workers."""
+    n = min(len(data.train_y), max(1, L0_SAMPLES // data.train_y[0].numel()))  # text: tokens
     idx = torch.arange(workers.rank, n, workers.world_size, device=data.train_y.device)
     params = dict(unwrap(model).named_parameters())
     total = torch.zeros((), dtype=torch.float64, device=data.train_y.device)
@@ -142,6 +230,18 @@ def mean_train_loss(model: nn.Module, data: TaskData, workers: Workers) -> float
             chunk
         )
     return float(workers.sum(total) / n)
+
+
+def build_optimizer(task: TaskConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The task's inner-loop optimiser at LR 0 (the schedule sets the LR every step): SGD
+    (``momentum``, ``weight_decay``; also for ``sgd_hd``) or Adam (``betas``, ``weight_decay``)."""
+    if getattr(task, "optimizer", "sgd") == "adam":
+        return torch.optim.Adam(
+            model.parameters(), lr=0.0, betas=task.betas, weight_decay=task.weight_decay
+        )
+    return torch.optim.SGD(
+        model.parameters(), lr=0.0, momentum=task.momentum, weight_decay=task.weight_decay
+    )
 
 
 def check_batches(
@@ -161,15 +261,23 @@ def check_batches(
         raise ConfigError(f"batch_size={batch_size} is larger than the training split ({n_train})")
 
 
-def check_task(task: TaskConfig, num_workers: int = 1, meta_batch_size: int | None = None) -> None:
+def check_task(
+    task: TaskConfig | LongTailTaskConfig, num_workers: int = 1, meta_batch_size: int | None = None
+) -> None:
     """Validate everything about ``task`` that depends on the data, in the driver, before any
-    Ray worker starts (a missing dataset, a meta set larger than a class, batch sizes).
+    Ray worker starts (a missing dataset, a meta set larger than a class, an imbalance factor
+    that leaves the tail empty, batch sizes).
 
     Raises:
         ConfigError, DataNotFoundError: one line naming the value.
     """
-    ds, sp = task_splits(task)
-    check_batches(len(sp.train), task.batch_size, num_workers, meta_batch_size)
+    if isinstance(task, LongTailTaskConfig):
+        n_train = len(longtail_splits(task)[1].train)
+    elif task.dataset == "tinyshakespeare":
+        n_train = len(load_task_data(task).train_y)
+    else:
+        n_train = len(task_splits(task)[1].train)
+    check_batches(n_train, task.batch_size, num_workers, meta_batch_size)
 
 
 @dataclass
@@ -182,18 +290,19 @@ class RunState:
     lrs: list[float] = field(default_factory=list)  # LR of every step so far
 
 
-def build_task_model(task: TaskConfig, data: TaskData, device) -> nn.Module:
+def build_task_model(task: TaskConfig | LongTailTaskConfig, data: TaskData, device) -> nn.Module:
     """The task's model, initialised from ``task.seed`` (identical on every worker)."""
     torch.manual_seed(task.seed)
     return build_model(task.model, data.in_channels, data.num_classes, data.image_size).to(device)
 
 
 def train(
-    task: TaskConfig,
+    task: TaskConfig | LongTailTaskConfig,
     data: TaskData,
     model: nn.Module,
     schedule: Schedule,
     *,
+    rule: UpdateRule | None = None,
     workers: Workers | None = None,
     state: RunState | None = None,
     optimizer_state: dict | None = None,
@@ -201,17 +310,24 @@ def train(
 ) -> RunState:
     """Train ``model`` on ``data`` for ``task.epochs`` epochs with LRs from ``schedule``.
 
-    Per step: forward/backward on this worker's chunk of the global batch of
-    ``task.batch_size`` samples, the mean loss averaged across workers, an optional MLR-SNet
-    meta step (when ``schedule`` is an :class:`MLRSNetMetaTrainer`), then the SGD step
-    (``task.momentum``, ``task.weight_decay``) at ``schedule.lr(step, epoch, loss)``.
+    Per step, on this worker's chunk of the global batch of ``task.batch_size`` samples, the
+    ``rule`` (default :meth:`SGDRule.for_schedule`: forward/backward, the loss averaged across
+    workers, an optional MLR-SNet meta step when ``schedule`` is an
+    :class:`~raymeta.meta.mlrsnet.MLRSNetMetaTrainer`, the SGD step at
+    ``schedule.lr(step, epoch, loss)``) takes one step of the SGD optimiser
+    (``task.momentum``, ``task.weight_decay``); a :class:`~raymeta.train.rules.MethodRule`
+    runs a long-tailed method instead. Meta batches come from the balanced meta set.
 
     Args:
-        model: built by :func:`build_task_model`, possibly DDP-wrapped by the caller.
+        model: built by :func:`build_task_model` (and, for a long-tailed method, modified by
+            it), possibly DDP-wrapped by the caller.
+        rule: the update rule (its state is the caller's to checkpoint).
         state, optimizer_state: resume from a checkpoint (``state.epoch`` epochs done).
         on_epoch_end: called with the epoch's metrics (``epoch`` is 1-based; accuracies are
-            fractions; ``train_loss`` is the mean batch loss; ``lr`` the mean LR of the epoch),
-            the run state and the optimiser, e.g. to report and checkpoint.
+            fractions; ``train_loss`` is the mean batch loss; ``lr`` the mean LR of the epoch;
+            for long-tailed data also ``test_many_acc``, ``test_medium_acc``,
+            ``test_few_acc`` and ``test_acc_class_{c}``), the run state and the optimiser,
+            e.g. to report and checkpoint.
 
     Raises:
         ConfigError: ``task.batch_size`` is not divisible by the number of workers, or the
@@ -220,38 +336,42 @@ def train(
     """
     workers = workers or Workers.current()
     state = state or RunState()
+    rule = rule or SGDRule.for_schedule(schedule)
     check_batches(
-        len(data.train_y),
-        task.batch_size,
-        workers.world_size,
-        schedule.meta_batch_size if isinstance(schedule, MLRSNetMetaTrainer) else None,
+        len(data.train_y), task.batch_size, workers.world_size, rule.meta_batch_size or None
     )
     local_batch = task.batch_size // workers.world_size
     n_steps = steps_per_epoch(len(data.train_y), local_batch, workers.world_size)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=0.0, momentum=task.momentum, weight_decay=task.weight_decay
-    )
+    optimizer = build_optimizer(task, model)
     if optimizer_state:
         optimizer.load_state_dict(optimizer_state)
-    meta = schedule if isinstance(schedule, MLRSNetMetaTrainer) else None
     meta_batches = None
-    if meta is not None:
+    if rule.meta_batch_size:
         meta_batches = endless_batches(
             len(data.meta_y),
-            meta.meta_batch_size // workers.world_size,
+            rule.meta_batch_size // workers.world_size,
             seed=task.seed,
             rank=workers.rank,
             world_size=workers.world_size,
         )
-        for _ in range(state.step // meta.t_val):  # resume: same meta batches as an unbroken run
-            next(meta_batches)
+        for s in range(state.step):  # resume: the same meta batches as an unbroken run
+            if rule.is_meta_step(s):
+                next(meta_batches)
+
+    def next_meta() -> tuple[torch.Tensor, torch.Tensor]:
+        midx = next(meta_batches)
+        return data.meta_x[midx], data.meta_y[midx]
+
+    num_classes = data.num_classes if data.class_counts is not None else 0
     model.train()
     for epoch in range(state.epoch, task.epochs):
         t0 = time.perf_counter()
         schedule.start_epoch(epoch, lambda: mean_train_loss(model, data, workers))
+        rule.start_epoch(epoch)
         loss_sum, lr_sum, meta_sum, n_meta = 0.0, 0.0, 0.0, 0
+        pool = rule.epoch_pool(data.train_y, task.seed, epoch)
         batches = epoch_batches(
-            len(data.train_y),
+            len(data.train_y) if pool is None else len(pool),
             local_batch,
             seed=task.seed,
             epoch=epoch,
@@ -259,27 +379,31 @@ def train(
             world_size=workers.world_size,
         )
         for idx in batches:
-            loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
-            optimizer.zero_grad(set_to_none=False)
-            loss.backward()
-            loss_value = float(workers.mean(loss.detach()))
-            if meta is not None and meta.is_meta_step(state.step):
-                schedule.check_loss(loss_value, state.step, epoch)
-                midx = next(meta_batches)
-                meta_sum += meta.meta_step(
-                    model, optimizer, loss_value, data.meta_x[midx], data.meta_y[midx]
-                )
+            if pool is not None:
+                idx = pool[idx]
+            out = rule.step(
+                model,
+                optimizer,
+                data.train_x[idx],
+                data.train_y[idx],
+                step=state.step,
+                epoch=epoch,
+                schedule=schedule,
+                next_meta=next_meta,
+                workers=workers,
+            )
+            if out.meta_loss is not None:
+                meta_sum += out.meta_loss
                 n_meta += 1
-            lr = schedule.lr(state.step, epoch, loss_value)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            state.lrs.append(lr)
-            loss_sum += loss_value
-            lr_sum += lr
+            state.lrs.append(out.lr)
+            loss_sum += out.loss
+            lr_sum += out.lr
             state.step += 1
+        train_time = time.perf_counter() - t0
         val_acc, val_loss = evaluate(model, data.val_x, data.val_y, workers)
-        test_acc, test_loss = evaluate(model, data.test_x, data.test_y, workers)
+        test_acc, test_loss, hits, totals = evaluate_classes(
+            model, data.test_x, data.test_y, workers, num_classes
+        )
         metrics = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / n_steps,
@@ -288,10 +412,18 @@ def train(
             "test_acc": test_acc,
             "test_loss": test_loss,
             "lr": lr_sum / n_steps,
+            "train_time_s": train_time,
             "epoch_time_s": time.perf_counter() - t0,
         }
         if n_meta:
             metrics["meta_loss"] = meta_sum / n_meta
+        if data.train_y.dim() == 2:  # a language model: perplexity and bits per character
+            from raymeta.data.text import lm_metrics
+
+            metrics.update(lm_metrics(val_loss, "val_") | lm_metrics(test_loss, "test_"))
+        if data.class_counts is not None:
+            lt = metrics_from_class_hits(hits, totals, data.class_counts).to_dict("test_")
+            metrics.update({k: v for k, v in lt.items() if k != "test_top1"})  # = test_acc
         state.history.append(metrics)
         state.epoch = epoch + 1
         if on_epoch_end is not None:

@@ -1,0 +1,50 @@
+"""Ray Tune plumbing shared by the comparison and the transfer study: resumable ``Tuner``s with
+per-trial resources and MLflow runs nested under a parent run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def trial_dirname(trial) -> str:
+    """Short trial folder names (Tune's default embeds the whole config)."""
+    return f"trial_{trial.trial_id}"
+
+
+def make_tuner(
+    name: str,
+    trainable,
+    *,
+    tune_dir: Path,
+    resume: bool,
+    param_space: dict,
+    tune_config,
+    resources: dict[str, float],
+    tracking_uri: str,
+    experiment: str,
+    parent_run_id: str,
+):
+    """A ``Tuner`` whose state lives in ``tune_dir/name``: restored (finished trials kept,
+    unfinished and errored ones re-run) when ``resume`` and a state exists, else new. Every
+    trial is an MLflow run tagged as a child of ``parent_run_id`` (``MLflowLoggerCallback``)."""
+    from ray import tune
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    path = tune_dir / name
+    trainable = tune.with_resources(trainable, resources)
+    if resume and tune.Tuner.can_restore(str(path)):
+        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+    callback = MLflowLoggerCallback(
+        tracking_uri=tracking_uri,
+        experiment_name=experiment,
+        tags={"mlflow.parentRunId": parent_run_id, "raymeta.stage": name},
+        save_artifact=False,
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune_config,
+        run_config=tune.RunConfig(
+            name=name, storage_path=str(tune_dir), callbacks=[callback], verbose=0
+        ),
+    )

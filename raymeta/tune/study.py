@@ -1,0 +1,280 @@
+"""Transfer studies at scale (``raymeta study FILE [--resume]``, ``raymeta report DIR``).
+
+A study applies learned and hand-designed schedules to a grid of tasks: the product of its
+``axes`` (any :class:`~raymeta.config.TaskConfig` field: dataset, model, batch size, epochs,
+label noise, seed, ...) and its ``methods``, plus hand-listed ``extra_tasks`` (e.g. the text
+task), minus ``exclude`` rules. It runs as **one** Ray Tune experiment (a grid, one trial per
+task, ``max_concurrent`` at once with per-task resources) and appends one Parquet row per
+finished task to a dataset at ``results`` (a local path or any pyarrow filesystem URI such as
+``s3://bucket/study``). ``--resume`` restores the experiment: finished tasks are not run again
+(a task whose row exists is also skipped). MLflow: a parent run, a nested run per task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from raymeta.config import MethodConfig, PipelineConfig, StudyConfig, TaskConfig, parse
+from raymeta.errors import ConfigError
+
+AXIS_COLUMNS = ("dataset", "model", "batch_size", "epochs", "noise_type", "noise_rate", "seed")
+
+
+def expand(study: StudyConfig) -> list[dict[str, Any]]:
+    """The study's tasks: ``{"id", "task": TaskConfig dict, "method": MethodConfig dict}``.
+
+    Raises:
+        ConfigError: an axis value or an exclusion names an unknown key or gives a task
+            that fails validation (the message names the axis values).
+    """
+    fields = set(TaskConfig.model_fields)
+    for key in study.axes:
+        if key not in fields:
+            raise ConfigError(
+                f"study.axes.{key}: unknown axis; accepted: {', '.join(sorted(fields))}"
+            )
+    for i, rule in enumerate(study.exclude):
+        unknown = set(rule) - fields - {"method"}
+        if unknown:
+            raise ConfigError(f"study.exclude[{i}]: unknown key(s) {sorted(unknown)}")
+    combos = [
+        dict(zip(study.axes, values, strict=True))
+        for values in itertools.product(*study.axes.values())
+    ]
+    combos += [dict(extra) for extra in study.extra_tasks]
+    tasks = []
+    for combo in combos:
+        where = "study task " + ", ".join(f"{k}={v}" for k, v in combo.items())
+        task = parse(TaskConfig, {**study.base_task.model_dump(), **combo}, where)
+        for method in study.methods:
+            if _excluded(study.exclude, task, method):
+                continue
+            key = json.dumps(
+                [task.model_dump(mode="json"), method.model_dump(mode="json")], sort_keys=True
+            )
+            tasks.append(
+                {
+                    "id": hashlib.sha1(key.encode()).hexdigest()[:12],
+                    "task": task.model_dump(mode="json"),
+                    "method": method.model_dump(mode="json"),
+                }
+            )
+    if not tasks:
+        raise ConfigError("the study expands to no task (check axes, methods and exclude)")
+    return tasks
+
+
+def _excluded(rules: list[dict[str, Any]], task: TaskConfig, method: MethodConfig) -> bool:
+    """Whether a rule matches: every key equal (a dict value, e.g. ``label_noise``, matches
+    when its items are a subset of the task's)."""
+    values = {**task.model_dump(mode="json"), "method": method.label}
+
+    def match(key, wanted):
+        have = values.get(key)
+        if isinstance(wanted, dict) and isinstance(have, dict):
+            return all(have.get(k) == v for k, v in wanted.items())
+        return have == wanted
+
+    return any(all(match(k, v) for k, v in rule.items()) for rule in rules)
+
+
+def results_location(uri: str):
+    """``(pyarrow filesystem, path)`` of a results location (local path or URI)."""
+    from pyarrow import fs
+
+    if "://" not in uri:
+        Path(uri).mkdir(parents=True, exist_ok=True)
+        return fs.LocalFileSystem(), str(Path(uri).resolve())
+    filesystem, path = fs.FileSystem.from_uri(uri)
+    filesystem.create_dir(path, recursive=True)
+    return filesystem, path
+
+
+def read_results(uri: str) -> pd.DataFrame:
+    """All rows of a study's Parquet dataset (one row per finished task)."""
+    import pyarrow.dataset as ds
+
+    filesystem, path = results_location(uri)
+    return ds.dataset(path, filesystem=filesystem, format="parquet").to_table().to_pandas()
+
+
+def _row(spec: dict, metrics: dict, wall: float, version: str | None) -> dict[str, Any]:
+    task, method = spec["task"], spec["method"]
+    noise = task.get("label_noise") or {}
+    row = {
+        "task_id": spec["id"],
+        "dataset": task["dataset"],
+        "model": task["model"],
+        "batch_size": task["batch_size"],
+        "epochs": task["epochs"],
+        "noise_type": noise.get("type", "none"),
+        "noise_rate": float(noise.get("rate", 0.0)),
+        "seed": task["seed"],
+        "method": method["name"] or method["schedule"],
+        "meta_learner_version": version,
+        "wall_time_s": wall,
+    }
+    for key in ("test_acc", "test_loss", "val_acc", "test_ppl", "test_bpc", "val_ppl"):
+        if key in metrics:
+            row[key] = float(metrics[key])
+    return row
+
+
+def _study_trainable(config: dict) -> None:
+    """One study task: train it, report every epoch, append its Parquet row."""
+    import mlflow
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from ray import tune
+
+    from raymeta.tune.compare import run_task
+
+    torch.set_num_threads(config["threads"])
+    spec = config["spec"]
+    filesystem, path = results_location(config["results"])
+    target = f"{path}/{spec['id']}.parquet"
+    if filesystem.get_file_info(target).type.name == "File":  # already done (resume)
+        tune.report(pq.read_table(target, filesystem=filesystem).to_pylist()[0])
+        return
+    bundle, version = None, None
+    method = MethodConfig(**spec["method"])
+    if method.schedule == "mlrsnet":
+        from raymeta.tracking import load_meta_learner
+
+        mlflow.set_tracking_uri(config["tracking_uri"])
+        bundle, version = load_meta_learner(method.model_uri)
+    last: dict[str, Any] = {}
+    t0 = time.perf_counter()
+
+    def report(metrics):
+        last.update(metrics)
+        if metrics["epoch"] < spec["task"]["epochs"]:
+            tune.report(metrics)
+
+    run_task(TaskConfig(**spec["task"]), method, report=report, bundle=bundle)
+    row = _row(spec, last, time.perf_counter() - t0, version)
+    pq.write_table(pa.Table.from_pylist([row]), target, filesystem=filesystem)
+    tune.report({**{k: v for k, v in last.items() if k != "lrs"}, **row})
+
+
+def run_study(cfg: PipelineConfig, resume: bool = False) -> pd.DataFrame:
+    """Run (or resume) ``cfg.study``; returns the results table (one row per task)."""
+    import mlflow
+    import ray
+    from ray import tune
+
+    from raymeta.pipeline import init_ray
+    from raymeta.tracking import load_meta_learner, setup
+    from raymeta.train.loop import check_task
+    from raymeta.tune.common import make_tuner, trial_dirname
+
+    study = cfg.study
+    if study is None:
+        raise ConfigError(f"{cfg.name}: the pipeline has no 'study' section")
+    tasks = expand(study)
+    for spec in tasks:
+        check_task(TaskConfig(**spec["task"]))
+    out = Path(cfg.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results = study.results or str(out / "results")
+    results = results if "://" in results else str(Path(results).resolve())
+    uri, experiment_id = setup(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
+    for model_uri in {t["method"]["model_uri"] for t in tasks if t["method"]["model_uri"]}:
+        load_meta_learner(model_uri)  # one-line error before any task if missing
+    state_file = out / "study_state.json"
+    state = json.loads(state_file.read_text()) if resume and state_file.exists() else {}
+    started = init_ray(cfg.ray)
+    try:
+        with mlflow.start_run(
+            run_id=state.get("parent_run_id"),
+            experiment_id=experiment_id,
+            run_name=None if state else f"study/{cfg.name}",
+        ) as parent:
+            if not state:
+                mlflow.log_params(
+                    {"tasks": len(tasks), "axes": json.dumps(study.axes), "results": results}
+                )
+            state_file.write_text(json.dumps({"parent_run_id": parent.info.run_id}))
+            res = study.resources
+            tuner = make_tuner(
+                "study",
+                _study_trainable,
+                tune_dir=out / "tune",
+                resume=resume,
+                param_space={
+                    "spec": tune.grid_search(tasks),
+                    "results": results,
+                    "threads": max(1, int(res.cpus_per_task)),
+                    "tracking_uri": uri,
+                },
+                tune_config=tune.TuneConfig(
+                    max_concurrent_trials=study.max_concurrent, trial_dirname_creator=trial_dirname
+                ),
+                resources={"cpu": res.cpus_per_task, "gpu": res.gpus_per_task},
+                tracking_uri=uri,
+                experiment=cfg.mlflow.experiment,
+                parent_run_id=parent.info.run_id,
+            )
+            grid = tuner.fit()
+            errors = [r.error for r in grid if r.error is not None]
+            if errors:
+                raise RuntimeError(f"{len(errors)} study task(s) failed; first: {errors[0]}")
+            table = read_results(results)
+            paths = write_report(table, out)
+            for path in paths:
+                mlflow.log_artifact(str(path))
+    finally:
+        if started:
+            ray.shutdown()
+    print(f"{len(table)} task rows in {results}; report: {out / 'report.md'}")
+    return table
+
+
+def write_report(table: pd.DataFrame, out: Path) -> list[Path]:
+    """Pivot tables (Markdown) and plots (PNG) of a study's results into ``out``."""
+    from raymeta.report import _figure, write_table
+
+    out.mkdir(parents=True, exist_ok=True)
+    metric = "test_acc" if "test_acc" in table and table["test_acc"].notna().any() else "test_ppl"
+    axes = [c for c in AXIS_COLUMNS if c in table and c != "seed" and table[c].nunique() > 1]
+    sections = [
+        f"# Transfer study: {len(table)} tasks\n",
+        f"Metric: `{metric}`, mean over seeds.\n",
+    ]
+    index = axes or ["dataset"]
+    pivot = table.pivot_table(index=index, columns="method", values=metric, aggfunc="mean")
+    sections += [
+        "## All task settings\n",
+        pivot.reset_index().to_markdown(index=False, floatfmt=".4f"),
+        "",
+    ]
+    paths = list(
+        write_table(table.drop(columns=[c for c in ("lrs",) if c in table]), out, "study_results")
+    )
+    for axis in axes:
+        marginal = table.pivot_table(index=axis, columns="method", values=metric, aggfunc="mean")
+        sections += [
+            f"## By {axis}\n",
+            marginal.reset_index().to_markdown(index=False, floatfmt=".4f"),
+            "",
+        ]
+        fig, ax = _figure()
+        marginal.plot.bar(ax=ax, rot=0)
+        ax.set(ylabel=metric, title=f"{metric} by {axis}")
+        ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        png = out / f"by_{axis}.png"
+        fig.savefig(png)
+        fig.clf()
+        paths.append(png)
+    md = out / "report.md"
+    md.write_text("\n".join(sections) + "\n")
+    return [*paths, md]

@@ -1,0 +1,320 @@
+"""MFM's fast look-ahead, the long-tailed update rule in the common training loop, the study
+config and its one-line errors (no Ray: milliseconds to seconds)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raymeta.config import LongTailStudyConfig, LongTailTaskConfig, PipelineConfig, parse
+from raymeta.data.longtail import longtail_metrics
+from raymeta.errors import ConfigError
+from raymeta.meta.longtail_losses import build_longtail_method
+from raymeta.meta.mfm import MFMTrainer
+from raymeta.models.modulation import build_modulation, parameters_after
+from raymeta.models.small import SmallCNN
+from raymeta.report import summarise, summary_markdown
+from raymeta.schedules import HandSchedule
+from raymeta.train.loop import build_task_model, evaluate, load_task_data, train
+from raymeta.train.rules import MethodRule
+
+MU, WD, LR = 0.9, 1e-3, 0.5
+
+
+def _problem(kind, seed=1):
+    torch.manual_seed(seed)
+    model = SmallCNN(1, 3, 8, width=4).double()
+    mod = build_modulation(kind, model, (1, 8, 8))
+    with torch.no_grad():  # away from the identity, so every path carries a gradient
+        for p in mod.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=MU, weight_decay=WD)
+    torch.manual_seed(2)
+    x, y = torch.randn(6, 1, 8, 8, dtype=torch.float64), torch.randint(0, 3, (6,))
+    mx, my = torch.randn(5, 1, 8, 8, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with mod.no_meta_grad():  # one real step: the virtual step then includes momentum
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, mod, opt, (x, y, mx, my)
+
+
+def _sgd_directions(model, opt, x, y):
+    """``mu * buf + g + wd * w`` of every parameter, by plain autograd."""
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(params.values()))
+    return {
+        n: MU * opt.state[p]["momentum_buffer"] + g + WD * p.detach()
+        for (n, p), g in zip(params.items(), grads, strict=True)
+    }
+
+
+def _fast_objective(model, opt, batch, frozen_backbone):
+    """L_meta(w_head - lr * D_head(phi), w_bb - lr * D_bb(phi_0); phi), plain autograd."""
+    x, y, mx, my = batch
+    head = set(parameters_after(model, "features.5"))
+    direction = _sgd_directions(model, opt, x, y)
+    params = dict(model.named_parameters())
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for n, p in params.items():
+            p.sub_(LR * (direction[n] if n in head else frozen_backbone[n]))
+        out = float(F.cross_entropy(model(mx), my))
+        for n, p in params.items():
+            p.copy_(saved[n])
+    return out
+
+
+@pytest.mark.parametrize("kind", ["direct", "network"])
+def test_fast_meta_gradient_matches_finite_differences_of_its_objective(kind):
+    model, mod, opt, batch = _problem(kind)
+    assert parameters_after(model, "features.5") == [
+        "classifier.1.weight",
+        "classifier.1.bias",
+        "classifier.3.weight",
+        "classifier.3.bias",
+    ]
+    frozen = {k: v.detach() for k, v in _sgd_directions(model, opt, *batch[:2]).items()}
+    trainer = MFMTrainer(mod, lookahead="fast")
+    loss, meta_loss, grads, meta_grads = trainer.fast_meta_gradient(model, opt, *batch, LR)
+    assert float(meta_loss) == pytest.approx(_fast_objective(model, opt, batch, frozen), rel=1e-12)
+    with torch.no_grad():
+        assert float(loss) == pytest.approx(float(F.cross_entropy(model(batch[0]), batch[1])))
+    eps, checked = 1e-6, 0
+    for p, g in zip(mod.parameters(), meta_grads, strict=True):
+        for j in range(0, p.numel(), max(1, p.numel() // 3)):
+            with torch.no_grad():
+                p.view(-1)[j] += eps
+            up = _fast_objective(model, opt, batch, frozen)
+            with torch.no_grad():
+                p.view(-1)[j] -= 2 * eps
+            down = _fast_objective(model, opt, batch, frozen)
+            with torch.no_grad():
+                p.view(-1)[j] += eps
+            assert float(g.view(-1)[j]) == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-9)
+            checked += abs(float(g.view(-1)[j])) > 1e-8
+    assert checked >= 3  # not vacuous
+
+
+def test_fast_step_is_the_sgd_step_with_the_current_modulation_then_updates_it():
+    model, mod, opt, (x, y, mx, my) = _problem("network")
+    direction = _sgd_directions(model, opt, x, y)
+    expected = {n: p.detach() - LR * direction[n] for n, p in model.named_parameters()}
+    before = [p.detach().clone() for p in mod.parameters()]
+    trainer = MFMTrainer(mod, meta_lr=1e-2, lookahead="fast")
+    out = trainer.train_step(model, opt, x, y, lr=LR, step=0, meta_x=mx, meta_y=my)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n], rtol=1e-12, atol=1e-14)
+    assert out.meta_loss == trainer.meta_losses[0]
+    assert any(not torch.equal(a, b) for a, b in zip(before, mod.parameters(), strict=True))
+    with pytest.raises(ConfigError, match="unknown lookahead 'slow'"):
+        MFMTrainer(mod, lookahead="slow")
+
+
+def _tiny_task(**kw):
+    base = {"dataset": "digits", "n_max": 60, "imbalance_factor": 10, "epochs": 2}
+    return LongTailTaskConfig(**{**base, **kw, "batch_size": 50, "class_order": "permuted"})
+
+
+def _run(task, data, name, *, state=None, optimizer_state=None, method_state=None, **params):
+    model = build_task_model(task, data, "cpu")
+    method = build_longtail_method(
+        name, data.class_counts, model, input_shape=(1, 8, 8), epochs=task.epochs, **params
+    )
+    rule = MethodRule(method, meta_batch_size=50)
+    if method_state is not None:
+        model.load_state_dict(method_state[0])
+        rule.load_state_dict(method_state[1])
+    n = len(data.train_y) // task.batch_size
+    schedule = HandSchedule("multistep", 0.1, task.epochs * n, n, milestones=[0.8, 0.9])
+    saved = {}
+
+    def keep(metrics, run_state, optimizer):
+        saved[metrics["epoch"]] = copy.deepcopy(  # what a checkpoint would hold
+            (model.state_dict(), rule.state_dict(), optimizer.state_dict())
+        )
+
+    out = train(
+        task,
+        data,
+        model,
+        schedule,
+        rule=rule,
+        state=state,
+        optimizer_state=optimizer_state,
+        on_epoch_end=keep,
+    )
+    return out, model, method, saved
+
+
+def test_loop_reports_longtail_metrics_that_match_the_predictions():
+    task = _tiny_task()
+    data = load_task_data(task)
+    assert data.class_counts == [
+        int(n) for n in torch.bincount(data.train_y, minlength=10).tolist()
+    ]
+    assert max(data.class_counts) == 60 and min(data.class_counts) == 6  # IF 10
+    assert len(data.meta_y) == 100 and len(data.val_y) == 0
+    state, model, method, _ = _run(task, data, "mfm_network")
+    last = state.history[-1]
+    model.eval()
+    with torch.no_grad():
+        preds = model(data.test_x).argmax(1)
+    ref = longtail_metrics(preds, data.test_y, data.class_counts)
+    assert last["test_acc"] == pytest.approx(ref.top1, abs=1e-12)
+    assert last["test_acc"] == pytest.approx(evaluate(model, data.test_x, data.test_y, _W())[0])
+    for group in ("many", "medium", "few"):
+        got, want = last[f"test_{group}_acc"], getattr(ref, group)
+        assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want)
+    for c in range(10):
+        assert last[f"test_acc_class_{c}"] == pytest.approx(ref.per_class[c])
+    steps = 2 * (sum(data.class_counts) // 50)
+    assert len(method.meta_losses) == steps and "meta_loss" in last
+
+
+class _W:
+    rank, world_size = 0, 1
+
+    @staticmethod
+    def sum(t):
+        return t
+
+
+def test_resumed_longtail_run_continues_exactly():
+    task = _tiny_task(meta_per_class=5)
+    data = load_task_data(task)
+    full, model, _, saved = _run(task, data, "mfm_direct", lookahead="exact", meta_every=2)
+    from raymeta.train.loop import RunState
+
+    first = RunState(**{**full.__dict__, "history": full.history[:1]})
+    first.epoch, first.step = 1, len(full.lrs) // 2
+    first.lrs = full.lrs[: first.step]
+    model_sd, rule_sd, opt_sd = saved[1]
+    resumed, model2, _, _ = _run(
+        task,
+        data,
+        "mfm_direct",
+        lookahead="exact",
+        meta_every=2,
+        state=first,
+        optimizer_state=opt_sd,
+        method_state=(model_sd, rule_sd),
+    )
+    assert resumed.lrs == full.lrs
+    for k, v in model.state_dict().items():
+        assert torch.equal(model2.state_dict()[k], v), k
+    assert resumed.history[-1]["test_acc"] == full.history[-1]["test_acc"]
+
+
+def test_class_balanced_resampling_in_the_loop_draws_balanced_batches():
+    task = _tiny_task(epochs=1)
+    data = load_task_data(task)
+    seen = []
+    model = build_task_model(task, data, "cpu")
+    rule = MethodRule(build_longtail_method("cb_resample", data.class_counts, model))
+    original = rule.step
+
+    def spy(model, optimizer, x, y, **kw):
+        seen.append(y)
+        return original(model, optimizer, x, y, **kw)
+
+    rule.step = spy
+    n = len(data.train_y) // 50
+    train(task, data, model, HandSchedule("fixed", 0.05, n, n), rule=rule)
+    freq = torch.bincount(torch.cat(seen), minlength=10).double()
+    assert freq.min() / freq.max() > 0.4  # plain batches: 6 / 60 = 0.1
+    plain = torch.bincount(data.train_y, minlength=10).double()
+    assert plain.min() / plain.max() == pytest.approx(0.1)
+
+
+def test_learned_lr_schedule_is_refused_for_longtail_steps():
+    from raymeta.schedules import MLRSNet, MLRSNetBundle, MLRSNetSchedule
+
+    task = _tiny_task(epochs=1)
+    data = load_task_data(task)
+    model = build_task_model(task, data, "cpu")
+    rule = MethodRule(build_longtail_method("ce", data.class_counts, model))
+    bundle = MLRSNetBundle([MLRSNet().state_dict()], [1])
+    with pytest.raises(ConfigError, match="hand-designed schedule") as err:
+        train(task, data, model, MLRSNetSchedule(bundle, 10, 1, fixed_gamma=0.1), rule=rule)
+    assert "\n" not in str(err.value)
+
+
+STUDY = {
+    "task": {"dataset": "digits", "n_max": 60, "imbalance_factor": 10},
+    "methods": [{"method": "mfm_network"}],
+}
+
+
+@pytest.mark.parametrize(
+    ("patch", "names"),
+    [
+        ({"task": {"imbalance_factor": 0.5}}, "task.imbalance_factor: Input should be greater"),
+        ({"task": {"imbalance_factor": "inf"}}, "task.imbalance_factor: Input should be a finite"),
+        ({"task": {"profile": "linear"}}, "(got 'linear')"),
+        ({"task": {"class_order": "random"}}, "(got 'random')"),
+        ({"task": {"meta_per_class": -1}}, "task.meta_per_class"),
+        ({"imbalance_factors": [100, 0]}, "imbalance_factors.1"),
+        ({"methods": [{"method": "svm"}]}, "unknown long-tail method 'svm'"),
+        ({"methods": [{"method": "ce", "model_uri": "models:/x@y"}]}, "model_uri"),
+        ({"task": {"meta_per_class": 0}}, "meta_per_class is 0 but MFM (network) needs"),
+        ({"schedule": {"schedule": "mlrsnet"}}, "hand-designed schedule"),
+        ({"register_seed": 7}, "register_seed=7"),
+        ({"transfer": [{"name": "t", "task": {}}], "methods": [{"method": "ce"}]}, "model_uri"),
+    ],
+)
+def test_bad_study_values_are_one_line_config_errors(patch, names):
+    data = {**STUDY, **patch}
+    if "task" in patch:
+        data["task"] = {**STUDY["task"], **patch["task"]}
+    with pytest.raises(ConfigError) as err:
+        parse(PipelineConfig, {"name": "x", "mfm": data}, "p.yaml")
+    assert "\n" not in str(err.value) and names in str(err.value), str(err.value)
+    assert str(err.value).startswith("p.yaml: mfm")
+
+
+@pytest.mark.parametrize(
+    ("patch", "names"),
+    [
+        ({"task": {"dataset": "digits", "imbalance_factor": 500}}, "imbalance_factor=500"),
+        ({"task": {"dataset": "digits", "n_max": 1000}}, "n_max=1000"),
+        ({"task": {"dataset": "digits", "meta_per_class": 200}}, "meta_per_class=200"),
+        ({"methods": [{"method": "focal", "params": {"gamma": -1}}]}, "focal gamma=-1"),
+        ({"methods": [{"method": "mfm_network", "params": {"wings": 2}}]}, "'wings'"),
+        ({"methods": [{"method": "mwn", "meta_batch_size": 200}]}, "meta_batch_size=200"),
+        ({"schedule": {"schedule": "multistep", "lr": 0.1, "params": {"step": 3}}}, "multistep"),
+    ],
+)
+def test_data_dependent_values_fail_in_the_driver_on_one_line(patch, names):
+    from raymeta.longtail_study import check_study
+
+    cfg = parse(LongTailStudyConfig, {**STUDY, **patch})
+    with pytest.raises(ConfigError) as err:
+        check_study(cfg, 1)
+    assert "\n" not in str(err.value) and names in str(err.value), str(err.value)
+
+
+def test_summary_gives_mean_and_sample_std_over_seeds():
+    df = pd.DataFrame(
+        {
+            "target": ["a"] * 4,
+            "imbalance_factor": [100.0] * 4,
+            "method": ["CE", "CE", "MFM", "MFM"],
+            "top1_acc": [0.80, 0.84, 0.85, 0.85],
+            "many_acc": [0.9, 0.9, 0.9, 0.9],
+            "medium_acc": [0.7, 0.8, 0.8, 0.8],
+            "few_acc": [0.5, 0.6, float("nan"), 0.7],
+        }
+    )
+    s = summarise(df, ["target", "imbalance_factor", "method"])
+    ce = s[s.method == "CE"].iloc[0]
+    assert ce["seeds"] == 2 and ce["acc_overall_mean"] == pytest.approx(0.82)
+    assert ce["acc_overall_std"] == pytest.approx(math.sqrt(2 * 0.02**2))  # ddof=1
+    assert s[s.method == "MFM"].iloc[0]["acc_few_mean"] == pytest.approx(0.7)  # NaN skipped
+    md = summary_markdown(s, ["target", "imbalance_factor"], title=lambda t, f: f"{t} IF {f:g}")
+    assert "#### a IF 100" in md and "| CE       | 82.00 ± 2.83 |" in md
