@@ -224,6 +224,7 @@ def _fit(runs: list[LongTailRun], cfg: LongTailStudyConfig, ctx, num_workers: in
             "job": _job(r, cfg.schedule),
             "label": r.label,
             "mlflow": {"uri": ctx.tracking_uri, "run_id": r.run_id},
+            "keep_model": False,
         }
         for r in runs
     ]

@@ -70,7 +70,7 @@ def test_tiny_comparison_table_and_mlflow_runs(first_run):
     assert (back.loc[:1, "search_compute_s"] > 0).all() and (back.loc[2:, "search_compute_s"] == 0).all()
     assert (back["test_acc_mean"] > 0.2).all()
     assert back.loc[2, "meta_learner_version"] == "1"
-    for png in ("lr_curves.png", "test_accuracy.png", "accuracy_vs_search_compute.png"):
+    for png in ("comparison_lr_curves.png", "comparison_test_accuracy.png", "accuracy_vs_search_compute.png"):
         assert (out / png).stat().st_size > 0
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     exp = client.get_experiment_by_name("tiny-compare")

@@ -96,7 +96,9 @@ def test_fast_meta_gradient_matches_finite_differences_of_its_objective(kind):
             down = _fast_objective(model, opt, batch, frozen)
             with torch.no_grad():
                 p.view(-1)[j] += eps
-            assert float(g.view(-1)[j]) == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-9)
+            assert float(g.view(-1)[j]) == pytest.approx(
+                (up - down) / (2 * eps), rel=1e-5, abs=1e-9
+            )
             checked += abs(float(g.view(-1)[j])) > 1e-8
     assert checked >= 3  # not vacuous
 

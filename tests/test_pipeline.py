@@ -16,11 +16,24 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "pipelines" / "quickstart.yam
 
 
 def reduced_quickstart(tmp_path) -> PipelineConfig:
+    """pipelines/quickstart.yaml with small data and budgets, plus a TorchTrainer transfer job."""
     data = yaml.safe_load(QUICKSTART.read_text())
     small = {"train_subset": 1536, "val_size": 500, "epochs": 2}
     data["meta_train"]["task"].update(small, meta_per_class=20)
     data["meta_train"]["meta_batch_size"] = 40
-    data["transfer"]["task"].update(small)
+    data["compare"]["task"].update(small)
+    data["compare"]["search"].update(trials_per_family=2)
+    data["compare"]["seeds"] = 1
+    data["transfer"] = {
+        "task": data["compare"]["task"] | {"val_size": 0},
+        "methods": [
+            {
+                "name": "MLR-SNet (frozen)",
+                "schedule": "mlrsnet",
+                "model_uri": "models:/mlrsnet-fashion@champion",
+            }
+        ],
+    }
     data["output_dir"] = str(tmp_path / "out")
     data["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
     return parse(PipelineConfig, data, "reduced quickstart")
@@ -29,50 +42,44 @@ def reduced_quickstart(tmp_path) -> PipelineConfig:
 def test_quickstart_end_to_end(ray_local, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = reduced_quickstart(tmp_path)
-    df = run_pipeline(cfg)
+    table = run_pipeline(cfg)
     out = tmp_path / "out"
-    back = pd.read_parquet(out / "results.parquet")
-    pd.testing.assert_frame_equal(back, df)
-    assert list(back["method"]) == [
-        "MLR-SNet (meta-training)",
-        "MLR-SNet (frozen)",
-        "fixed LR",
-        "MultiStep",
-    ]
-    assert {
-        "test_acc",
-        "test_loss",
-        "wall_time_s",
-        "meta_learner_version",
-        "model",
-        "batch_size",
-    } <= set(back.columns)
-    assert (back["test_acc"] > 0.5).all() and (back["wall_time_s"] > 0).all()
-    assert list(back["model"]) == ["small_cnn", "mlp", "mlp", "mlp"]
-    assert back.loc[1, "meta_learner_version"] == "1"
-    for name in ("results.md", "accuracy_curves.png", "lr_curves.png", "meta_train_lr.png"):
+    jobs = pd.read_parquet(out / "results.parquet")
+    assert list(jobs["method"]) == ["MLR-SNet (meta-training)", "MLR-SNet (frozen)"]
+    assert list(jobs["model"]) == ["small_cnn", "mlp"] and list(jobs["batch_size"]) == [128, 64]
+    assert (jobs["test_acc"] > 0.5).all() and jobs.loc[1, "meta_learner_version"] == "1"
+    back = pd.read_parquet(out / "comparison.parquet")
+    pd.testing.assert_frame_equal(back, table)
+    assert list(back["method"]) == ["fixed", "multistep", "MLR-SNet (Test)"]
+    assert list(back["search_trials"]) == [2, 2, 0] and (back["test_acc_mean"] > 0.5).all()
+    assert back.loc[2, "meta_learner_version"] == "1"
+    for name in (
+        "results.md",
+        "comparison.md",
+        "accuracy_curves.png",
+        "lr_curves.png",
+        "meta_train_lr.png",
+    ):
         assert (out / name).stat().st_size > 0
 
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(cfg.mlflow.experiment)
     runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 1 and len(runs) == 5
+    by_name = {r.info.run_name: r for r in runs}
+    pipeline, compare = by_name["pipeline/quickstart"], by_name["compare/quickstart"]
     children = {
-        r.info.run_name: r
+        r.info.run_name
         for r in runs
-        if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
+        if r.data.tags.get("mlflow.parentRunId") == pipeline.info.run_id
     }
-    assert set(children) == {
-        "meta-train",
-        "transfer/MLR-SNet (frozen)",
-        "transfer/fixed LR",
-        "transfer/MultiStep",
-    }
-    history = client.get_metric_history(children["transfer/fixed LR"].info.run_id, "test_acc")
+    assert children == {"meta-train", "transfer/MLR-SNet (frozen)"}
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == compare.info.run_id]
+    assert len(trials) == 2 + 2 + 3  # search trials and final runs
+    history = client.get_metric_history(by_name["meta-train"].info.run_id, "test_acc")
     assert [m.step for m in history] == [1, 2]
-    assert children["transfer/MLR-SNet (frozen)"].data.tags["meta_learner_version"] == "1"
+    assert by_name["transfer/MLR-SNet (frozen)"].data.tags["meta_learner_version"] == "1"
     assert str(client.get_model_version_by_alias("mlrsnet-fashion", "champion").version) == "1"
-    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
-    assert {"results.parquet", "results.md", "lr_curves.png"} <= artifacts
+    assert {"results.parquet", "lr_curves.png"} <= {
+        a.path for a in client.list_artifacts(pipeline.info.run_id)
+    }

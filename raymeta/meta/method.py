@@ -108,9 +108,7 @@ class LookaheadMethod:
         meta-gradient, one entry per :attr:`meta_params` (not yet averaged)."""
         raise NotImplementedError
 
-    def meta_due(
-        self, step: int, meta_x: torch.Tensor | None, meta_y: torch.Tensor | None
-    ) -> bool:
+    def meta_due(self, step: int, meta_x: torch.Tensor | None, meta_y: torch.Tensor | None) -> bool:
         """Whether step ``step`` has a meta step.
 
         Raises:

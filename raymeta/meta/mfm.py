@@ -230,4 +230,3 @@ class MFMTrainer(LookaheadMethod):
             loss = F.cross_entropy(model(x), y)
         sgd_step(optimizer, loss)
         return StepOutput(loss.detach(), meta_loss)
-

@@ -121,7 +121,8 @@ def train_loop_per_worker(config: dict) -> None:
     ``longtail``), ``job`` (``kind`` = ``meta_train``, ``mlrsnet``, a hand-designed family, or
     ``longtail`` with ``method``, ``params``, ``meta_batch_size``, ``schedule`` = {schedule,
     lr, params} and an optional frozen ``modulator`` = {config, state}), ``label``, optional
-    ``mlflow`` = ``{"uri", "run_id"}`` and ``saved_epochs``.
+    ``mlflow`` = ``{"uri", "run_id"}``, ``saved_epochs`` and ``keep_model`` (default True;
+    False drops the run's weights from its result once it is finished).
 
     The checkpoint of every epoch holds the current run's state plus the results of the runs
     already finished (``done``), so a restarted group resumes the sweep where it stopped.
@@ -232,7 +233,10 @@ def _train_run(
         optimizer_state=optimizer_state,
         on_epoch_end=on_epoch_end,
     )
-    return _result_of(payload)
+    result = _result_of(payload)
+    if not run.get("keep_model", True):  # sweeps: keep checkpoints small
+        result["model_state"] = {}
+    return result
 
 
 def _result_of(payload: dict) -> dict:

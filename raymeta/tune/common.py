@@ -3,6 +3,8 @@ per-trial resources and MLflow runs nested under a parent run."""
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 
@@ -30,6 +32,9 @@ def make_tuner(
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
+    # quiet driver output: no progress tables and no per-result INFO lines (MLflow has it all)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
     path = tune_dir / name
     trainable = tune.with_resources(trainable, resources)
     if resume and tune.Tuner.can_restore(str(path)):

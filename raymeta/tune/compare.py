@@ -186,9 +186,12 @@ class Comparison:
 
     def search(self, family: str, parent_run_id: str, uri: str) -> dict[str, Any]:
         """Run (or resume) the family's search; returns its best config and costs."""
+        import optuna
         from ray import tune
         from ray.tune.schedulers import ASHAScheduler
         from ray.tune.search.optuna import OptunaSearch
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
 
         s = self.cmp.search
         constants = {
@@ -204,6 +207,7 @@ class Comparison:
             seed=s.seed,
         )
         tune_config = tune.TuneConfig(
+            reuse_actors=True,  # trials share resources: skip an actor start per trial
             search_alg=searcher,
             scheduler=ASHAScheduler(
                 metric="val_acc",
@@ -288,7 +292,9 @@ class Comparison:
                 "log": str(self.out / TRIAL_LOG),
             },
             tune_config=tune.TuneConfig(
-                max_concurrent_trials=s.max_concurrent, trial_dirname_creator=trial_dirname
+                reuse_actors=True,  # trials share resources: skip an actor start per trial
+                max_concurrent_trials=s.max_concurrent,
+                trial_dirname_creator=trial_dirname,
             ),
             parent_run_id=parent_run_id,
             uri=uri,
@@ -403,8 +409,10 @@ class Comparison:
             for r in seed0.itertuples()
         }
         pngs = [
-            plot_lr_curves(curves, self.out / "lr_curves.png", "best configuration of each method"),
-            plot_accuracy_curves(histories, self.out / "test_accuracy.png"),
+            plot_lr_curves(
+                curves, self.out / "comparison_lr_curves.png", "best configuration of each method"
+            ),
+            plot_accuracy_curves(histories, self.out / "comparison_test_accuracy.png"),
             _plot_accuracy_vs_compute(table, self.out / "accuracy_vs_search_compute.png"),
         ]
         for path in (parquet, md, *pngs):

@@ -24,6 +24,7 @@ import pandas as pd
 from raymeta.config import MethodConfig, PipelineConfig, StudyConfig, TaskConfig, parse
 from raymeta.errors import ConfigError
 
+TASK_LOG = "task_starts.jsonl"
 AXIS_COLUMNS = ("dataset", "model", "batch_size", "epochs", "noise_type", "noise_rate", "seed")
 
 
@@ -141,9 +142,11 @@ def _study_trainable(config: dict) -> None:
     spec = config["spec"]
     filesystem, path = results_location(config["results"])
     target = f"{path}/{spec['id']}.parquet"
-    if filesystem.get_file_info(target).type.name == "File":  # already done (resume)
+    if filesystem.get_file_info(target).type.name == "File":  # finished before an interruption
         tune.report(pq.read_table(target, filesystem=filesystem).to_pylist()[0])
         return
+    with open(config["log"], "a") as f:  # one line per training start (the resume test reads it)
+        f.write(json.dumps({"task": spec["id"]}) + "\n")
     bundle, version = None, None
     method = MethodConfig(**spec["method"])
     if method.schedule == "mlrsnet":
@@ -214,9 +217,12 @@ def run_study(cfg: PipelineConfig, resume: bool = False) -> pd.DataFrame:
                     "results": results,
                     "threads": max(1, int(res.cpus_per_task)),
                     "tracking_uri": uri,
+                    "log": str(out / TASK_LOG),
                 },
                 tune_config=tune.TuneConfig(
-                    max_concurrent_trials=study.max_concurrent, trial_dirname_creator=trial_dirname
+                    reuse_actors=True,  # trials share resources: skip an actor start per trial
+                    max_concurrent_trials=study.max_concurrent,
+                    trial_dirname_creator=trial_dirname,
                 ),
                 resources={"cpu": res.cpus_per_task, "gpu": res.gpus_per_task},
                 tracking_uri=uri,

@@ -1,0 +1,97 @@
+"""Cost of an MFM training epoch (look-ahead meta step at every step) relative to a plain
+cross-entropy epoch, measured in one run on the same data, model and loop.
+
+Setup: Fashion-MNIST-LT IF 100 (exponential profile, 10 meta images per class taken first,
+14,860 training images, 148 steps of 100), the small CNN, SGD momentum 0.9, meta batch 100
+(the whole balanced meta set), ``torch`` threads as given. Every epoch runs through
+:func:`raymeta.train.loop.train` with a :class:`~raymeta.train.rules.MethodRule` (the loop
+every raymeta job uses) on a fresh model; the test set is left out so only training is timed
+(``train_time_s``). The methods are interleaved round by round so that load from other
+processes hits all of them alike; the ratio is the median MFM epoch over the median CE epoch
+(the plain CE network has no modulation hooks).
+
+Target: at most 2.5 for the default ``lookahead="fast"``. ``--exact`` also times the exact
+look-ahead (second order through every weight, a second forward/backward for the real step).
+
+Usage: .venv/bin/python benchmarks/mfm_overhead.py [--rounds 3] [--threads 2] [--exact]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+
+import torch
+
+from raymeta.config import LongTailTaskConfig
+from raymeta.meta.longtail_losses import build_longtail_method
+from raymeta.schedules import HandSchedule
+from raymeta.train.loop import build_task_model, load_task_data, train
+from raymeta.train.rules import MethodRule
+
+TARGET = 2.5
+
+
+def epoch_time(task, data, method: str, params: dict) -> float:
+    """Seconds of one training epoch of ``method`` (a fresh model)."""
+    model = build_task_model(task, data, "cpu")
+    rule = MethodRule(
+        build_longtail_method(
+            method, data.class_counts, model, input_shape=(1, 28, 28), epochs=1, **params
+        ),
+        meta_batch_size=100,
+    )
+    n = len(data.train_y) // task.batch_size
+    state = train(task, data, model, HandSchedule("fixed", 0.05, n, n), rule=rule)
+    return state.history[-1]["train_time_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="epochs of every method")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--exact", action="store_true", help="also time lookahead='exact'")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    task = LongTailTaskConfig(imbalance_factor=100, epochs=1, batch_size=100)
+    data = load_task_data(task)
+    empty = data.test_x[:0], data.test_y[:0]
+    data = dataclasses.replace(data, test_x=empty[0], test_y=empty[1])
+    configs = {
+        "CE (plain)": ("ce", {}),
+        "MFM direct, fast": ("mfm_direct", {}),
+        "MFM network, fast": ("mfm_network", {}),
+    }
+    if args.exact:
+        configs["MFM direct, exact"] = ("mfm_direct", {"lookahead": "exact"})
+        configs["MFM network, exact"] = ("mfm_network", {"lookahead": "exact"})
+    n_steps = len(data.train_y) // task.batch_size
+    print(
+        f"Fashion-MNIST-LT IF 100: {len(data.train_y)} images, {n_steps} steps of 100, "
+        f"meta batch 100, small CNN, {args.threads} threads, {args.rounds} rounds"
+    )
+    epoch_time(task, data, "ce", {})  # warm-up (allocator, kernels)
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(args.rounds):
+        for name, (method, params) in configs.items():
+            times[name].append(epoch_time(task, data, method, params))
+    base = statistics.median(times["CE (plain)"])
+    worst = 0.0
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        ratio = med / base
+        if "fast" in name:
+            worst = max(worst, ratio)
+        print(
+            f"{name:20s} epoch {med:6.2f} s  ({1000 * med / n_steps:5.1f} ms/step)  "
+            f"ratio to CE {ratio:4.2f}"
+        )
+    verdict = "meets" if worst <= TARGET else "MISSES"
+    print(
+        f"MFM epoch / CE epoch (look-ahead every step, fast): {worst:.2f} -> {verdict} <= {TARGET}"
+    )
+
+
+if __name__ == "__main__":
+    main()
