@@ -417,3 +417,33 @@ def test_jobs_on_a_local_two_node_cluster(two_node_cluster, tmp_path, monkeypatc
         jobs.list_jobs(url)
     assert "\n" not in str(err.value)
     assert time.perf_counter() - t0 < 60
+
+
+@pytest.mark.ray
+def test_study_submitted_as_a_job_to_a_two_node_cluster(two_node_cluster, tmp_path, monkeypatch):
+    """A tiny real study, submitted through the Ray Jobs API as a user would, runs its tasks
+    across both nodes; its Parquet rows are read back here."""
+    from raymeta.tune.study import read_results
+
+    url = two_node_cluster
+    monkeypatch.setenv("RAY_ADDRESS", url)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "study"
+    job = jobs.submit(
+        "tests/data/tiny_study.yaml",
+        url,
+        extra_args=["--output-dir", str(out)],
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+    )
+    assert jobs.info(job, url).entrypoint.startswith(
+        "python -m raymeta.cli study tests/data/tiny_study.yaml"
+    )
+    assert jobs.wait(job, url, timeout=240) == "SUCCEEDED", jobs.logs(job, url)[-3000:]
+    table = read_results(str(out / "results"))
+    assert len(table) == 3 and (table["test_acc"] > 0.5).all()
+    assert sorted(zip(table["batch_size"], table["method"], strict=True)) == [
+        (32, "cosine"),
+        (32, "fixed"),
+        (64, "fixed"),
+    ]

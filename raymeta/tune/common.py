@@ -3,9 +3,29 @@ per-trial resources and MLflow runs nested under a parent run."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
+
+
+@contextlib.contextmanager
+def working_dir(path: Path):
+    """Run the block in ``path`` (the study's output folder). A Ray job's driver starts in its
+    uploaded working_dir, which Ray re-extracts when the driver connects, leaving the process
+    in a removed directory where Tune's bookkeeping (``os.path.abspath``) fails; the old
+    directory is restored afterwards only if it still exists."""
+    try:
+        old = os.getcwd()
+    except FileNotFoundError:
+        old = None
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        if old is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.chdir(old)
 
 
 def trial_dirname(trial) -> str:

@@ -32,7 +32,7 @@ import pandas as pd
 from raymeta.config import MethodConfig, PipelineConfig, TaskConfig
 from raymeta.errors import ConfigError
 from raymeta.report import plot_accuracy_curves, plot_lr_curves, to_markdown, write_table
-from raymeta.tune.common import make_tuner, trial_dirname
+from raymeta.tune.common import make_tuner, trial_dirname, working_dir
 from raymeta.tune.spaces import DefineByRun, resolve_ranges, to_method
 
 TRIAL_LOG = "trial_starts.jsonl"  # one line per trainable start: the resume test counts them
@@ -230,7 +230,8 @@ class Comparison:
             uri=uri,
         )
         t0 = time.perf_counter()
-        grid = tuner.fit()
+        with working_dir(self.out):
+            grid = tuner.fit()
         wall = time.perf_counter() - t0
         errors = [r.error for r in grid if r.error is not None]
         if errors:
@@ -299,7 +300,8 @@ class Comparison:
             parent_run_id=parent_run_id,
             uri=uri,
         )
-        grid = tuner.fit()
+        with working_dir(self.out):
+            grid = tuner.fit()
         rows = []
         for r in grid:
             if r.error is not None:

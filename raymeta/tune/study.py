@@ -177,7 +177,7 @@ def run_study(cfg: PipelineConfig, resume: bool = False) -> pd.DataFrame:
     from raymeta.pipeline import init_ray
     from raymeta.tracking import load_meta_learner, setup
     from raymeta.train.loop import check_task
-    from raymeta.tune.common import make_tuner, trial_dirname
+    from raymeta.tune.common import make_tuner, trial_dirname, working_dir
 
     study = cfg.study
     if study is None:
@@ -229,7 +229,8 @@ def run_study(cfg: PipelineConfig, resume: bool = False) -> pd.DataFrame:
                 experiment=cfg.mlflow.experiment,
                 parent_run_id=parent.info.run_id,
             )
-            grid = tuner.fit()
+            with working_dir(out):
+                grid = tuner.fit()
             errors = [r.error for r in grid if r.error is not None]
             if errors:
                 raise RuntimeError(f"{len(errors)} study task(s) failed; first: {errors[0]}")
