@@ -133,12 +133,12 @@ def _import_reference(args) -> None:
     with mlflow.start_run(experiment_id=experiment_id, run_name="import-reference"):
         mlflow.log_params({"layout": args.layout, "dir": str(args.dir)})
         version = log_meta_learner(bundle, args.registered_model, args.alias)
-    demo = torch.tensor([2.3, 1.5, 1.0, 0.6, 0.3])
-    units = [f"{u:.4f}" for u in bundle(demo).tolist()]
+    losses = [2.3, 1.5, 1.0, 0.6, 0.3]
+    units = [f"{u:.4f}" for u in bundle(torch.tensor(losses)).tolist()]
     print(
         f"registered {args.registered_model} version {version} (alias {args.alias}) from {args.dir}"
     )
-    print(f"unit LR of the last checkpoint on losses {demo.tolist()}: {units}")
+    print(f"unit LR (before gamma) of the last checkpoint on losses {losses}: {units}")
     print(f"use it with model_uri: models:/{args.registered_model}@{args.alias}")
 
 

@@ -164,6 +164,14 @@ def _study_trainable(config: dict) -> None:
 
     run_task(TaskConfig(**spec["task"]), method, report=report, bundle=bundle)
     row = _row(spec, last, time.perf_counter() - t0, version)
+    if spec["task"].get("label_noise"):  # the corruption actually applied (seeded, reproducible)
+        from raymeta.train.loop import noisy_labels, task_splits
+
+        task = TaskConfig(**spec["task"])
+        ds, sp = task_splits(task)
+        row["noise_flipped_fraction"] = noisy_labels(task, ds.train_y[sp.train], ds.num_classes)[
+            1
+        ].flipped_fraction
     pq.write_table(pa.Table.from_pylist([row]), target, filesystem=filesystem)
     tune.report({**{k: v for k, v in last.items() if k != "lrs"}, **row})
 
