@@ -18,6 +18,14 @@ from raymeta.config import MetaTrainConfig, PipelineConfig, RayConfig, TaskConfi
 from raymeta.report import plot_accuracy_curves, plot_lr_curves, to_markdown, write_table
 
 
+def stage(message: str) -> None:
+    """A progress banner for a pipeline stage (quiet under CI / RAYMETA_QUIET)."""
+    from raymeta.train.ray_train import progress_enabled
+
+    if progress_enabled():
+        print(f"\n== {message}", flush=True)
+
+
 def init_ray(cfg: RayConfig) -> bool:
     """Connect to ``cfg.address`` / ``$RAY_ADDRESS``, or start a local Ray with ``cfg.num_cpus``.
 
@@ -91,6 +99,10 @@ def run_meta_train(cfg: MetaTrainConfig, ctx: Context, num_workers: int):
             }
         ),
     }
+    stage(
+        f"meta-training MLR-SNet on {cfg.task.dataset}/{cfg.task.model} with {num_workers} Ray "
+        f"Train worker(s), {cfg.task.epochs} epochs, a look-ahead every {cfg.t_val} steps"
+    )
     with mlflow.start_run(run_name="meta-train", nested=True) as run:
         mlflow.log_params(flatten(cfg.model_dump(), "") | {"num_workers": num_workers})
         result = fit(
@@ -145,6 +157,9 @@ def run_transfer(
             job = {"kind": "mlrsnet", "bundle": bundle, "gamma": method.gamma}
         else:
             job = {"kind": method.schedule, "lr": method.lr, "params": method.params}
+        stage(
+            f"transfer: {method.label} on {cfg.task.dataset}/{cfg.task.model}, batch {cfg.task.batch_size}"
+        )
         with mlflow.start_run(run_name=f"transfer/{method.label}", nested=True) as run:
             mlflow.log_params(
                 flatten(cfg.task.model_dump(), "task.") | flatten(method.model_dump(), "method.")
@@ -242,7 +257,7 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
             mlflow.log_metric("pipeline_wall_time_s", time.perf_counter() - t0)
             run_id = parent.info.run_id
         print("\n" + to_markdown(df) + "\n")
-        print(f"results: {parquet} , {md} and PNG plots in {out}; MLflow run {run_id}")
+        print(f"results: {parquet}, {md} and PNG plots in {out}; MLflow run {run_id}")
         if comparison is not None:
             df = comparison.run()
     finally:

@@ -22,13 +22,16 @@ def write_table(
 
 def to_markdown(df: pd.DataFrame) -> str:
     """Markdown table with accuracies as percentages and times in seconds."""
-    shown = df.copy()
+    shown, names = df.copy(), {}
     for col in shown.columns:
         if "_acc" in col or col.startswith("acc_"):
-            shown[col] = shown[col].map(lambda v: f"{100 * v:.2f}" if v == v else "")
+            shown[col] = shown[col].map(lambda v: f"{100 * v:.2f}" if v == v else "-")
+            names[col] = f"{col} (%)"
         elif shown[col].dtype.kind == "f":
-            shown[col] = shown[col].map(lambda v: f"{v:.4g}" if v == v else "")
-    return shown.to_markdown(index=False)
+            shown[col] = shown[col].map(lambda v: f"{v:.4g}" if v == v else "-")
+        elif shown[col].dtype.kind == "O":
+            shown[col] = shown[col].map(lambda v: "-" if v is None or v != v else v)
+    return shown.rename(columns=names).to_markdown(index=False)
 
 
 def _figure():
@@ -63,7 +66,7 @@ def plot_lr_curves(
 
 
 def plot_accuracy_curves(
-    histories: dict[str, list[dict]], path: str | Path, key: str = "test_acc"
+    histories: dict[str, list[dict]], path: str | Path, key: str = "test_acc", title: str = ""
 ) -> Path:
     """One line per method: ``key`` (a fraction) in percent against the 1-based epoch."""
     fig, ax = _figure()
@@ -71,11 +74,10 @@ def plot_accuracy_curves(
         ax.plot(
             [h["epoch"] for h in history], [100 * h[key] for h in history], marker="o", label=label
         )
-    ax.set(
-        xlabel="epoch",
-        ylabel=f"{key.replace('_', ' ')} (%)",
-        title=f"{key.replace('_', ' ')} per epoch",
-    )
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="epoch", ylabel=f"{key.replace('_', ' ')} (%)", title=title or f"{key} per epoch")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

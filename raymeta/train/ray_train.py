@@ -30,7 +30,8 @@ from raymeta.errors import RaymetaError
 STATE_FILE = "state.pt"
 
 
-def _progress_enabled() -> bool:
+def progress_enabled() -> bool:
+    """Progress lines are printed unless ``$CI`` or ``$RAYMETA_QUIET`` is set."""
     return not (os.environ.get("CI") or os.environ.get("RAYMETA_QUIET"))
 
 
@@ -211,7 +212,7 @@ def _train_run(
             mlflow_cfg = run.get("mlflow")
             if mlflow_cfg:
                 log_epoch_metrics(mlflow_cfg["uri"], mlflow_cfg["run_id"], metrics)
-            if _progress_enabled():
+            if progress_enabled():
                 line = _progress_line(label, metrics, task.epochs, time.perf_counter() - t_start)
                 print(line, file=sys.__stdout__, flush=True)  # bypass Train's print-to-log tee
             with tempfile.TemporaryDirectory() as d:

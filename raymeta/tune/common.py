@@ -28,6 +28,33 @@ def working_dir(path: Path):
                 os.chdir(old)
 
 
+def progress_callback(label: str, total: int):
+    """A Tune callback printing one line per finished trial (quiet under CI / RAYMETA_QUIET)."""
+    from ray import tune
+
+    from raymeta.train.ray_train import progress_enabled
+
+    class TrialProgress(tune.Callback):
+        def __init__(self):
+            self.done = 0
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            if not progress_enabled():
+                return
+            r = trial.last_result or {}
+            shown = [
+                f"{k} {100 * r[k]:.2f}%" for k in ("val_acc", "test_acc") if k in r and r[k] == r[k]
+            ]
+            print(
+                f"[{label}] trial {self.done}/{total} finished after "
+                f"{r.get('training_iteration', 0)} epoch(s): {', '.join(shown)}",
+                flush=True,
+            )
+
+    return TrialProgress()
+
+
 def trial_dirname(trial) -> str:
     """Short trial folder names (Tune's default embeds the whole config)."""
     return f"trial_{trial.trial_id}"
@@ -45,15 +72,18 @@ def make_tuner(
     tracking_uri: str,
     experiment: str,
     parent_run_id: str,
+    total: int,
 ):
     """A ``Tuner`` whose state lives in ``tune_dir/name``: restored (finished trials kept,
     unfinished and errored ones re-run) when ``resume`` and a state exists, else new. Every
-    trial is an MLflow run tagged as a child of ``parent_run_id`` (``MLflowLoggerCallback``)."""
+    trial is an MLflow run tagged as a child of ``parent_run_id`` (``MLflowLoggerCallback``);
+    a progress line is printed as each of the ``total`` trials finishes."""
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     # quiet driver output: no progress tables and no per-result INFO lines (MLflow has it all)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "5")  # MLflow logging of a result takes ~1 s
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
     path = tune_dir / name
     trainable = tune.with_resources(trainable, resources)
@@ -70,6 +100,9 @@ def make_tuner(
         param_space=param_space,
         tune_config=tune_config,
         run_config=tune.RunConfig(
-            name=name, storage_path=str(tune_dir), callbacks=[callback], verbose=0
+            name=name,
+            storage_path=str(tune_dir),
+            callbacks=[callback, progress_callback(name, total)],
+            verbose=0,
         ),
     )

@@ -31,6 +31,7 @@ import pandas as pd
 
 from raymeta.config import MethodConfig, PipelineConfig, TaskConfig
 from raymeta.errors import ConfigError
+from raymeta.pipeline import stage
 from raymeta.report import plot_accuracy_curves, plot_lr_curves, to_markdown, write_table
 from raymeta.tune.common import make_tuner, trial_dirname, working_dir
 from raymeta.tune.spaces import DefineByRun, resolve_ranges, to_method
@@ -168,7 +169,15 @@ class Comparison:
 
     # -- Ray Tune ------------------------------------------------------------------------
     def _tuner(
-        self, name: str, trainable, *, param_space: dict, tune_config, parent_run_id: str, uri: str
+        self,
+        name: str,
+        trainable,
+        *,
+        param_space: dict,
+        tune_config,
+        parent_run_id: str,
+        uri: str,
+        total: int,
     ):
         s = self.cmp.search
         return make_tuner(
@@ -182,6 +191,7 @@ class Comparison:
             tracking_uri=uri,
             experiment=self.cfg.mlflow.experiment,
             parent_run_id=parent_run_id,
+            total=total,
         )
 
     def search(self, family: str, parent_run_id: str, uri: str) -> dict[str, Any]:
@@ -228,6 +238,10 @@ class Comparison:
             tune_config=tune_config,
             parent_run_id=parent_run_id,
             uri=uri,
+            total=s.trials_per_family,
+        )
+        stage(
+            f"compare: searching {family} ({s.trials_per_family} trials, {s.max_concurrent} at once)"
         )
         t0 = time.perf_counter()
         with working_dir(self.out):
@@ -299,7 +313,9 @@ class Comparison:
             ),
             parent_run_id=parent_run_id,
             uri=uri,
+            total=len(runs),
         )
+        stage(f"compare: final runs, {len(runs)} (method, seed) pairs on train + validation")
         with working_dir(self.out):
             grid = tuner.fit()
         rows = []
@@ -390,9 +406,7 @@ class Comparison:
                     "search_compute_s": info.get("search_cpu_s", info.get("search_gpu_s", 0.0)),
                     "search_wall_s": info.get("search_wall_s", 0.0),
                     "final_wall_s_mean": group["wall_time_s"].mean(),
-                    "best_config": json.dumps(info.get("sampled", {}), default=float)
-                    if info
-                    else "",
+                    "best_config": _rounded_json(info["sampled"]) if info else "",
                     "meta_learner_version": versions.get(label),
                 }
             )
@@ -404,17 +418,20 @@ class Comparison:
         parquet, md = write_table(table, self.out, "comparison")
         seed0 = finals[finals["seed"] == finals["seed"].min()]
         curves = {r.method: (r.lrs, 1 / r.lr_stride_epochs) for r in seed0.itertuples()}
-        histories = {
-            r.method: [
-                {"epoch": h["training_iteration"], "test_acc": h["test_acc"]} for h in r.history
-            ]
-            for r in seed0.itertuples()
-        }
+        histories = {}  # test accuracy per epoch, mean over seeds
+        for method, group in finals.groupby("method", sort=False):
+            per_epoch = pd.DataFrame([h for hist in group["history"] for h in hist])
+            mean = per_epoch.groupby("training_iteration")["test_acc"].mean()
+            histories[method] = [{"epoch": int(e), "test_acc": v} for e, v in mean.items()]
         pngs = [
             plot_lr_curves(
                 curves, self.out / "comparison_lr_curves.png", "best configuration of each method"
             ),
-            plot_accuracy_curves(histories, self.out / "comparison_test_accuracy.png"),
+            plot_accuracy_curves(
+                histories,
+                self.out / "comparison_test_accuracy.png",
+                title=f"test accuracy per epoch, mean over {self.cmp.seeds} seed(s)",
+            ),
             _plot_accuracy_vs_compute(table, self.out / "accuracy_vs_search_compute.png"),
         ]
         for path in (parquet, md, *pngs):
@@ -422,6 +439,11 @@ class Comparison:
         for row in table.itertuples():
             key = row.method.replace(" ", "_").replace("(", "").replace(")", "")
             mlflow.log_metric(f"test_acc_mean.{key}", row.test_acc_mean)
+
+
+def _rounded_json(sampled: dict[str, float]) -> str:
+    """A searched configuration as JSON with 4 significant digits."""
+    return json.dumps({k: float(f"{v:.4g}") for k, v in sampled.items()})
 
 
 def _plot_accuracy_vs_compute(table: pd.DataFrame, path: Path) -> Path:

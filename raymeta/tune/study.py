@@ -236,6 +236,7 @@ def run_study(cfg: PipelineConfig, resume: bool = False) -> pd.DataFrame:
                 tracking_uri=uri,
                 experiment=cfg.mlflow.experiment,
                 parent_run_id=parent.info.run_id,
+                total=len(tasks),
             )
             with working_dir(out):
                 grid = tuner.fit()
