@@ -135,6 +135,6 @@ def test_study_resumes_without_repeating_finished_tasks_and_reports(ray_local, t
     )
     assert report.returncode == 0, report.stderr
     md = (out / "report.md").read_text()
-    assert "## By batch_size" in md and (out / "by_batch_size.png").stat().st_size > 0
+    assert "### By batch_size" in md and (out / "by_batch_size.png").stat().st_size > 0
     pivot = table.pivot_table(index="batch_size", columns="method", values="test_acc")
-    assert f"{pivot.loc[32, 'fixed']:.4f}" in md
+    assert f"{100 * pivot.loc[32, 'fixed']:.2f}" in md

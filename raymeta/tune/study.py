@@ -99,11 +99,23 @@ def results_location(uri: str):
 
 
 def read_results(uri: str) -> pd.DataFrame:
-    """All rows of a study's Parquet dataset (one row per finished task)."""
-    import pyarrow.dataset as ds
+    """All rows of a study's Parquet dataset (one row per finished task), sorted by task id.
+    Rows of different task kinds have different metric columns (accuracy vs perplexity): the
+    schemas are unified, missing values become NaN, no column is dropped."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pyarrow import fs
 
     filesystem, path = results_location(uri)
-    return ds.dataset(path, filesystem=filesystem, format="parquet").to_table().to_pandas()
+    files = sorted(
+        f.path
+        for f in filesystem.get_file_info(fs.FileSelector(path))
+        if f.path.endswith(".parquet")
+    )
+    if not files:
+        return pd.DataFrame()
+    tables = [pq.read_table(f, filesystem=filesystem) for f in files]
+    return pa.concat_tables(tables, promote_options="permissive").to_pandas()
 
 
 def _row(spec: dict, metrics: dict, wall: float, version: str | None) -> dict[str, Any]:
@@ -255,42 +267,46 @@ def run_study(cfg: PipelineConfig, resume: bool = False) -> pd.DataFrame:
 
 
 def write_report(table: pd.DataFrame, out: Path) -> list[Path]:
-    """Pivot tables (Markdown) and plots (PNG) of a study's results into ``out``."""
+    """Pivot tables (Markdown) and plots (PNG) of a study's results into ``out``: image
+    classification tasks by test accuracy (%), language-model tasks by test perplexity, each
+    as one pivot over all settings plus one marginal table and bar chart per varied axis."""
     from raymeta.report import _figure, write_table
 
     out.mkdir(parents=True, exist_ok=True)
-    metric = "test_acc" if "test_acc" in table and table["test_acc"].notna().any() else "test_ppl"
-    axes = [c for c in AXIS_COLUMNS if c in table and c != "seed" and table[c].nunique() > 1]
-    sections = [
-        f"# Transfer study: {len(table)} tasks\n",
-        f"Metric: `{metric}`, mean over seeds.\n",
-    ]
-    index = axes or ["dataset"]
-    pivot = table.pivot_table(index=index, columns="method", values=metric, aggfunc="mean")
-    sections += [
-        "## All task settings\n",
-        pivot.reset_index().to_markdown(index=False, floatfmt=".4f"),
-        "",
-    ]
-    paths = list(
-        write_table(table.drop(columns=[c for c in ("lrs",) if c in table]), out, "study_results")
-    )
-    for axis in axes:
-        marginal = table.pivot_table(index=axis, columns="method", values=metric, aggfunc="mean")
+    paths = list(write_table(table, out, "study_results"))
+    sections = [f"# Transfer study: {len(table)} tasks\n", "Means over seeds.\n"]
+    text = table["test_ppl"].notna() if "test_ppl" in table else pd.Series(False, index=table.index)
+    for rows, metric, label, scale in (
+        (table[~text], "test_acc", "image classification: test accuracy (%)", 100.0),
+        (table[text], "test_ppl", "language modelling: test perplexity (lower is better)", 1.0),
+    ):
+        if rows.empty:
+            continue
+        rows = rows.assign(**{metric: rows[metric] * scale})
+        axes = [c for c in AXIS_COLUMNS if c != "seed" and rows[c].nunique() > 1]
+        index = axes or ["dataset", "model"]
+        pivot = rows.pivot_table(index=index, columns="method", values=metric, aggfunc="mean")
         sections += [
-            f"## By {axis}\n",
-            marginal.reset_index().to_markdown(index=False, floatfmt=".4f"),
+            f"## {label}\n",
+            pivot.reset_index().to_markdown(index=False, floatfmt=".2f"),
             "",
         ]
-        fig, ax = _figure()
-        marginal.plot.bar(ax=ax, rot=0)
-        ax.set(ylabel=metric, title=f"{metric} by {axis}")
-        ax.grid(alpha=0.3, axis="y")
-        fig.tight_layout()
-        png = out / f"by_{axis}.png"
-        fig.savefig(png)
-        fig.clf()
-        paths.append(png)
+        for axis in axes:
+            marginal = rows.pivot_table(index=axis, columns="method", values=metric, aggfunc="mean")
+            sections += [
+                f"### By {axis}\n",
+                marginal.reset_index().to_markdown(index=False, floatfmt=".2f"),
+                "",
+            ]
+            fig, ax = _figure()
+            marginal.plot.bar(ax=ax, rot=0)
+            ax.set(ylabel=metric, title=f"{label} by {axis}")
+            ax.grid(alpha=0.3, axis="y")
+            fig.tight_layout()
+            png = out / f"by_{axis}.png"
+            fig.savefig(png)
+            fig.clf()
+            paths.append(png)
     md = out / "report.md"
     md.write_text("\n".join(sections) + "\n")
     return [*paths, md]
