@@ -84,6 +84,9 @@ def make_tuner(
     # quiet driver output: no progress tables and no per-result INFO lines (MLflow has it all)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "5")  # MLflow logging of a result takes ~1 s
+    # save the experiment (and the searcher) state at every step, so that a study killed at any
+    # point resumes with its searcher and trial budget intact
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
     path = tune_dir / name
     trainable = tune.with_resources(trainable, resources)
