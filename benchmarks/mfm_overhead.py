@@ -14,6 +14,7 @@ Target: at most 2.5 for the default ``lookahead="fast"``. ``--exact`` also times
 look-ahead (second order through every weight, a second forward/backward for the real step).
 
 Usage: .venv/bin/python benchmarks/mfm_overhead.py [--rounds 3] [--threads 2] [--exact]
+[--meta-batch 100]
 """
 
 from __future__ import annotations
@@ -33,14 +34,14 @@ from raymeta.train.rules import MethodRule
 TARGET = 2.5
 
 
-def epoch_time(task, data, method: str, params: dict) -> float:
+def epoch_time(task, data, method: str, params: dict, meta_batch: int = 100) -> float:
     """Seconds of one training epoch of ``method`` (a fresh model)."""
     model = build_task_model(task, data, "cpu")
     rule = MethodRule(
         build_longtail_method(
             method, data.class_counts, model, input_shape=(1, 28, 28), epochs=1, **params
         ),
-        meta_batch_size=100,
+        meta_batch_size=meta_batch,
     )
     n = len(data.train_y) // task.batch_size
     state = train(task, data, model, HandSchedule("fixed", 0.05, n, n), rule=rule)
@@ -52,6 +53,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="epochs of every method")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--exact", action="store_true", help="also time lookahead='exact'")
+    parser.add_argument("--meta-batch", type=int, default=100, help="meta batch (of 100)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     task = LongTailTaskConfig(imbalance_factor=100, epochs=1, batch_size=100)
@@ -69,13 +71,13 @@ def main() -> None:
     n_steps = len(data.train_y) // task.batch_size
     print(
         f"Fashion-MNIST-LT IF 100: {len(data.train_y)} images, {n_steps} steps of 100, "
-        f"meta batch 100, small CNN, {args.threads} threads, {args.rounds} rounds"
+        f"meta batch {args.meta_batch}, small CNN, {args.threads} threads, {args.rounds} rounds"
     )
     epoch_time(task, data, "ce", {})  # warm-up (allocator, kernels)
     times: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(args.rounds):
         for name, (method, params) in configs.items():
-            times[name].append(epoch_time(task, data, method, params))
+            times[name].append(epoch_time(task, data, method, params, args.meta_batch))
     base = statistics.median(times["CE (plain)"])
     worst = 0.0
     for name, ts in times.items():

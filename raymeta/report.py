@@ -150,7 +150,8 @@ def plot_per_class(
     path: str | Path,
     title: str = "per-class test accuracy",
 ) -> Path:
-    """Per-class accuracy curves: one panel per task, one line per method.
+    """Per-class accuracy curves: one panel per task (3 per row), one line per method (the
+    same colour in every panel).
 
     Args:
         panels: panel title -> method -> accuracy (fraction) per class position, head first.
@@ -162,15 +163,29 @@ def plot_per_class(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    methods = list(dict.fromkeys(m for lines in panels.values() for m in lines))
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     n = len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.2), dpi=110, squeeze=False)
-    for ax, (name, lines) in zip(axes[0], panels.items(), strict=True):
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.2 * rows), dpi=110, squeeze=False)
+    for ax, (name, lines) in zip(list(axes.flat)[:n], panels.items(), strict=True):
         for method, accs in lines.items():
-            ax.plot(range(len(accs)), [100 * a for a in accs], marker="o", ms=3, label=method)
+            ax.plot(
+                range(len(accs)),
+                [100 * a for a in accs],
+                marker="o",
+                ms=3,
+                color=colours[method],
+                label=method,
+            )
         ax.set_xticks(range(len(xlabels[name])), xlabels[name], rotation=60, fontsize=7)
         ax.set(title=name, ylabel="test accuracy (%)", ylim=(0, 100))
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    handles = [plt.Line2D([], [], color=colours[m], marker="o", ms=3) for m in methods]
+    fig.legend(handles, methods, loc="lower right", fontsize=8, ncol=2)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)

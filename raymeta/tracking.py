@@ -5,9 +5,11 @@ current working directory, resolved to absolute paths in the driver, so that Ray
 and Tune trials (which run in other working directories) write to the same store.
 ``MLFLOW_TRACKING_URI`` (or an explicit URI, e.g. a tracking server on a cluster) overrides it.
 
-Meta-learners are logged with ``mlflow.pytorch`` in the ``pickle`` serialization format: an
-:class:`~raymeta.schedules.MLRSNetBundle` holds several checkpoints and its hyper-parameters as
-attributes, which the ``pt2`` (``torch.export``) format cannot carry. Loading a pickled model
+Meta-learners (an MLR-SNet :class:`~raymeta.schedules.MLRSNetBundle`, an MFM
+:class:`~raymeta.models.modulation.ModulatorNet`) are logged with ``mlflow.pytorch`` in the
+``pickle`` serialization format: a bundle holds several checkpoints and its hyper-parameters as
+attributes, and a modulator is applied through forward hooks, neither of which the ``pt2``
+(``torch.export``) format can carry. Loading a pickled model
 runs code from the store: load only from stores you trust (your own tracking server).
 """
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from raymeta.config import LongTailTaskConfig, PipelineConfig, parse
+from raymeta.data.longtail import longtail_profile
 from raymeta.errors import ConfigError
 from raymeta.models.modulation import ModulatorNet
 from raymeta.tracking import load_meta_learner
@@ -24,12 +25,13 @@ PIPELINE = {
     "mfm": {
         "task": {
             "dataset": "fashion_mnist",
-            "n_max": 200,
+            "n_max": 400,
             "imbalance_factor": 10,
             "class_order": "permuted",
-            "epochs": 2,
+            "epochs": 3,
         },
         "seeds": [3],
+        "schedule": {"schedule": "warmup_cosine", "lr": 0.1, "params": {"warmup_fraction": 0.2}},
         "methods": [
             {"method": "ce"},
             {"method": "mfm_network", "params": {"meta_lr": 1e-3}},
@@ -63,9 +65,10 @@ def test_mfm_and_baseline_register_reload_and_transfer(ray_local, tmp_path, monk
     assert list(runs.method) == ["CE", "MFM (network)", "MFM (frozen)", "CE"]
     assert list(runs.job) == ["grid", "grid", "transfer", "transfer"]
     grid = runs[runs.job == "grid"]
-    # exact class counts of the split are recorded: IF 10 from a head of 200 images
+    # exact class counts of the split are recorded: IF 10 from a head of 400 images
     counts = [int(c) for c in grid.class_counts.iloc[0].split("/")]
-    assert sorted(counts, reverse=True) == [200, 154, 119, 92, 71, 54, 42, 32, 25, 20]
+    assert sorted(counts, reverse=True) == longtail_profile(10, 400, 10)
+    assert counts[0] != 400  # permuted: class 0 is not the head
     for _, row in grid.iterrows():
         assert row.top1_acc > 0.5, row  # 10 classes: chance is 0.1
         assert row.top1_acc == pytest.approx(sum(row.per_class_acc) / 10)  # balanced test set
@@ -93,7 +96,7 @@ def test_mfm_and_baseline_register_reload_and_transfer(ray_local, tmp_path, monk
     assert len(nested) == 2 and nested["tags.mlflow.parentRunId"].nunique() == 1
     assert set(nested["params.class_counts"]) == {grid.class_counts.iloc[0]}
     history = client.get_metric_history(nested.run_id.iloc[0], "test_many_acc")
-    assert [m.step for m in history] == [1, 2]
+    assert [m.step for m in history] == [1, 2, 3]
 
 
 def _fit_two_methods(num_workers, tmp_path):

@@ -320,3 +320,21 @@ def test_summary_gives_mean_and_sample_std_over_seeds():
     assert s[s.method == "MFM"].iloc[0]["acc_few_mean"] == pytest.approx(0.7)  # NaN skipped
     md = summary_markdown(s, ["target", "imbalance_factor"], title=lambda t, f: f"{t} IF {f:g}")
     assert "#### a IF 100" in md and "| CE       | 82.00 ± 2.83 |" in md
+
+
+@pytest.mark.parametrize(
+    ("argv", "names"),
+    [
+        (["train", "--imbalance-factor", "0.5"], "imbalance_factors.0: Input should be greater"),
+        (["train", "--methods", "svm"], "unknown long-tail method 'svm'"),
+        (["train", "--dataset", "digits", "--imbalance-factor", "500"], "imbalance_factor=500"),
+        (["transfer", "--class-order", "random"], "(got 'random')"),
+    ],
+)
+def test_mfm_command_reports_bad_values_on_one_line(argv, names, capsys, tmp_path, monkeypatch):
+    from raymeta.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["mfm", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("raymeta: error:") and "\n" not in err and names in err, err

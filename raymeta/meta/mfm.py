@@ -20,7 +20,7 @@ loss. Two look-ahead variants, chosen by ``lookahead``:
 
 then the real classifier step (a second forward and backward) with the *updated* modulation.
 Cost: about 4.5 to 6 cross-entropy steps (measured: SmallCNN and ResNet-8 on
-Fashion-MNIST-LT, CPU; ``benchmarks/mfm_overhead.py``).
+Fashion-MNIST-LT, CPU).
 
 ``"fast"`` (the default): the real step *is* the virtual step, and the second-order terms are
 kept only for the classifier head. One forward of the training batch with the current ``phi``
@@ -33,7 +33,8 @@ ResNet's ``fc``); the backbone's update enters the meta loss as a constant. The 
 update through the training batch's modulated features. Two differences from ``"exact"``, both
 ours: the classifier step at step ``t`` uses ``phi_t`` (the modulation updated at step ``t-1``:
 a one-step lag), and the backbone's dependence on ``phi`` is dropped from the hypergradient.
-Cost: about 2.2 to 2.5 cross-entropy steps at meta batch = training batch.
+Cost at meta batch = training batch (``benchmarks/mfm_overhead.py``, SmallCNN, CPU): 2.4-2.8
+cross-entropy steps for direct modulation, 3.1-3.6 for the modulator network.
 
 BatchNorm running statistics are updated only by the real forward (virtual forwards clone the
 buffers). Frozen mode (transfer): a modulator meta-trained elsewhere is applied unchanged to
