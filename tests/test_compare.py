@@ -31,10 +31,28 @@ def tiny(tmp_path, out="out") -> dict:
         "output_dir": str(tmp_path / out),
         "mlflow": {"experiment": "tiny-compare", "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
         "compare": {
-            "task": {"dataset": "digits", "model": "mlp", "batch_size": 32, "epochs": 2, "val_size": 300, "meta_per_class": 0},
-            "search": {"families": ["fixed", "cosine"], "trials_per_family": 3, "max_concurrent": 2, "seed": 7},
+            "task": {
+                "dataset": "digits",
+                "model": "mlp",
+                "batch_size": 32,
+                "epochs": 2,
+                "val_size": 300,
+                "meta_per_class": 0,
+            },
+            "search": {
+                "families": ["fixed", "cosine"],
+                "trials_per_family": 3,
+                "max_concurrent": 2,
+                "seed": 7,
+            },
             "seeds": 1,
-            "learned": [{"name": "MLR-SNet (Test)", "schedule": "mlrsnet", "model_uri": "models:/tiny-mlrsnet@champion"}],
+            "learned": [
+                {
+                    "name": "MLR-SNet (Test)",
+                    "schedule": "mlrsnet",
+                    "model_uri": "models:/tiny-mlrsnet@champion",
+                }
+            ],
             "meta_train": {"t_val": 5, "meta_per_class": 10, "meta_batch_size": 40},
         },
     }
@@ -64,13 +82,28 @@ def test_tiny_comparison_table_and_mlflow_runs(first_run):
     back = pd.read_parquet(out / "comparison.parquet")
     pd.testing.assert_frame_equal(back, table)
     assert list(back["method"]) == ["fixed", "cosine", "MLR-SNet (Test)", "MLR-SNet (Train)"]
-    expected = {"test_acc_mean", "test_acc_std", "test_loss_mean", "search_trials", "search_compute_s", "search_wall_s", "final_wall_s_mean", "best_config"}
+    expected = {
+        "test_acc_mean",
+        "test_acc_std",
+        "test_loss_mean",
+        "search_trials",
+        "search_compute_s",
+        "search_wall_s",
+        "final_wall_s_mean",
+        "best_config",
+    }
     assert expected <= set(back.columns)
     assert list(back["search_trials"]) == [3, 3, 0, 0]
-    assert (back.loc[:1, "search_compute_s"] > 0).all() and (back.loc[2:, "search_compute_s"] == 0).all()
+    assert (back.loc[:1, "search_compute_s"] > 0).all() and (
+        back.loc[2:, "search_compute_s"] == 0
+    ).all()
     assert (back["test_acc_mean"] > 0.2).all()
     assert back.loc[2, "meta_learner_version"] == "1"
-    for png in ("comparison_lr_curves.png", "comparison_test_accuracy.png", "accuracy_vs_search_compute.png"):
+    for png in (
+        "comparison_lr_curves.png",
+        "comparison_test_accuracy.png",
+        "accuracy_vs_search_compute.png",
+    ):
         assert (out / png).stat().st_size > 0
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     exp = client.get_experiment_by_name("tiny-compare")
@@ -79,7 +112,11 @@ def test_tiny_comparison_table_and_mlflow_runs(first_run):
     assert len(parents) == 1
     nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     stages = [r.data.tags["raymeta.stage"] for r in nested]
-    assert stages.count("search-fixed") == 3 and stages.count("search-cosine") == 3 and stages.count("final") == 4
+    assert (
+        stages.count("search-fixed") == 3
+        and stages.count("search-cosine") == 3
+        and stages.count("final") == 4
+    )
     assert "comparison.parquet" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
 
 
@@ -92,7 +129,9 @@ def _finished_trials(tune_dir: Path) -> set[str]:
     return done
 
 
-def test_killed_study_resumes_without_repeating_finished_trials(first_run, registry, ray_local, tmp_path):
+def test_killed_study_resumes_without_repeating_finished_trials(
+    first_run, registry, ray_local, tmp_path
+):
     data = tiny(registry, out="resumed")
     cfg_file = tmp_path / "compare.yaml"
     cfg_file.write_text(yaml.safe_dump(data))
@@ -100,7 +139,9 @@ def test_killed_study_resumes_without_repeating_finished_trials(first_run, regis
     address = ray_local.get_runtime_context().gcs_address
     cmd = [sys.executable, "-m", "raymeta.cli", "compare", str(cfg_file), "--address", address]
     env = {**os.environ, "RAY_ADDRESS": address}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 240
     while time.time() < deadline and len(_finished_trials(out / "tune")) < 2:
         time.sleep(0.5)
@@ -121,16 +162,26 @@ def test_killed_study_resumes_without_repeating_finished_trials(first_run, regis
 
 
 def test_search_space_validation():
-    with pytest.raises(ConfigError, match="unknown search family 'step'; accepted: fixed, multistep"):
+    with pytest.raises(
+        ConfigError, match="unknown search family 'step'; accepted: fixed, multistep"
+    ):
         resolve_ranges("step", None, momentum=False, weight_decay=False)
-    with pytest.raises(ConfigError, match=r"search.ranges.cosine.lr: empty or inverted range \[0.5, 0.1\]"):
+    with pytest.raises(
+        ConfigError, match=r"search.ranges.cosine.lr: empty or inverted range \[0.5, 0.1\]"
+    ):
         resolve_ranges("cosine", {"lr": [0.5, 0.1]}, momentum=False, weight_decay=False)
-    with pytest.raises(ConfigError, match=r"search.ranges.fixed.lr: empty or inverted range \[0.1, 0.1\]"):
+    with pytest.raises(
+        ConfigError, match=r"search.ranges.fixed.lr: empty or inverted range \[0.1, 0.1\]"
+    ):
         resolve_ranges("fixed", {"lr": [0.1, 0.1]}, momentum=False, weight_decay=False)
-    with pytest.raises(ConfigError, match="search.ranges.fixed.decay: unknown parameter; accepted: lr"):
+    with pytest.raises(
+        ConfigError, match="search.ranges.fixed.decay: unknown parameter; accepted: lr"
+    ):
         resolve_ranges("fixed", {"decay": [0.1, 0.5]}, momentum=False, weight_decay=False)
     assert "momentum" in resolve_ranges("multistep", None, momentum=True, weight_decay=False)
-    method = to_method("multistep", {"lr": 0.1, "decay": 0.2, "first_milestone": 0.5, "second_milestone": 0.8})
+    method = to_method(
+        "multistep", {"lr": 0.1, "decay": 0.2, "first_milestone": 0.5, "second_milestone": 0.8}
+    )
     assert method["params"] == {"decay": 0.2, "milestones": [0.5, 0.8]}
     adam = to_method("adam", {"lr": 0.01, "beta1": 0.9, "beta2": 0.99})
     assert adam["optimizer"] == {"optimizer": "adam", "betas": [0.9, 0.99]}
@@ -139,21 +190,35 @@ def test_search_space_validation():
 @pytest.mark.parametrize(
     ("patch", "expected"),
     [
-        ({"search": {"trials_per_family": 0}}, "compare.search.trials_per_family: Input should be greater than 0"),
+        (
+            {"search": {"trials_per_family": 0}},
+            "compare.search.trials_per_family: Input should be greater than 0",
+        ),
         ({"search": {"families": ["fixed", "bogus"]}}, "unknown search family 'bogus'"),
-        ({"search": {"families": ["fixed"], "ranges": {"fixed": {"lr": [1.0, 0.1]}}}}, "empty or inverted range"),
-        ({"learned": [{"schedule": "mlrsnet", "model_uri": "models:/absent@champion"}]}, "cannot load meta-learner 'models:/absent@champion'"),
+        (
+            {"search": {"families": ["fixed"], "ranges": {"fixed": {"lr": [1.0, 0.1]}}}},
+            "empty or inverted range",
+        ),
+        (
+            {"learned": [{"schedule": "mlrsnet", "model_uri": "models:/absent@champion"}]},
+            "cannot load meta-learner 'models:/absent@champion'",
+        ),
     ],
 )
 def test_bad_comparison_is_one_line_error_before_any_trial(tmp_path, patch, expected):
     data = tiny(tmp_path)
     data["compare"]["learned"] = []
     for key, value in patch.items():
-        data["compare"][key] = {**data["compare"][key], **value} if isinstance(value, dict) else value
+        data["compare"][key] = (
+            {**data["compare"][key], **value} if isinstance(value, dict) else value
+        )
     cfg_file = tmp_path / "bad.yaml"
     cfg_file.write_text(yaml.safe_dump(data))
     res = subprocess.run(
-        [sys.executable, "-m", "raymeta.cli", "compare", str(cfg_file)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "raymeta.cli", "compare", str(cfg_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert res.returncode == 2, res.stderr[-2000:]
     lines = res.stderr.strip().splitlines()
