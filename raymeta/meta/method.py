@@ -9,6 +9,7 @@ meta_y) -> StepOutput``, ``is_meta_step(step)``, ``needs_meta``, ``start_epoch(e
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,7 +47,7 @@ def sgd_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
     optimizer.step()
 
 
-class LookaheadMethod:
+class LookaheadMethod(ABC):
     """Base class of a method whose meta-parameters (``meta_module``'s parameters) are
     meta-optimised through the shared one-step look-ahead on a balanced meta set.
 
@@ -100,13 +101,13 @@ class LookaheadMethod:
         """True when global step ``step`` (0-based) starts with a look-ahead meta step."""
         return not self.frozen and (step + 1) % self.meta_every == 0
 
-    def start_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int) -> None:  # noqa: B027
         """Nothing to do per epoch (the common method interface)."""
 
-    def meta_gradient(self, model, optimizer, x, y, meta_x, meta_y, lr):  # pragma: no cover
+    @abstractmethod
+    def meta_gradient(self, model, optimizer, x, y, meta_x, meta_y, lr):
         """``(meta_loss (), grads)``: this worker's meta loss and share of the
         meta-gradient, one entry per :attr:`meta_params` (not yet averaged)."""
-        raise NotImplementedError
 
     def meta_due(self, step: int, meta_x: torch.Tensor | None, meta_y: torch.Tensor | None) -> bool:
         """Whether step ``step`` has a meta step.

@@ -31,6 +31,7 @@ named instead, e.g. ``"stages.2.4.bn2"`` for pre-activation modulation right aft
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from functools import partial
 
@@ -82,7 +83,7 @@ def _site(model: nn.Module, name: str) -> nn.Module:
         ) from None
 
 
-class Modulation(nn.Module):
+class Modulation(nn.Module, ABC):
     """Base class: a feature modulation attached to a classifier with forward hooks.
 
     Subclasses implement :meth:`forward` ``(feature, site) -> modulated feature``.
@@ -98,8 +99,9 @@ class Modulation(nn.Module):
         self.sites: list[str] = []
         self._handles: list = []
 
-    def forward(self, feature: torch.Tensor, site: int) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def forward(self, feature: torch.Tensor, site: int) -> torch.Tensor:
+        """Modulated ``feature`` of site index ``site`` (same shape)."""
 
     def _hook(self, site: int, module: nn.Module, inputs, output):
         if not self.enabled:

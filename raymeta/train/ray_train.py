@@ -139,12 +139,9 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     ckpt = None
     if checkpoint is not None:
+        device = ray.train.torch.get_device()
         with checkpoint.as_directory() as d:
-            ckpt = torch.load(
-                Path(d) / STATE_FILE,
-                map_location=ray.train.torch.get_device(),
-                weights_only=True,
-            )
+            ckpt = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
     done = list(ckpt.get("done", [])) if ckpt else []
     for index in range(len(done), len(runs)):
         resume = ckpt if ckpt is not None and ckpt.get("index", 0) == index else None

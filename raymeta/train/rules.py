@@ -21,6 +21,7 @@ so a resumed run sees the same meta batches as an unbroken one).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,7 +51,7 @@ class StepResult:
     meta_loss: float | None = None
 
 
-class UpdateRule:
+class UpdateRule(ABC):
     """The per-step strategy of :func:`raymeta.train.loop.train` (see the module docstring).
 
     Attributes:
@@ -72,6 +73,7 @@ class UpdateRule:
         None for the training split itself. Must be identical on every worker."""
         return None
 
+    @abstractmethod
     def step(
         self,
         model: nn.Module,
@@ -86,7 +88,6 @@ class UpdateRule:
         workers,
     ) -> StepResult:  # pragma: no cover
         """One optimisation step on this worker's batch ``x (B, ...)``, ``y (B,)``."""
-        raise NotImplementedError
 
     def state_dict(self) -> dict:
         """What a resumed run needs beyond the schedule's and the model's state."""
