@@ -33,12 +33,13 @@ import hashlib
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from raymeta.data.batches import epoch_batches
+from raymeta.data.task import TaskData
 from raymeta.errors import ConfigError, DataNotFoundError
 
 TINYSHAKESPEARE_FILE = "input.txt"
@@ -207,36 +208,6 @@ def text_batches(
         yield x[idx], y[idx]
 
 
-@dataclass(frozen=True)
-class TextTask:
-    """A text task's splits as window tensors, with the field names of the training loop's
-    ``TaskData`` (:meth:`task_data_kwargs`), so the classification loop can train a language
-    model: inputs ``*_x`` and targets ``*_y`` are ``(N, T)`` int64.
-
-    ``num_classes`` is the vocabulary size ``V`` (the ``C`` of MLR-SNet's gamma),
-    ``class_names`` the characters, ``in_channels`` 1 and ``image_size`` the window length
-    ``T`` (both unused by the language model). ``test_x``/``test_y`` are the validation windows
-    (the corpus has no separate test split).
-    """
-
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    val_x: torch.Tensor
-    val_y: torch.Tensor
-    meta_x: torch.Tensor
-    meta_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    num_classes: int
-    in_channels: int
-    image_size: int
-    class_names: tuple[str, ...]
-
-    def task_data_kwargs(self) -> dict:
-        """The fields as a dict (no tensor copies): ``TaskData(**task.task_data_kwargs())``."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
 def load_text_task(
     seq_len: int,
     *,
@@ -245,7 +216,7 @@ def load_text_task(
     train_subset: int | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
-) -> TextTask:
+) -> TaskData:
     """Tiny Shakespeare as train / meta / validation window tensors on ``device``.
 
     The meta set (for MLR-SNet meta-training on the text task itself) is ``meta_sequences``
@@ -287,7 +258,7 @@ def load_text_task(
     if val_sequences is not None:
         val_x, val_y = val_x[:val_sequences], val_y[:val_sequences]
     val_x, val_y = val_x.to(device), val_y.to(device)
-    return TextTask(
+    return TaskData(
         train_x=train_x[train_idx].to(device),
         train_y=train_y[train_idx].to(device),
         val_x=val_x,

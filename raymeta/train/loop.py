@@ -27,6 +27,7 @@ from raymeta.config import LongTailTaskConfig, TaskConfig
 from raymeta.data import load_dataset, make_splits
 from raymeta.data.batches import endless_batches, epoch_batches, steps_per_epoch
 from raymeta.data.longtail import make_longtail_split, metrics_from_class_hits
+from raymeta.data.task import TaskData
 from raymeta.errors import ConfigError
 from raymeta.meta.lookahead import functional_loss, unwrap
 from raymeta.models import build_model
@@ -57,25 +58,6 @@ class Workers:
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         return self.sum(t) / self.world_size if self.world_size > 1 else t
-
-
-@dataclass
-class TaskData:
-    """A task's splits as tensors on the training device; ``x`` are ``(N, C, S, S)``."""
-
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    val_x: torch.Tensor
-    val_y: torch.Tensor
-    meta_x: torch.Tensor
-    meta_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    num_classes: int
-    in_channels: int
-    image_size: int
-    class_names: tuple[str, ...]
-    class_counts: list[int] | None = None  # long-tailed tasks: training images per class
 
 
 def task_splits(task: TaskConfig):
@@ -144,7 +126,7 @@ def load_task_data(
             seed=task.seed,
             device=device,
         )
-        return TaskData(**text.task_data_kwargs())
+        return text
     ds, sp = longtail_splits(task) if longtail else task_splits(task)
     train_y = ds.train_y[sp.train]
     if not longtail and task.label_noise is not None:
