@@ -44,7 +44,6 @@ from raymeta.meta.lookahead import (
     Average,
     functional_logits,
     identity_average,
-    lookahead_loss,
     second_order_direction,
     set_lr,
     trainable_params,
@@ -434,10 +433,8 @@ class MetaWeightNetTrainer(LookaheadMethod):
         weights = self.wnet(per.detach()[:, None]).squeeze(1)
         loss = self.weighted_loss(per, weights, differentiable=True)
         direction = second_order_direction(loss, model, params, optimizer, self.average)
-        base = {n: p.detach() for n, p in params.items()}
-        meta_loss = lookahead_loss(model, base, direction, lr, meta_x, meta_y)
-        grads = torch.autograd.grad(meta_loss, self.meta_params, allow_unused=True)
-        return meta_loss.detach(), list(grads)
+        meta_loss, grads = self.lookahead_meta_grads(model, params, direction, lr, meta_x, meta_y)
+        return meta_loss.detach(), grads
 
     def train_step(
         self,

@@ -22,6 +22,7 @@ from raymeta.meta.lookahead import (
     apply_meta_gradient,
     build_meta_optimizer,
     identity_average,
+    lookahead_loss,
 )
 
 
@@ -108,6 +109,15 @@ class LookaheadMethod(ABC):
     def meta_gradient(self, model, optimizer, x, y, meta_x, meta_y, lr):
         """``(meta_loss (), grads)``: this worker's meta loss and share of the
         meta-gradient, one entry per :attr:`meta_params` (not yet averaged)."""
+
+    def lookahead_meta_grads(
+        self, model: nn.Module, params: dict, direction: dict, lr: float, meta_x, meta_y
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """Meta loss ``()`` of the virtual weights ``params - lr * direction`` on the meta batch
+        (the shared look-ahead) and its gradient w.r.t. :attr:`meta_params` (None where unused)."""
+        base = {n: p.detach() for n, p in params.items()}
+        meta_loss = lookahead_loss(model, base, direction, lr, meta_x, meta_y)
+        return meta_loss, list(torch.autograd.grad(meta_loss, self.meta_params, allow_unused=True))
 
     def meta_due(self, step: int, meta_x: torch.Tensor | None, meta_y: torch.Tensor | None) -> bool:
         """Whether step ``step`` has a meta step.

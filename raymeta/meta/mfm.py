@@ -56,7 +56,6 @@ from raymeta.meta.lookahead import (
     averaged_gradients,
     functional_loss,
     identity_average,
-    lookahead_loss,
     second_order_direction,
     set_lr,
     sgd_direction,
@@ -153,10 +152,8 @@ class MFMTrainer(LookaheadMethod):
         params = trainable_params(model)
         train_loss = functional_loss(model, params, x, y)
         direction = second_order_direction(train_loss, model, params, optimizer, self.average)
-        base = {n: p.detach() for n, p in params.items()}
-        meta_loss = lookahead_loss(model, base, direction, lr, meta_x, meta_y)
-        grads = torch.autograd.grad(meta_loss, self.meta_params, allow_unused=True)
-        return meta_loss.detach(), list(grads)
+        meta_loss, grads = self.lookahead_meta_grads(model, params, direction, lr, meta_x, meta_y)
+        return meta_loss.detach(), grads
 
     def fast_meta_gradient(
         self,
@@ -186,11 +183,11 @@ class MFMTrainer(LookaheadMethod):
             loss = F.cross_entropy(model(x), y)
         grads = averaged_gradients(loss, params, self.average, second_order=head)
         direction = sgd_direction(model, optimizer, grads)
-        base = {n: p.detach() for n, p in params.items()}
-        meta_loss = lookahead_loss(model, base, direction, lr, meta_x, meta_y)
-        meta_grads = torch.autograd.grad(meta_loss, self.meta_params, allow_unused=True)
+        meta_loss, meta_grads = self.lookahead_meta_grads(
+            model, params, direction, lr, meta_x, meta_y
+        )
         detached = {n: g.detach() for n, g in grads.items()}
-        return loss.detach(), meta_loss.detach(), detached, list(meta_grads)
+        return loss.detach(), meta_loss.detach(), detached, meta_grads
 
     def train_step(
         self,
