@@ -15,6 +15,7 @@ from raymeta.config import LongTailStudyConfig, LongTailTaskConfig, PipelineConf
 from raymeta.data.longtail import longtail_metrics
 from raymeta.errors import ConfigError
 from raymeta.meta.longtail_losses import build_longtail_method
+from raymeta.meta.lookahead import averaged_gradients, trainable_params
 from raymeta.meta.mfm import MFMTrainer
 from raymeta.models.modulation import build_modulation, parameters_after
 from raymeta.models.small import SmallCNN
@@ -101,6 +102,20 @@ def test_fast_meta_gradient_matches_finite_differences_of_its_objective(kind):
             )
             checked += abs(float(g.view(-1)[j])) > 1e-8
     assert checked >= 3  # not vacuous
+
+
+def test_only_the_second_order_entries_of_the_averaged_gradient_carry_a_graph():
+    """A constant entry left attached made every fast meta backward run the virtual backbone's
+    full backward (weight gradients of every conv) for a zero contribution."""
+    model, _, _, (x, y, _, _) = _problem("direct")
+    params = trainable_params(model)
+    head = parameters_after(model, "features.5")
+    grads = averaged_gradients(F.cross_entropy(model(x), y), params, second_order=head)
+    assert list(grads) == list(params)
+    assert {n for n, g in grads.items() if g.requires_grad} == set(head)
+    reference = torch.autograd.grad(F.cross_entropy(model(x), y), list(params.values()))
+    for g, r in zip(grads.values(), reference, strict=True):
+        torch.testing.assert_close(g.detach(), r, rtol=0, atol=0)
 
 
 def test_fast_step_is_the_sgd_step_with_the_current_modulation_then_updates_it():

@@ -191,8 +191,9 @@ def averaged_gradients(
         the loss does not depend on the parameter).
     """
     names = list(params)
-    tracked = names if second_order is None else [n for n in names if n in set(second_order)]
-    rest = [n for n in names if n not in set(tracked)]
+    keep = set(names if second_order is None else second_order)
+    tracked = [n for n in names if n in keep]
+    rest = [n for n in names if n not in keep]
     grads: dict[str, torch.Tensor | None] = {}
     for group, create in ((tracked, True), (rest, False)):
         if group:
@@ -208,7 +209,11 @@ def averaged_gradients(
         (torch.zeros_like(params[n]) if grads[n] is None else grads[n]).reshape(-1) for n in names
     ]
     flat = worker_mean(torch.cat(parts), average)
-    return dict(zip(names, _unflatten(flat, [params[n] for n in names]), strict=True))
+    views = _unflatten(flat, [params[n] for n in names])
+    # One all-reduce for every name, but only the tracked names keep the graph: a constant
+    # entry left attached would make a later meta backward run the full backward of every
+    # forward that uses it (weight gradients of the virtual backbone) for a zero contribution.
+    return {n: v if n in keep else v.detach() for n, v in zip(names, views, strict=True)}
 
 
 def _unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
