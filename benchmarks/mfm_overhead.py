@@ -8,7 +8,9 @@ Setup: Fashion-MNIST-LT IF 100 (exponential profile, 10 meta images per class ta
 every raymeta job uses) on a fresh model; the test set is left out so only training is timed
 (``train_time_s``). The methods are interleaved round by round so that load from other
 processes hits all of them alike; the ratio is the median MFM epoch over the median CE epoch
-(the plain CE network has no modulation hooks).
+(the plain CE network has no modulation hooks); the ratio of the fastest epochs is printed
+beside it (the least disturbed by other load). Meta-Weight-Net (same loop and look-ahead) is
+timed for context.
 
 Target: at most 2.5 for the default ``lookahead="fast"``. ``--exact`` also times the exact
 look-ahead (second order through every weight, a second forward/backward for the real step).
@@ -64,6 +66,7 @@ def main() -> None:
         "CE (plain)": ("ce", {}),
         "MFM direct, fast": ("mfm_direct", {}),
         "MFM network, fast": ("mfm_network", {}),
+        "Meta-Weight-Net": ("mwn", {}),  # for context: the "about 3x" loop
     }
     if args.exact:
         configs["MFM direct, exact"] = ("mfm_direct", {"lookahead": "exact"})
@@ -80,20 +83,19 @@ def main() -> None:
             times[name].append(epoch_time(task, data, method, params, args.meta_batch))
     base = statistics.median(times["CE (plain)"])
     fastest = min(times["CE (plain)"])
-    worst = 0.0
+    verdicts = []
     for name, ts in times.items():
         med = statistics.median(ts)
-        ratio = med / base
-        if "fast" in name:
-            worst = max(worst, ratio)
         print(
             f"{name:20s} epoch {med:6.2f} s  ({1000 * med / n_steps:5.1f} ms/step)  "
-            f"ratio to CE {ratio:4.2f} (fastest epochs: {min(ts) / fastest:4.2f})"
+            f"ratio to CE {med / base:4.2f} (fastest epochs: {min(ts) / fastest:4.2f})"
         )
-    verdict = "meets" if worst <= TARGET else "MISSES"
+        if "fast" in name:
+            ok = "meets" if med / base <= TARGET else "MISSES"
+            verdicts.append(f"{name.removesuffix(', fast')} {med / base:.2f} {ok}")
     print(
-        f"MFM epoch / CE epoch (look-ahead every step, fast, medians): {worst:.2f} -> "
-        f"{verdict} <= {TARGET}"
+        f"MFM epoch / CE epoch (look-ahead every step, fast, medians; target <= {TARGET}): "
+        + "; ".join(verdicts)
     )
 
 
