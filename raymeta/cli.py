@@ -163,18 +163,11 @@ def _longtail_task(args, **defaults) -> dict:
 
 def _mfm(args) -> None:
     """``raymeta mfm train|transfer``: a pipeline with an ``mfm`` section (raymeta.longtail_study)."""
-    from raymeta.config import PipelineConfig, parse
+    from raymeta.config import DEFAULT_LONGTAIL_SCHEDULE, PipelineConfig, parse
     from raymeta.pipeline import run_pipeline
 
     factors = args.imbalance_factor or [100.0 if args.mfm_command == "train" else 50.0]
-    section = {
-        "seeds": args.seeds,
-        "schedule": {
-            "schedule": "multistep",
-            "lr": args.lr,
-            "params": {"milestones": [0.8, 0.9], "decay": 0.1},
-        },
-    }
+    section = {"seeds": args.seeds, "schedule": DEFAULT_LONGTAIL_SCHEDULE | {"lr": args.lr}}
     if args.mfm_command == "train":
         mfm_params = {"meta_every": args.meta_every, "lookahead": args.lookahead}
         section |= {
@@ -191,7 +184,7 @@ def _mfm(args) -> None:
         task = _longtail_task(args, meta_per_class=0, imbalance_factor=factors[0])
         section["transfer"] = [
             {
-                "name": f"{task.get('dataset', 'fashion_mnist')}-LT IF {factors[0]:g}",
+                "name": f"{task.get('dataset', 'fashion_mnist')}-LT",
                 "task": task,
                 "model_uri": args.model_uri,
                 "baselines": [{"method": m} for m in args.baselines],
@@ -230,30 +223,59 @@ def _add_mfm(sub) -> None:
         )
         p.add_argument("--profile", help="exp (default) | step")
         p.add_argument("--class-order", help="natural (default) | permuted")
-        p.add_argument("--order-seed", type=int, help="seed of the class permutation")
-        p.add_argument("--n-max", type=int, help="head-class size (smaller: a quicker task)")
-        p.add_argument("--meta-per-class", type=int, help="balanced meta images per class")
+        p.add_argument(
+            "--order-seed", type=int, help="seed of the class permutation (default: the run's seed)"
+        )
+        p.add_argument(
+            "--n-max",
+            type=int,
+            help="head-class size (default: the smallest class after the meta set; smaller: quicker)",
+        )
+        p.add_argument(
+            "--meta-per-class",
+            type=int,
+            help="balanced meta images per class (default: train 10, transfer 0 = no meta set)",
+        )
         p.add_argument("--epochs", type=int, help="epochs (default 10)")
         p.add_argument("--batch-size", type=int, help="global batch size (default 100)")
-        p.add_argument("--lr", type=float, default=0.1, help="initial LR (MultiStep at 80%%, 90%%)")
+        p.add_argument(
+            "--lr",
+            type=float,
+            default=0.1,
+            help="peak LR (default 0.1; linear warm-up over 10%% of the steps, then cosine)",
+        )
         p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default 0)")
         p.add_argument("--workers", type=int, default=1, help="Ray Train data-parallel workers")
         p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
-        p.add_argument("--experiment", default="raymeta-mfm", help="MLflow experiment name")
+        p.add_argument(
+            "--experiment", default="raymeta-mfm", help="MLflow experiment (default raymeta-mfm)"
+        )
         _add_common(p)
         p.set_defaults(func=_mfm)
     train.add_argument(
         "--methods",
         nargs="+",
         default=["mfm_direct", "mfm_network", "ce"],
-        help="ce cb_reweight cb_resample focal ldam_drw logit_adjust mwn mfm_direct mfm_network",
+        help="any of ce cb_reweight cb_resample focal ldam_drw logit_adjust mwn mfm_direct "
+        "mfm_network (default: mfm_direct mfm_network ce)",
     )
-    train.add_argument("--meta-every", type=int, default=1, help="MFM look-ahead every K steps")
-    train.add_argument("--lookahead", default="fast", help="MFM look-ahead: fast | exact")
-    train.add_argument("--registered-model", default="mfm-modulator", help="registry name")
-    train.add_argument("--alias", default="champion", help="alias set on the new version")
+    train.add_argument(
+        "--meta-every", type=int, default=1, help="MFM look-ahead every K steps (default 1)"
+    )
+    train.add_argument("--lookahead", default="fast", help="MFM look-ahead: fast (default) | exact")
+    train.add_argument(
+        "--registered-model",
+        default="mfm-modulator",
+        help="registry name of the modulator network (default mfm-modulator)",
+    )
+    train.add_argument(
+        "--alias", default="champion", help="alias set on the new version (default champion)"
+    )
     transfer.add_argument(
-        "--model-uri", default="models:/mfm-modulator@champion", help="registered modulator"
+        "--model-uri",
+        default="models:/mfm-modulator@champion",
+        help="registered modulator (default models:/mfm-modulator@champion, what `raymeta mfm "
+        "train` registers)",
     )
     transfer.add_argument(
         "--baselines", nargs="*", default=["ce"], help="methods trained beside it (default ce)"
@@ -279,7 +301,11 @@ def _ui(args) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output-dir", help="where tables and plots go (default from the pipeline)")
+    p.add_argument(
+        "--output-dir",
+        help="where tables and plots go (default: the pipeline's output_dir; for `mfm train` / "
+        "`mfm transfer`: outputs/mfm-train, outputs/mfm-transfer)",
+    )
     p.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)"
     )

@@ -410,7 +410,10 @@ def run_longtail_study(cfg: LongTailStudyConfig, ctx) -> pd.DataFrame:
         if cfg.registered_method is not None:
             default_uri, version = _register(cfg, runs, results)
             mlflow.set_tag("registered_modulator", f"{default_uri} (version {version})")
-            print(f"registered {cfg.registered_model} version {version} (alias {cfg.alias})")
+            print(
+                f"registered {cfg.registered_model} version {version} (alias {cfg.alias}); "
+                f"transfer it with: raymeta mfm transfer --model-uri {default_uri}"
+            )
     t_runs = _transfer_runs(cfg, plans, default_uri)
     if t_runs:
         _start_mlflow_runs(t_runs, cfg.schedule, num_workers)

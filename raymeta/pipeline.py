@@ -185,12 +185,31 @@ def run_transfer(
     return rows, curves, histories
 
 
+def _registered_inputs(cfg: PipelineConfig) -> list[str]:
+    """Registry URIs the pipeline loads but does not produce itself (checked before Ray)."""
+    uris = []
+    if cfg.meta_train is None:  # otherwise MLR-SNet URIs name what meta_train registers
+        if cfg.transfer is not None:
+            uris += [m.model_uri for m in cfg.transfer.methods if m.model_uri]
+        if cfg.compare is not None:
+            uris += [m.model_uri for m in cfg.compare.learned]
+    if cfg.mfm is not None:
+        own = f"models:/{cfg.mfm.registered_model}@{cfg.mfm.alias}"
+        produced = cfg.mfm.registered_method is not None
+        uris += [
+            t.model_uri
+            for t in cfg.mfm.transfer
+            if t.model_uri and not (produced and t.model_uri == own)
+        ]
+    return list(dict.fromkeys(uris))
+
+
 def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     """Run a pipeline end to end and return its results table (also written to ``output_dir``)."""
     import mlflow
     import ray
 
-    from raymeta.tracking import flatten, setup
+    from raymeta.tracking import check_registered, flatten, setup
     from raymeta.train.loop import check_task
 
     if cfg.meta_train is not None:
@@ -211,6 +230,8 @@ def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     uri, experiment_id = setup(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
+    for model_uri in _registered_inputs(cfg):
+        check_registered(model_uri)
     started = init_ray(cfg.ray)
     ctx = Context(cfg.ray, uri, out)
     t0 = time.perf_counter()

@@ -132,9 +132,10 @@ def summary_markdown(
         for n in names:
             pairs = zip(part[f"acc_{n}_mean"], part[f"acc_{n}_std"], strict=True)
             rows[n] = [_mean_std(m, s) for m, s in pairs]
-        seeds = ", ".join(str(v) for v in sorted(set(part["seeds"])))
+        counts = sorted(set(part["seeds"]))
+        seeds = ", ".join(str(v) for v in counts) + (" seed" if counts == [1] else " seeds")
         table = pd.DataFrame(rows).to_markdown(index=False)
-        parts.append(f"#### {heading} (top-1 %, mean ± std over {seeds} seeds)\n\n{table}")
+        parts.append(f"#### {heading} (top-1 %, mean ± std over {seeds})\n\n{table}")
     return "\n\n".join(parts)
 
 
@@ -168,7 +169,14 @@ def plot_per_class(
     n = len(panels)
     cols = min(n, 3)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.2 * rows), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=(5.5 * cols + 2, 4.2 * rows),
+        dpi=110,
+        squeeze=False,
+        layout="constrained",
+    )
     for ax, (name, lines) in zip(list(axes.flat)[:n], panels.items(), strict=True):
         for method, accs in lines.items():
             ax.plot(
@@ -185,9 +193,8 @@ def plot_per_class(
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     handles = [plt.Line2D([], [], color=colours[m], marker="o", ms=3) for m in methods]
-    fig.legend(handles, methods, loc="lower right", fontsize=8, ncol=2)
+    fig.legend(handles, methods, loc="outside right upper", fontsize=8)  # off the tail classes
     fig.suptitle(title)
-    fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return Path(path)

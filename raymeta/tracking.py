@@ -151,6 +151,47 @@ def _meta_learner_kinds() -> dict[str, tuple[type, str]]:
     }
 
 
+def check_registered(model_uri: str) -> None:
+    """Fail fast, before Ray starts, when a registry URI (``models:/NAME@ALIAS`` or
+    ``models:/NAME/VERSION``) names nothing in the current tracking store; other URIs pass.
+
+    Raises:
+        ConfigError: one line naming the URI, the store and what it accepts (the model's
+            aliases and versions, or the registered models).
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if not model_uri.startswith("models:/"):
+        return
+    ref = model_uri.removeprefix("models:/")
+    name, sep, alias = ref.partition("@")
+    if not sep:
+        name, _, version = ref.partition("/")
+    client = MlflowClient()
+    store = mlflow.get_tracking_uri()
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        names = sorted(m.name for m in client.search_registered_models()) or ["none yet"]
+        raise ConfigError(
+            f"no registered model {name!r} in {store} ({model_uri}); accepted: {', '.join(names)}"
+        ) from None
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    if sep and alias not in model.aliases:
+        accepted = ", ".join(f"@{a}" for a in sorted(model.aliases)) or "no aliases set"
+        raise ConfigError(
+            f"registered model {name!r} has no alias {alias!r} in {store}; accepted: "
+            f"{accepted}, or a version /{versions[-1] if versions else 1}"
+        )
+    if not sep and (not version.isdigit() or int(version) not in versions):
+        raise ConfigError(
+            f"registered model {name!r} has no version {version!r} in {store}; accepted: "
+            f"{', '.join(map(str, versions))} or an alias"
+        )
+
+
 def load_meta_learner(model_uri: str, kind: str = "mlrsnet"):
     """Load a registered meta-learner by ``models:/NAME@ALIAS`` (or any MLflow model URI).
 

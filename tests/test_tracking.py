@@ -6,7 +6,13 @@ import torch
 
 from raymeta.errors import ConfigError
 from raymeta.schedules import MLRSNet, MLRSNetBundle
-from raymeta.tracking import load_meta_learner, log_meta_learner, resolve_tracking_uri, setup
+from raymeta.tracking import (
+    check_registered,
+    load_meta_learner,
+    log_meta_learner,
+    resolve_tracking_uri,
+    setup,
+)
 
 
 @pytest.fixture
@@ -61,3 +67,29 @@ def test_missing_alias_and_wrong_model_are_one_line_errors(store):
     ) as err:
         load_meta_learner("models:/nothing@champion")
     assert "\n" not in str(err.value)
+
+
+def test_registry_inputs_are_checked_before_ray_with_the_accepted_values(store, tmp_path, capsys):
+    with mlflow.start_run(experiment_id=store[1]):
+        log_meta_learner(MLRSNetBundle([MLRSNet().state_dict()], [1]), "lr-net", "champion")
+    check_registered("models:/lr-net@champion")  # exists: no error
+    check_registered("models:/lr-net/1")
+    check_registered("runs:/abc/model")  # not a registry URI: left to the loader
+    cases = {
+        "models:/lr-net@champoin": r"no alias 'champoin' .*accepted: @champion, or a version /1",
+        "models:/lr-net/7": r"no version '7' .*accepted: 1 or an alias",
+        "models:/lr-nett@champion": r"no registered model 'lr-nett' .*accepted: lr-net",
+    }
+    for uri, message in cases.items():
+        with pytest.raises(ConfigError, match=message) as err:
+            check_registered(uri)
+        assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
+    # the CLI fails with that line before starting Ray (exit code 2, no traceback)
+    from raymeta.cli import main
+
+    argv = ["mfm", "transfer", "--model-uri", "models:/lr-net@champoin", "--dataset", "digits"]
+    capsys.readouterr()  # drop the registration's MLflow warnings
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("raymeta: error: registered model 'lr-net' has no alias 'champoin'")
+    assert "\n" not in err
