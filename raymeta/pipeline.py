@@ -26,6 +26,40 @@ def stage(message: str) -> None:
         print(f"\n== {message}", flush=True)
 
 
+def start_local_ray(num_cpus: int | None = None, **kwargs) -> str:
+    """``ray.init(address="local", ...)`` with the GCS on a free port chosen here, exported to
+    every process of the new cluster as ``RAY_ADDRESS`` (job-level ``runtime_env``).
+
+    Why: Ray Train V2's ``PlacementGroupCleaner`` (a detached actor) queries the State API
+    without an address; with a second Ray instance on the host it otherwise logs a
+    "Found multiple active Ray instances" traceback on every run (training is unaffected).
+    Ray Jobs set ``RAY_ADDRESS`` for their drivers the same way. Returns the GCS address.
+    """
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    address = f"{ray.util.get_node_ip_address()}:{port}"
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by Ray when it starts a head node
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            runtime_env={"env_vars": {"RAY_ADDRESS": address}},
+            **kwargs,
+        )
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT")
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = previous
+    return address
+
+
 def init_ray(cfg: RayConfig) -> bool:
     """Connect to ``cfg.address`` / ``$RAY_ADDRESS``, or start a local Ray with ``cfg.num_cpus``.
 
@@ -39,7 +73,7 @@ def init_ray(cfg: RayConfig) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=cfg.num_cpus)
+        start_local_ray(cfg.num_cpus)
     return True
 
 

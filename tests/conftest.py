@@ -12,6 +12,8 @@ def ray_local():
     """A small local Ray instance for the tests that need one (stopped with ray.shutdown)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=False)
+    from raymeta.pipeline import start_local_ray
+
+    start_local_ray(2, include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -447,3 +447,35 @@ def test_study_submitted_as_a_job_to_a_two_node_cluster(two_node_cluster, tmp_pa
         (32, "fixed"),
         (64, "fixed"),
     ]
+
+
+@pytest.mark.ray
+def test_state_api_in_a_local_ray_beside_another_ray_instance(ray_local, two_node_cluster):
+    """What Ray Train V2's PlacementGroupCleaner does (State API, no address) inside the local
+    Ray of :func:`raymeta.pipeline.start_local_ray` while another Ray runs on the host: without
+    the exported RAY_ADDRESS this fails with "Found multiple active Ray instances"."""
+    ray = ray_local
+
+    @ray.remote(num_cpus=0)
+    def state_api(env: dict | None):
+        import os
+
+        from ray.util.state import list_nodes
+
+        saved = dict(os.environ)
+        if env is not None:  # restored below: this worker process serves later tasks
+            os.environ.clear()
+            os.environ.update(env)
+        try:
+            return len(list_nodes()), os.environ.get("RAY_ADDRESS")
+        except ConnectionError as exc:
+            return -1, str(exc)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+    n_nodes, address = ray.get(state_api.remote(None))
+    assert n_nodes == 1 and address == ray.get_runtime_context().gcs_address
+    without = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    n_nodes, message = ray.get(state_api.remote(without))  # the failure this guards against
+    assert n_nodes == -1 and "multiple active Ray instances" in message
