@@ -104,6 +104,24 @@ def test_fast_meta_gradient_matches_finite_differences_of_its_objective(kind):
     assert checked >= 3  # not vacuous
 
 
+@pytest.mark.parametrize("follows", [True, False])
+def test_meta_lr_follows_the_classifier_schedule(follows):
+    model, mod, opt, (x, y, mx, my) = _problem("direct")
+    trainer = MFMTrainer(mod, meta_lr=0.01, meta_lr_follows_lr=follows)
+    used, moved = [], []
+    for step, lr in enumerate([0.05, 0.1, 0.05, 0.0]):
+        before = [p.detach().clone() for p in mod.parameters()]
+        trainer.train_step(model, opt, x, y, lr=lr, step=step, meta_x=mx, meta_y=my)
+        used.append(trainer.optimizer.param_groups[0]["lr"])
+        moved.append(
+            any(not torch.equal(b, p) for b, p in zip(before, mod.parameters(), strict=True))
+        )
+    # peak so far: 0.05, 0.1, 0.1, 0.1
+    assert used == pytest.approx([0.01, 0.01, 0.005, 0.0] if follows else [0.01] * 4)
+    assert moved == [True, True, True, not follows]
+    assert trainer.state_dict()["peak_lr"] == (0.1 if follows else 0.0)
+
+
 def test_only_the_second_order_entries_of_the_averaged_gradient_carry_a_graph():
     """A constant entry left attached made every fast meta backward run the virtual backbone's
     full backward (weight gradients of every conv) for a zero contribution."""

@@ -386,6 +386,8 @@ class MetaWeightNetTrainer(LookaheadMethod):
         normalise: divide the weighted loss by the sum of the weights (the reference).
         meta_optimizer: ``"adam"``, ``"sgd"`` or a factory.
         average: mean across data-parallel workers (identity for one).
+        meta_lr_follows_lr: scale the meta LR with the classifier's schedule (default False:
+            the reference keeps it constant; MFM's default is True).
     """
 
     label = "Meta-Weight-Net"
@@ -401,6 +403,7 @@ class MetaWeightNetTrainer(LookaheadMethod):
         normalise: bool = True,
         meta_optimizer: str | Callable = "adam",
         average: Average = identity_average,
+        meta_lr_follows_lr: bool = False,
     ):
         super().__init__(
             wnet,
@@ -409,6 +412,7 @@ class MetaWeightNetTrainer(LookaheadMethod):
             meta_every=meta_every,
             meta_optimizer=meta_optimizer,
             average=average,
+            meta_lr_follows_lr=meta_lr_follows_lr,
         )
         self.wnet, self.normalise = wnet, normalise
 

@@ -23,6 +23,7 @@ from raymeta.meta.lookahead import (
     build_meta_optimizer,
     identity_average,
     lookahead_loss,
+    set_lr,
 )
 
 
@@ -62,6 +63,9 @@ class LookaheadMethod(ABC):
         meta_optimizer: ``"adam"``, ``"sgd"`` or a factory ``params -> Optimizer``.
         frozen: never update the meta-parameters (no meta set needed).
         average: mean of a tensor across data-parallel workers (identity for one worker).
+        meta_lr_follows_lr: scale the meta-optimiser's learning rate at every meta step by
+            ``lr / max(lr so far)``, ``lr`` being the classifier's (so the meta-parameters
+            settle as the classifier's schedule anneals); False keeps ``meta_lr`` constant.
 
     Raises:
         ConfigError: ``meta_every < 1`` or an unknown meta optimiser.
@@ -81,11 +85,13 @@ class LookaheadMethod(ABC):
         meta_optimizer: str | Callable = "adam",
         frozen: bool = False,
         average: Average = identity_average,
+        meta_lr_follows_lr: bool = False,
     ):
         if meta_every < 1:
             raise ConfigError(f"meta_every={meta_every} is invalid; accepted: an integer >= 1")
         self.meta_module, self.meta_every, self.frozen = meta_module, meta_every, frozen
         self.average = average
+        self.meta_lr, self.meta_lr_follows_lr, self.peak_lr = meta_lr, meta_lr_follows_lr, 0.0
         self.meta_params = list(meta_module.parameters())
         self.optimizer = None
         if frozen:
@@ -134,9 +140,14 @@ class LookaheadMethod(ABC):
             )
         return True
 
-    def apply_meta_gradient(self, meta_loss: torch.Tensor, grads: list) -> float:
-        """Average ``grads`` across workers, take one meta-optimiser step and record
-        ``meta_loss``; returns it as a float."""
+    def apply_meta_gradient(self, meta_loss: torch.Tensor, grads: list, lr: float) -> float:
+        """Average ``grads`` across workers, take one meta-optimiser step (at ``meta_lr``, or
+        ``meta_lr * lr / max(lr so far)`` with ``meta_lr_follows_lr``; ``lr``: the
+        classifier's learning rate of this step) and record ``meta_loss``; returns it as a
+        float."""
+        if self.meta_lr_follows_lr:
+            self.peak_lr = max(self.peak_lr, lr)
+            set_lr(self.optimizer, self.meta_lr * lr / self.peak_lr)
         self.optimizer.zero_grad(set_to_none=True)
         apply_meta_gradient(self.meta_params, grads, self.optimizer, self.average)
         value = float(meta_loss)
@@ -156,13 +167,14 @@ class LookaheadMethod(ABC):
         """One outer-loop update (arguments as :meth:`meta_gradient`). Returns this worker's
         meta loss (a float, before the update)."""
         meta_loss, grads = self.meta_gradient(model, optimizer, x, y, meta_x, meta_y, lr)
-        return self.apply_meta_gradient(meta_loss, grads)
+        return self.apply_meta_gradient(meta_loss, grads, lr)
 
     def state_dict(self) -> dict:
         return {
             self.state_key: self.meta_module.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
             "meta_losses": list(self.meta_losses),
+            "peak_lr": self.peak_lr,
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -170,3 +182,4 @@ class LookaheadMethod(ABC):
         if self.optimizer is not None and sd.get("optimizer") is not None:
             self.optimizer.load_state_dict(sd["optimizer"])
         self.meta_losses = list(sd.get("meta_losses", []))
+        self.peak_lr = sd.get("peak_lr", 0.0)

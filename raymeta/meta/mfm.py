@@ -84,6 +84,12 @@ class MFMTrainer(LookaheadMethod):
         frozen: transfer mode — the modulation is applied but never updated; no meta set.
         average: mean of a tensor across data-parallel workers (identity for one worker); used
             for the look-ahead direction (differentiably) and for the meta-gradient.
+        meta_lr_follows_lr: the meta LR follows the classifier's schedule (``meta_lr * lr /
+            max(lr so far)``; default True, ours). With a constant meta LR the modulation
+            kept moving while the classifier's cosine LR reached 0: the classifier could no
+            longer follow, its training loss rose in the last epoch and MFM (direct) ended
+            3 points below cross-entropy on Fashion-MNIST-LT IF 100 (natural order, 10 epochs:
+            81.3 % vs 84.6 %; following the schedule: 84.7 %).
 
     Raises:
         ConfigError: ``meta_every < 1``, an unknown meta optimiser or look-ahead.
@@ -103,6 +109,7 @@ class MFMTrainer(LookaheadMethod):
         lookahead: str = "fast",
         frozen: bool = False,
         average: Average = identity_average,
+        meta_lr_follows_lr: bool = True,
     ):
         if lookahead not in LOOKAHEADS:
             raise ConfigError(f"unknown lookahead {lookahead!r}; accepted: {', '.join(LOOKAHEADS)}")
@@ -114,6 +121,7 @@ class MFMTrainer(LookaheadMethod):
             meta_optimizer=meta_optimizer,
             frozen=frozen,
             average=average,
+            meta_lr_follows_lr=meta_lr_follows_lr,
         )
         self.modulation, self.lookahead = modulation, lookahead
 
@@ -222,7 +230,7 @@ class MFMTrainer(LookaheadMethod):
             for name, p in trainable_params(model).items():
                 p.grad = grads[name]
             optimizer.step()
-            return StepOutput(loss, self.apply_meta_gradient(meta_loss, meta_grads))
+            return StepOutput(loss, self.apply_meta_gradient(meta_loss, meta_grads, lr))
         meta_loss = self.meta_step(model, optimizer, x, y, meta_x, meta_y, lr) if due else None
         with self.modulation.no_meta_grad():
             loss = F.cross_entropy(model(x), y)
