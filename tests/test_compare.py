@@ -3,6 +3,7 @@ the driver is killed, its validation errors, and seeded reproducibility."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -224,3 +225,38 @@ def test_bad_comparison_is_one_line_error_before_any_trial(tmp_path, patch, expe
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], res.stderr
     assert not (tmp_path / "out" / "tune").exists()
+
+
+def test_a_state_truncated_by_a_kill_reruns_the_stage_instead_of_forgetting_trials(
+    first_run, tmp_path, capsys
+):
+    """Tune writes its state files in place: a driver killed mid-write leaves them empty, and
+    a restore from them silently drops the finished trials (seen once under heavy load:
+    3 trials became 1). Such a stage is run again from the start instead."""
+    from ray import tune
+
+    from raymeta.tune.common import make_tuner, saved_state_is_intact
+
+    cfg, _ = first_run
+    saved = tmp_path / "tune" / "search-fixed"
+    shutil.copytree(Path(cfg.output_dir) / "tune" / "search-fixed", saved)
+    assert saved_state_is_intact(saved)
+    newest = sorted(saved.glob("experiment_state-*.json"))[-1]
+    newest.write_text("")  # what SIGKILL during json.dump leaves
+    assert not saved_state_is_intact(saved)
+    tuner = make_tuner(
+        "search-fixed",
+        lambda config: None,
+        tune_dir=tmp_path / "tune",
+        resume=True,
+        param_space={},
+        tune_config=tune.TuneConfig(num_samples=1),
+        resources={"cpu": 1},
+        tracking_uri=cfg.mlflow.tracking_uri,
+        experiment="tiny-compare",
+        parent_run_id="none",
+        total=1,
+    )
+    assert isinstance(tuner, tune.Tuner)  # a new experiment: the old trials and state are gone
+    assert not list(saved.glob("trial_*")) and not list(saved.glob("experiment_state-*"))
+    assert "search-fixed: the saved Tune state" in capsys.readouterr().out

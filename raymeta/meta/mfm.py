@@ -33,8 +33,8 @@ ResNet's ``fc``); the backbone's update enters the meta loss as a constant. The 
 update through the training batch's modulated features. Two differences from ``"exact"``, both
 ours: the classifier step at step ``t`` uses ``phi_t`` (the modulation updated at step ``t-1``:
 a one-step lag), and the backbone's dependence on ``phi`` is dropped from the hypergradient.
-Cost at meta batch = training batch (``benchmarks/mfm_overhead.py``, SmallCNN, CPU): 2.4-2.8
-cross-entropy steps for direct modulation, 3.1-3.6 for the modulator network.
+Cost at meta batch = training batch (``benchmarks/mfm_overhead.py``, SmallCNN, 2 CPU threads):
+2.1-2.5 cross-entropy epochs for direct modulation, 2.4-3.0 for the modulator network.
 
 BatchNorm running statistics are updated only by the real forward (virtual forwards clone the
 buffers). Frozen mode (transfer): a modulator meta-trained elsewhere is applied unchanged to

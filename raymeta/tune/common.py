@@ -4,8 +4,10 @@ per-trial resources and MLflow runs nested under a parent run."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 
@@ -60,6 +62,26 @@ def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
+def saved_state_is_intact(path: Path) -> bool:
+    """Whether the newest saved state of the Tune experiment at ``path`` can be restored.
+
+    Tune writes ``experiment_state-<time>.json`` and ``searcher-state-<time>.pkl`` in place, not
+    atomically: a driver killed during the write (likely when it is killed right after a trial
+    finishes, since that is when the state is saved) leaves them empty or cut short, and a
+    restore from them silently forgets the finished trials and the searcher's history.
+    """
+    states = sorted(path.glob("experiment_state-*.json"))  # names sort by save time
+    if not states:
+        return False
+    try:
+        json.loads(states[-1].read_text())
+        stamp = states[-1].stem.removeprefix("experiment_state-")
+        # the searcher's and search generator's state of the same save (pickles)
+        return all(f.stat().st_size > 0 for f in path.glob(f"*-{stamp}.*"))
+    except (OSError, ValueError):
+        return False
+
+
 def make_tuner(
     name: str,
     trainable,
@@ -75,7 +97,8 @@ def make_tuner(
     total: int,
 ):
     """A ``Tuner`` whose state lives in ``tune_dir/name``: restored (finished trials kept,
-    unfinished and errored ones re-run) when ``resume`` and a state exists, else new. Every
+    unfinished and errored ones re-run) when ``resume`` and a state exists, else new; a state
+    left truncated by a kill (:func:`saved_state_is_intact`) is discarded and the stage rerun. Every
     trial is an MLflow run tagged as a child of ``parent_run_id`` (``MLflowLoggerCallback``);
     a progress line is printed as each of the ``total`` trials finishes."""
     from ray import tune
@@ -91,7 +114,18 @@ def make_tuner(
     path = tune_dir / name
     trainable = tune.with_resources(trainable, resources)
     if resume and tune.Tuner.can_restore(str(path)):
-        return tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
+        if saved_state_is_intact(path):
+            return tune.Tuner.restore(
+                str(path), trainable, resume_unfinished=True, resume_errored=True
+            )
+        # seeded searchers suggest the same trials again: the rerun chooses what the lost
+        # run would have chosen, at the cost of repeating its finished trials
+        print(
+            f"{name}: the saved Tune state in {path} is truncated (the driver was killed while "
+            "writing it); running this stage again from the start",
+            flush=True,
+        )
+        shutil.rmtree(path)
     callback = MLflowLoggerCallback(
         tracking_uri=tracking_uri,
         experiment_name=experiment,
