@@ -43,7 +43,7 @@ def _progress_line(label: str, m: dict[str, Any], epochs: int, elapsed: float) -
     few = f"  few-shot {few:.2%}" if few == few else ""
     return (
         f"[{label}] epoch {m['epoch']}/{epochs}  train_loss {m['train_loss']:.4f}{val}"
-        f"  test_acc {m['test_acc']:.2%}{few}  lr {m['lr']:.4g}{meta}  {m['epoch_time_s']:.1f}s"
+        f"  test_acc {m['test_acc']:.2%}{few}  mean lr {m['lr']:.4g}{meta}  {m['epoch_time_s']:.2g}s"
         f"  ETA {eta:.0f}s"
     )
 
