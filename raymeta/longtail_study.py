@@ -29,6 +29,7 @@ by ``raymeta mfm train|transfer``) runs, inside the pipeline's parent MLflow run
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -410,10 +411,14 @@ def run_longtail_study(cfg: LongTailStudyConfig, ctx) -> pd.DataFrame:
         if cfg.registered_method is not None:
             default_uri, version = _register(cfg, runs, results)
             mlflow.set_tag("registered_modulator", f"{default_uri} (version {version})")
+            exe = sys.argv[0] if Path(sys.argv[0]).name == "raymeta" else "raymeta"
             print(
                 f"registered {cfg.registered_model} version {version} (alias {cfg.alias}); "
-                f"transfer it with: raymeta mfm transfer --model-uri {default_uri}"
+                f"transfer it with: {exe} mfm transfer --model-uri {default_uri} "
+                "[--dataset digits --imbalance-factor 10 ...] (see --help for the defaults)"
             )
+        else:
+            print("no mfm_network run in this study: no modulator registered")
     t_runs = _transfer_runs(cfg, plans, default_uri)
     if t_runs:
         _start_mlflow_runs(t_runs, cfg.schedule, num_workers)

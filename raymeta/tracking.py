@@ -186,9 +186,10 @@ def check_registered(model_uri: str) -> None:
             f"{accepted}, or a version /{versions[-1] if versions else 1}"
         )
     if not sep and (not version.isdigit() or int(version) not in versions):
+        aliases = "".join(f", @{a}" for a in sorted(model.aliases))
         raise ConfigError(
             f"registered model {name!r} has no version {version!r} in {store}; accepted: "
-            f"{', '.join(map(str, versions))} or an alias"
+            f"{', '.join(map(str, versions)) or 'no versions yet'}{aliases}"
         )
 
 

@@ -77,7 +77,7 @@ def test_registry_inputs_are_checked_before_ray_with_the_accepted_values(store, 
     check_registered("runs:/abc/model")  # not a registry URI: left to the loader
     cases = {
         "models:/lr-net@champoin": r"no alias 'champoin' .*accepted: @champion, or a version /1",
-        "models:/lr-net/7": r"no version '7' .*accepted: 1 or an alias",
+        "models:/lr-net/7": r"no version '7' .*accepted: 1, @champion$",
         "models:/lr-nett@champion": r"no registered model 'lr-nett' .*accepted: lr-net",
     }
     for uri, message in cases.items():
