@@ -151,6 +151,19 @@ def _meta_learner_kinds() -> dict[str, tuple[type, str]]:
     }
 
 
+def _registry_ref(model_uri: str) -> tuple[str, str | None, str | None] | None:
+    """``(name, alias, version)`` of ``models:/NAME@ALIAS`` (version None) or
+    ``models:/NAME/VERSION`` (alias None); None for a URI outside the registry."""
+    if not model_uri.startswith("models:/"):
+        return None
+    ref = model_uri.removeprefix("models:/")
+    name, sep, alias = ref.partition("@")
+    if sep:
+        return name, alias, None
+    name, _, version = ref.partition("/")
+    return name, None, version
+
+
 def check_registered(model_uri: str) -> None:
     """Fail fast, before Ray starts, when a registry URI (``models:/NAME@ALIAS`` or
     ``models:/NAME/VERSION``) names nothing in the current tracking store; other URIs pass.
@@ -163,12 +176,10 @@ def check_registered(model_uri: str) -> None:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    if not model_uri.startswith("models:/"):
+    parsed = _registry_ref(model_uri)
+    if parsed is None:
         return
-    ref = model_uri.removeprefix("models:/")
-    name, sep, alias = ref.partition("@")
-    if not sep:
-        name, _, version = ref.partition("/")
+    name, alias, version = parsed
     client = MlflowClient()
     store = mlflow.get_tracking_uri()
     try:
@@ -179,13 +190,13 @@ def check_registered(model_uri: str) -> None:
             f"no registered model {name!r} in {store} ({model_uri}); accepted: {', '.join(names)}"
         ) from None
     versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-    if sep and alias not in model.aliases:
+    if alias is not None and alias not in model.aliases:
         accepted = ", ".join(f"@{a}" for a in sorted(model.aliases)) or "no aliases set"
         raise ConfigError(
             f"registered model {name!r} has no alias {alias!r} in {store}; accepted: "
             f"{accepted}, or a version /{versions[-1] if versions else 1}"
         )
-    if not sep and (not version.isdigit() or int(version) not in versions):
+    if alias is None and (not version.isdigit() or int(version) not in versions):
         aliases = "".join(f", @{a}" for a in sorted(model.aliases))
         raise ConfigError(
             f"registered model {name!r} has no version {version!r} in {store}; accepted: "
@@ -202,8 +213,8 @@ def load_meta_learner(model_uri: str, kind: str = "mlrsnet"):
             (an MFM :class:`~raymeta.models.modulation.ModulatorNet`, detached: attach it to a
             classifier).
 
-    Returns ``(model, version)`` where ``version`` is the registry version (or ``None`` for a
-    non-registry URI), to record which meta-learner a transfer run used.
+    Returns ``(model, version)`` where ``version`` is the registry version (``None`` for a
+    URI outside the registry), to record which meta-learner a transfer run used.
 
     Raises:
         ConfigError: the model, version or alias does not exist, or it is not of ``kind``.
@@ -213,10 +224,9 @@ def load_meta_learner(model_uri: str, kind: str = "mlrsnet"):
     from mlflow.exceptions import MlflowException
 
     expected, what = _meta_learner_kinds()[kind]
-    version = None
+    name, alias, version = _registry_ref(model_uri) or (None, None, None)
     try:
-        if model_uri.startswith("models:/") and "@" in model_uri:
-            name, alias = model_uri.removeprefix("models:/").split("@", 1)
+        if alias is not None:
             version = str(MlflowClient().get_model_version_by_alias(name, alias).version)
         model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
     except (MlflowException, OSError) as exc:

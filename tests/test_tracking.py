@@ -48,6 +48,7 @@ def test_register_and_load_by_alias_gives_identical_lrs(store):
     for k in range(3):
         assert torch.equal(loaded(losses, k), bundle(losses, k))
     assert load_meta_learner("models:/mlrsnet-test@challenger")[1] == "2"
+    assert load_meta_learner("models:/mlrsnet-test/1")[1] == "1"  # by version, recorded too
 
 
 def test_missing_alias_and_wrong_model_are_one_line_errors(store):
