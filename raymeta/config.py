@@ -7,10 +7,18 @@ one-line :class:`~raymeta.errors.ConfigError` naming the key, e.g.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from raymeta.errors import ConfigError
 
@@ -19,9 +27,62 @@ NonNegInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 
+META_BATCH_SIZE = 100  # meta-set images per meta step (MLR-SNet's and Meta-Weight-Net's protocols)
+
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """A config section: unknown keys are refused, values are immutable, and a field with an
+    old name (``validation_alias=AliasChoices(new, old)``) accepts either name, not both."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_name_per_field(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, info in cls.model_fields.items():
+                if isinstance(info.validation_alias, AliasChoices):
+                    given = [a for a in info.validation_alias.choices if a in data]
+                    if len(given) > 1:
+                        raise ValueError(
+                            f"{' and '.join(map(str, given))} name the same setting ({name}); "
+                            "accepted: one of them"
+                        )
+        return data
+
+
+class Section(Strict):
+    """A pipeline section: what it loads from the model registry and what it registers, so
+    that a command checks every input it does not produce itself before Ray starts."""
+
+    def loads(self) -> dict[str, str]:
+        """Registry URIs this section loads -> the kind of meta-learner each must be
+        (``mlrsnet`` or ``modulator``, as :func:`raymeta.tracking.load_meta_learner`)."""
+        return {}
+
+    @property
+    def registers(self) -> str | None:
+        """The registered model name this section creates a version of, if any."""
+        return None
+
+
+def _lower_default(module: str, obj: str, parameter: str) -> Any:
+    """The default of ``parameter`` of ``module.obj`` (a lower-floor class): config defaults
+    that a lower floor already defines are read from it, not copied. Imported on first use
+    (the lower floors import torch; ``raymeta --help`` must not)."""
+    import importlib
+
+    target = getattr(importlib.import_module(module), obj)
+    return inspect.signature(target).parameters[parameter].default
+
+
+def longtail_methods() -> dict[str, tuple[str, bool]]:
+    """Long-tail method name -> (default label, whether it needs a meta set).
+
+    The one table of long-tail method names on the upper floors: the config validates against
+    it, labels come from it and the CLI refers to it.
+    """
+    return _LONGTAIL_METHODS
 
 
 class LabelNoiseConfig(Strict):
@@ -97,7 +158,7 @@ class MethodConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        from raymeta.schedules.hand import FAMILIES
+        from raymeta.schedules import FAMILIES
 
         allowed = {"optimizer", "betas", "hypergradient_lr", "momentum", "weight_decay"}
         if set(self.optimizer) - allowed:
@@ -126,24 +187,46 @@ class MethodConfig(Strict):
         return self.name or self.schedule
 
 
-class MetaTrainConfig(Strict):
-    """MLR-SNet meta-training (paper Sec. 4.1) on one task.
+class OuterLoopConfig(Strict):
+    """MLR-SNet's outer loop (paper Sec. 4.1, Algorithm 1) and the meta-learner's size.
 
-    ``t_val``: a look-ahead meta step every ``t_val`` optimisation steps, counted globally across
-    epochs (paper: 300 on CIFAR, about once per epoch). Very frequent meta steps over-fit the
-    greedy one-step objective and collapse the LR (short-horizon bias: on Fashion-MNIST,
-    t_val=1 drove the LR from 0.37 to 0.02 within a tenth of the run); the default keeps the
-    meta-learner's drift slow, as the paper's schedule does. ``checkpoint_epochs``: 1-based epochs at which the meta-learner is saved (default:
-    first, middle, last), used by the three-phase meta-test protocol.
+    ``meta_every`` (old name ``t_val``, still accepted): a look-ahead meta step every
+    ``meta_every`` optimisation steps, counted globally across epochs (paper: 300 on CIFAR,
+    about once per epoch). Very frequent meta steps over-fit the greedy one-step objective and
+    collapse the LR (short-horizon bias: on Fashion-MNIST, a meta step every step drove the LR
+    from 0.37 to 0.02 within a tenth of the run); the default keeps the meta-learner's drift
+    slow, as the paper's schedule does. ``meta_batch_size``: global meta batch (summed over
+    workers). ``meta_lr``, ``meta_weight_decay``: Adam on the meta-learner (paper: 1e-3,
+    1e-4). ``hidden_size``, ``mlp_hidden``: the MLR-SNet cell (default: the paper's, as
+    :class:`~raymeta.schedules.MLRSNet` defines them).
+    """
+
+    meta_every: PositiveInt = Field(20, validation_alias=AliasChoices("meta_every", "t_val"))
+    meta_batch_size: PositiveInt = META_BATCH_SIZE
+    meta_lr: PositiveFloat = 1e-3
+    meta_weight_decay: NonNegFloat = 1e-4
+    hidden_size: PositiveInt = Field(
+        default_factory=lambda: _lower_default("raymeta.schedules", "MLRSNet", "hidden_size")
+    )
+    mlp_hidden: PositiveInt = Field(
+        default_factory=lambda: _lower_default("raymeta.schedules", "MLRSNet", "mlp_hidden")
+    )
+
+    def outer_loop(self) -> OuterLoopConfig:
+        """Only the outer-loop settings (of a section that adds more)."""
+        return OuterLoopConfig(**self.model_dump(include=set(OuterLoopConfig.model_fields)))
+
+
+class MetaTrainConfig(OuterLoopConfig, Section):
+    """MLR-SNet meta-training (paper Sec. 4.1) on one task, registered as
+    ``registered_model`` with ``alias``.
+
+    The outer loop: :class:`OuterLoopConfig`. ``checkpoint_epochs``: 1-based epochs at which
+    the meta-learner is saved (default: first, middle, last), used by the three-phase meta-test
+    protocol.
     """
 
     task: TaskConfig = TaskConfig()
-    t_val: PositiveInt = 20
-    meta_lr: PositiveFloat = 1e-3
-    meta_weight_decay: NonNegFloat = 1e-4
-    meta_batch_size: PositiveInt = 100
-    hidden_size: PositiveInt = 50
-    mlp_hidden: PositiveInt = 25
     checkpoint_epochs: list[PositiveInt] | None = None
     registered_model: str = "mlrsnet"
     alias: str = "champion"
@@ -162,26 +245,35 @@ class MetaTrainConfig(Strict):
         e = self.task.epochs
         return sorted(set(self.checkpoint_epochs or [1, (e + 1) // 2, e]))
 
+    @property
+    def registers(self) -> str:
+        return self.registered_model
 
-class TransferConfig(Strict):
+
+class TransferConfig(Section):
     """Train one task with each method (a frozen meta-learner and hand-designed baselines)."""
 
     task: TaskConfig = TaskConfig(model="mlp", batch_size=64, meta_per_class=0)
     methods: list[MethodConfig] = Field(min_length=1)
 
+    def loads(self) -> dict[str, str]:
+        return {m.model_uri: "mlrsnet" for m in self.methods if m.model_uri}
 
-LONGTAIL_METHODS = {  # name -> default label (raymeta.meta.longtail_losses.METHODS)
-    "ce": "CE",
-    "cb_reweight": "CB re-weighting",
-    "cb_resample": "CB re-sampling",
-    "focal": "focal",
-    "ldam_drw": "LDAM-DRW",
-    "logit_adjust": "logit adjustment",
-    "mwn": "Meta-Weight-Net",
-    "mfm_direct": "MFM (direct)",
-    "mfm_network": "MFM (network)",
+
+# name -> (default label, needs a meta set); read only through longtail_methods(). Once the
+# method registry of the lower floor (raymeta.meta.methods.METHODS) exists, longtail_methods()
+# reads it from there and this table goes.
+_LONGTAIL_METHODS = {
+    "ce": ("CE", False),
+    "cb_reweight": ("CB re-weighting", False),
+    "cb_resample": ("CB re-sampling", False),
+    "focal": ("focal", False),
+    "ldam_drw": ("LDAM-DRW", False),
+    "logit_adjust": ("logit adjustment", False),
+    "mwn": ("Meta-Weight-Net", True),
+    "mfm_direct": ("MFM (direct)", True),
+    "mfm_network": ("MFM (network)", True),
 }
-META_METHODS = ("mwn", "mfm_direct", "mfm_network")
 ImbalanceFactor = Annotated[float, Field(ge=1, allow_inf_nan=False)]
 
 
@@ -227,14 +319,15 @@ class LongTailMethodConfig(Strict):
     name: str | None = None
     method: str
     params: dict[str, Any] = Field(default_factory=dict)
-    meta_batch_size: PositiveInt = 100
+    meta_batch_size: PositiveInt = META_BATCH_SIZE
     model_uri: str | None = None
 
     @model_validator(mode="after")
     def _check(self):
-        if self.method not in LONGTAIL_METHODS:
+        methods = longtail_methods()
+        if self.method not in methods:
             raise ValueError(
-                f"unknown long-tail method {self.method!r}; accepted: {', '.join(LONGTAIL_METHODS)}"
+                f"unknown long-tail method {self.method!r}; accepted: {', '.join(methods)}"
             )
         if self.model_uri is not None and self.method != "mfm_network":
             raise ValueError(
@@ -247,11 +340,11 @@ class LongTailMethodConfig(Strict):
     def label(self) -> str:
         if self.name:
             return self.name
-        return "MFM (frozen)" if self.model_uri else LONGTAIL_METHODS[self.method]
+        return "MFM (frozen)" if self.model_uri else longtail_methods()[self.method][0]
 
     @property
     def needs_meta(self) -> bool:
-        return self.method in META_METHODS and self.model_uri is None
+        return longtail_methods()[self.method][1] and self.model_uri is None
 
 
 # Linear warm-up over the first 10 % of the steps, then cosine to 0, for every method: MultiStep
@@ -298,8 +391,9 @@ class LongTailTransferConfig(Strict):
     seeds: list[int] | None = Field(default=None, min_length=1)
 
 
-class LongTailStudyConfig(Strict):
-    """The ``mfm`` section of a pipeline: every method on every (imbalance factor, seed) of a
+class LongTailStudyConfig(Section):
+    """The ``longtail`` section of a pipeline (old name ``mfm``, still accepted), the long-tail
+    study: every method on every (imbalance factor, seed) of a
     long-tailed task, the meta-trained modulator network registered in MLflow, then transfer.
 
     ``imbalance_factors``: default ``[task.imbalance_factor]``. ``seeds``: each sets the task's
@@ -314,7 +408,9 @@ class LongTailStudyConfig(Strict):
     task: LongTailTaskConfig = LongTailTaskConfig()
     imbalance_factors: list[ImbalanceFactor] | None = Field(default=None, min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    schedule: MethodConfig = MethodConfig(**DEFAULT_LONGTAIL_SCHEDULE)
+    schedule: MethodConfig = Field(
+        default_factory=lambda: MethodConfig(**DEFAULT_LONGTAIL_SCHEDULE)
+    )
     methods: list[LongTailMethodConfig] = Field(default_factory=list)
     num_workers: PositiveInt | None = None
     max_concurrent: PositiveInt | None = None
@@ -327,7 +423,7 @@ class LongTailStudyConfig(Strict):
     @model_validator(mode="after")
     def _check(self):
         if not self.methods and not self.transfer:
-            raise ValueError("the mfm section needs methods, transfer or both")
+            raise ValueError("the longtail section needs methods, transfer or both")
         _check_longtail_runs(self.task, self.methods, self.schedule, "")
         for i, t in enumerate(self.transfer):
             _check_longtail_runs(t.task, t.baselines, self.schedule, f"transfer.{i}.")
@@ -358,6 +454,18 @@ class LongTailStudyConfig(Strict):
             (m for m in self.methods if m.method == "mfm_network" and m.model_uri is None), None
         )
 
+    @property
+    def model_uri(self) -> str:
+        """``models:/{registered_model}@{alias}``: the default modulator of ``transfer``."""
+        return f"models:/{self.registered_model}@{self.alias}"
+
+    def loads(self) -> dict[str, str]:
+        return {t.model_uri: "modulator" for t in self.transfer if t.model_uri}
+
+    @property
+    def registers(self) -> str | None:
+        return self.registered_model if self.registered_method is not None else None
+
 
 class SearchConfig(Strict):
     """Ray Tune + Optuna search of the hand-designed families (:mod:`raymeta.tune.spaces`).
@@ -382,17 +490,14 @@ class SearchConfig(Strict):
     reduction_factor: Annotated[int, Field(ge=2)] = 2
 
 
-class CompareMetaTrainConfig(Strict):
-    """MLR-SNet (Train): meta-train on the compared task itself (meta set from its training split)."""
+class CompareMetaTrainConfig(OuterLoopConfig):
+    """MLR-SNet (Train): meta-train on the compared task itself, with ``meta_per_class`` meta
+    images per class carved from its training split; the outer loop: :class:`OuterLoopConfig`."""
 
-    t_val: PositiveInt = 20
-    meta_batch_size: PositiveInt = 100
-    meta_lr: PositiveFloat = 1e-3
-    meta_weight_decay: NonNegFloat = 1e-4
     meta_per_class: PositiveInt = 100
 
 
-class CompareConfig(Strict):
+class CompareConfig(Section):
     """``raymeta compare``: searched hand-designed schedules vs learned ones on ``task``.
 
     ``task`` must have a validation split (``val_size > 0``) for the search; the final runs
@@ -423,25 +528,29 @@ class CompareConfig(Strict):
                 )
         return self
 
+    def loads(self) -> dict[str, str]:
+        return {m.model_uri: "mlrsnet" for m in self.learned}
 
-class StudyResources(Strict):
-    """Resources of one study task (a Tune trial)."""
+
+class TransferStudyResources(Strict):
+    """Resources of one transfer-study task (a Tune trial); a task reserving a GPU (or a
+    fraction of one) trains on it."""
 
     cpus_per_task: PositiveFloat = 1.0
     gpus_per_task: Annotated[float, Field(ge=0, le=1)] = 0.0
 
 
-class StudyConfig(Strict):
-    """A transfer study (:mod:`raymeta.tune.study`): the grid ``axes`` (TaskConfig fields ->
-    values) x ``methods``, plus ``extra_tasks`` (TaskConfig overrides), minus ``exclude``
-    (dicts of field -> value, ``method`` matching a method's name)."""
+class TransferStudyConfig(Section):
+    """The ``study`` section, a transfer study (:mod:`raymeta.tune.study`): the grid ``axes``
+    (TaskConfig fields -> values) x ``methods``, plus ``extra_tasks`` (TaskConfig overrides),
+    minus ``exclude`` (dicts of field -> value, ``method`` matching a method's name)."""
 
     base_task: TaskConfig = TaskConfig(meta_per_class=0)
     axes: dict[str, list[Any]] = Field(default_factory=dict)
     extra_tasks: list[dict[str, Any]] = Field(default_factory=list)
     methods: list[MethodConfig] = Field(min_length=1)
     exclude: list[dict[str, Any]] = Field(default_factory=list)
-    resources: StudyResources = StudyResources()
+    resources: TransferStudyResources = TransferStudyResources()
     max_concurrent: PositiveInt = 2
     results: str | None = None
 
@@ -451,6 +560,9 @@ class StudyConfig(Strict):
         if empty:
             raise ValueError(f"axes {empty} have no values")
         return self
+
+    def loads(self) -> dict[str, str]:
+        return {m.model_uri: "mlrsnet" for m in self.methods if m.model_uri}
 
 
 class RayConfig(Strict):
@@ -471,10 +583,18 @@ class MlflowConfig(Strict):
 
 
 class PipelineConfig(Strict):
-    """A declarative workflow: optional MLR-SNet meta-training, then optional transfer, an
-    optional long-tailed study (``mfm``: MFM, its baselines, registration and transfer), and an
-    optional schedule comparison (``compare``: Ray Tune + Optuna, run by ``raymeta compare``
-    or after the other sections by ``raymeta run``)."""
+    """A declarative workflow (``raymeta run``); its sections run in this order, each optional
+    but at least one present:
+
+    - ``meta_train``: meta-train MLR-SNet and register it;
+    - ``transfer``: train a task with registered meta-learners and hand-designed schedules;
+    - ``longtail`` (old name ``mfm``, still accepted): the long-tail study (MFM, its
+      baselines, registration of the modulator network and its transfer);
+    - ``compare``: a schedule comparison (Ray Tune + Optuna; also ``raymeta compare``);
+    - ``study``: a transfer study (a grid of tasks; also ``raymeta study``).
+
+    ``meta_train_workers``: Ray Train workers of meta-training (default ``ray.num_workers``).
+    """
 
     name: str
     output_dir: str = "outputs"
@@ -483,17 +603,20 @@ class PipelineConfig(Strict):
     meta_train: MetaTrainConfig | None = None
     meta_train_workers: PositiveInt | None = None
     transfer: TransferConfig | None = None
-    mfm: LongTailStudyConfig | None = None
+    longtail: LongTailStudyConfig | None = Field(
+        None, validation_alias=AliasChoices("longtail", "mfm")
+    )
     compare: CompareConfig | None = None
-    study: StudyConfig | None = None
+    study: TransferStudyConfig | None = None
 
     @model_validator(mode="after")
     def _check(self):
-        if (self.meta_train, self.transfer, self.mfm, self.compare, self.study) == (None,) * 5:
-            raise ValueError(
-                "a pipeline needs meta_train, transfer, mfm, compare, study or several"
-            )
+        if all(getattr(self, s) is None for s in SECTIONS):
+            raise ValueError(f"a pipeline needs {', '.join(SECTIONS)} or several")
         return self
+
+
+SECTIONS = ("meta_train", "transfer", "longtail", "compare", "study")  # in the order they run
 
 
 def format_validation_error(exc: ValidationError, where: str = "") -> str:
