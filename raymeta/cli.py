@@ -24,23 +24,16 @@ def _run(args) -> None:
     from raymeta.config import load_pipeline
     from raymeta.pipeline import run_pipeline
 
-    cfg = load_pipeline(_pipeline_path(args.file))
-    run_pipeline(_override(cfg, args))
+    run_pipeline(_override(load_pipeline(_pipeline_path(args.file)), args))
 
 
-def _compare(args) -> None:
+def _section(args) -> None:
+    """``raymeta compare`` / ``raymeta study``: one section of a pipeline file."""
     from raymeta.config import load_pipeline
-    from raymeta.tune.compare import run_compare
+    from raymeta.pipeline import run_pipeline
 
-    cfg = load_pipeline(_pipeline_path(args.file))
-    run_compare(_override(cfg, args), resume=args.resume)
-
-
-def _study(args) -> None:
-    from raymeta.config import load_pipeline
-    from raymeta.tune.study import run_study
-
-    run_study(_override(load_pipeline(_pipeline_path(args.file)), args), resume=args.resume)
+    cfg = _override(load_pipeline(_pipeline_path(args.file)), args)
+    run_pipeline(cfg, [args.section], resume=args.resume)
 
 
 def _report(args) -> None:
@@ -70,13 +63,19 @@ def _override(cfg, args):
     return cfg.model_copy(update=update)
 
 
-def _task_from_args(args, **defaults) -> dict:
-    task = dict(defaults)
-    for key in ("dataset", "model", "batch_size", "epochs", "momentum", "train_subset", "seed"):
-        value = getattr(args, key, None)
-        if value is not None:
-            task[key] = value
-    return task
+def _given(args, keys) -> dict:
+    """The flags among ``keys`` given on the command line (the others keep the config's
+    defaults)."""
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+TASK_FLAGS = ("dataset", "model", "batch_size", "epochs", "momentum", "train_subset", "seed")
+
+
+def _ray(args) -> dict:
+    return _given(args, ["use_gpu"]) | (
+        {"num_workers": args.workers} if args.workers is not None else {}
+    )
 
 
 def _meta_train(args) -> None:
@@ -86,20 +85,16 @@ def _meta_train(args) -> None:
     data = {
         "name": "meta-train",
         "output_dir": args.output_dir or "outputs/meta-train",
-        "ray": {"num_workers": args.workers, "use_gpu": args.use_gpu},
-        "mlflow": {"experiment": args.experiment},
-        "meta_train": {
-            "task": _task_from_args(args),
-            "t_val": args.t_val,
-            "registered_model": args.registered_model,
-            "alias": args.alias,
-        },
+        "ray": _ray(args),
+        "mlflow": _given(args, ["experiment"]),
+        "meta_train": {"task": _given(args, TASK_FLAGS)}
+        | _given(args, ["meta_every", "registered_model", "alias"]),
     }
     run_pipeline(_override(parse(PipelineConfig, data, "meta-train"), args))
 
 
 def _transfer(args) -> None:
-    from raymeta.config import PipelineConfig, parse
+    from raymeta.config import PipelineConfig, TransferConfig, parse
     from raymeta.pipeline import run_pipeline
 
     methods = [{"name": "MLR-SNet", "schedule": "mlrsnet", "model_uri": args.model_uri}]
@@ -111,12 +106,13 @@ def _transfer(args) -> None:
             raise RaymetaError(
                 f"--baseline {spec!r}: expected FAMILY:LR, e.g. multistep:0.1"
             ) from None
+    task = _config_default(TransferConfig, "task").model_dump() | _given(args, TASK_FLAGS)
     data = {
         "name": "transfer",
         "output_dir": args.output_dir or "outputs/transfer",
-        "ray": {"num_workers": args.workers, "use_gpu": args.use_gpu},
-        "mlflow": {"experiment": args.experiment},
-        "transfer": {"task": _task_from_args(args, meta_per_class=0), "methods": methods},
+        "ray": _ray(args),
+        "mlflow": _given(args, ["experiment"]),
+        "transfer": {"task": task, "methods": methods},
     }
     run_pipeline(_override(parse(PipelineConfig, data, "transfer"), args))
 
@@ -142,49 +138,47 @@ def _import_reference(args) -> None:
     print(f"use it with model_uri: models:/{args.registered_model}@{args.alias}")
 
 
-def _longtail_task(args, **defaults) -> dict:
-    task = dict(defaults)
-    for key in (
-        "dataset",
-        "model",
-        "profile",
-        "class_order",
-        "order_seed",
-        "n_max",
-        "meta_per_class",
-        "epochs",
-        "batch_size",
-    ):
-        value = getattr(args, key, None)
-        if value is not None:
-            task[key] = value
-    return task
+LONGTAIL_TASK_FLAGS = (
+    "dataset",
+    "model",
+    "profile",
+    "class_order",
+    "order_seed",
+    "n_max",
+    "meta_per_class",
+    "epochs",
+    "batch_size",
+)
+TRANSFER_IMBALANCE_FACTOR = 50.0  # `mfm transfer`: a milder tail than meta-training's
 
 
 def _mfm(args) -> None:
-    """``raymeta mfm train|transfer``: a pipeline with an ``mfm`` section (raymeta.longtail_study)."""
+    """``raymeta mfm train|transfer``: a pipeline with a ``longtail`` section
+    (:mod:`raymeta.longtail_study`)."""
     from raymeta.config import DEFAULT_LONGTAIL_SCHEDULE, PipelineConfig, parse
     from raymeta.pipeline import run_pipeline
 
-    factors = args.imbalance_factor or [100.0 if args.mfm_command == "train" else 50.0]
-    section = {"seeds": args.seeds, "schedule": DEFAULT_LONGTAIL_SCHEDULE | {"lr": args.lr}}
+    section = _given(args, ["seeds"])
+    if args.lr is not None:
+        section["schedule"] = DEFAULT_LONGTAIL_SCHEDULE | {"lr": args.lr}
+    task = _given(args, LONGTAIL_TASK_FLAGS)
     if args.mfm_command == "train":
-        mfm_params = {"meta_every": args.meta_every, "lookahead": args.lookahead}
+        mfm_params = _given(args, ["meta_every", "lookahead"])
         section |= {
-            "task": _longtail_task(args),
-            "imbalance_factors": factors,
+            "task": task,
             "methods": [
                 {"method": m, "params": mfm_params if m.startswith("mfm_") else {}}
                 for m in args.methods
             ],
-            "registered_model": args.registered_model,
-            "alias": args.alias,
-        }
+        } | _given(args, ["registered_model", "alias"])
+        if args.imbalance_factor:
+            section["imbalance_factors"] = args.imbalance_factor
     else:
-        task = _longtail_task(args, meta_per_class=0, imbalance_factor=factors[0])
+        factors = args.imbalance_factor or [TRANSFER_IMBALANCE_FACTOR]
+        task = {"meta_per_class": 0} | task | {"imbalance_factor": factors[0]}
         section["transfer"] = [
             {
-                "name": f"{task.get('dataset', 'fashion_mnist')}-LT",
+                "name": f"{task.get('dataset', _default_longtail('dataset'))}-LT",
                 "task": task,
                 "model_uri": args.model_uri,
                 "baselines": [{"method": m} for m in args.baselines],
@@ -193,14 +187,41 @@ def _mfm(args) -> None:
     data = {
         "name": f"mfm-{args.mfm_command}",
         "output_dir": args.output_dir or f"outputs/mfm-{args.mfm_command}",
-        "ray": {"num_workers": args.workers, "use_gpu": args.use_gpu},
+        "ray": _ray(args),
         "mlflow": {"experiment": args.experiment},
-        "mfm": section,
+        "longtail": section,
     }
     run_pipeline(_override(parse(PipelineConfig, data, f"mfm {args.mfm_command}"), args))
 
 
+def _config_default(model, name: str):
+    """The default of field ``name`` of config model ``model``: what the CLI falls back to and
+    states in its help, never written twice."""
+    return model.model_fields[name].get_default(call_default_factory=True)
+
+
+def _default_longtail(name: str):
+    from raymeta.config import LongTailTaskConfig
+
+    return _config_default(LongTailTaskConfig, name)
+
+
+def _choices(model, name: str) -> str:
+    """A ``Literal`` field's accepted values, as ``a | b | c``."""
+    import typing
+
+    return " | ".join(typing.get_args(model.model_fields[name].annotation))
+
+
 def _add_mfm(sub) -> None:
+    from raymeta.config import DEFAULT_LONGTAIL_SCHEDULE, LongTailStudyConfig, LongTailTaskConfig
+
+    def d(name):
+        return _config_default(LongTailTaskConfig, name)
+
+    study = {
+        k: _config_default(LongTailStudyConfig, k) for k in ("seeds", "registered_model", "alias")
+    }
     mfm = sub.add_parser(
         "mfm", help="long-tailed recognition: MFM and baselines, register and transfer a modulator"
     )
@@ -211,18 +232,28 @@ def _add_mfm(sub) -> None:
     transfer = commands.add_parser(
         "transfer", help="train a classifier with a registered modulator, frozen (no meta set)"
     )
+    warmup = DEFAULT_LONGTAIL_SCHEDULE["params"]["warmup_fraction"]
     for p in (train, transfer):
-        p.add_argument("--dataset", help="fashion_mnist (default) | digits | cifar10 | cifar100")
-        p.add_argument("--model", help="backbone (default small_cnn; resnet32 for CIFAR)")
+        p.add_argument(
+            "--dataset",
+            help=f"{_choices(LongTailTaskConfig, 'dataset')} (default {d('dataset')})",
+        )
+        p.add_argument("--model", help=f"backbone (default {d('model')}; resnet32 for CIFAR)")
         p.add_argument(
             "--imbalance-factor",
             type=float,
             nargs="+",
             metavar="IF",
-            help="head/tail ratio(s) >= 1 (default: train 100, transfer 50)",
+            help=f"head/tail ratio(s) >= 1 (default: train {d('imbalance_factor'):g}, "
+            f"transfer {TRANSFER_IMBALANCE_FACTOR:g})",
         )
-        p.add_argument("--profile", help="exp (default) | step")
-        p.add_argument("--class-order", help="natural (default) | permuted")
+        p.add_argument(
+            "--profile", help=f"{_choices(LongTailTaskConfig, 'profile')} (default {d('profile')})"
+        )
+        p.add_argument(
+            "--class-order",
+            help=f"{_choices(LongTailTaskConfig, 'class_order')} (default {d('class_order')})",
+        )
         p.add_argument(
             "--order-seed", type=int, help="seed of the class permutation (default: the run's seed)"
         )
@@ -234,19 +265,26 @@ def _add_mfm(sub) -> None:
         p.add_argument(
             "--meta-per-class",
             type=int,
-            help="balanced meta images per class (default: train 10, transfer 0 = no meta set)",
+            help=f"balanced meta images per class (default: train {d('meta_per_class')}, "
+            "transfer 0 = no meta set)",
         )
-        p.add_argument("--epochs", type=int, help="epochs (default 10)")
-        p.add_argument("--batch-size", type=int, help="global batch size (default 100)")
+        p.add_argument("--epochs", type=int, help=f"epochs (default {d('epochs')})")
+        p.add_argument(
+            "--batch-size", type=int, help=f"global batch size (default {d('batch_size')})"
+        )
         p.add_argument(
             "--lr",
             type=float,
-            default=0.1,
-            help="peak LR (default 0.1; linear warm-up over 10%% of the steps, then cosine)",
+            help=f"peak LR (default {DEFAULT_LONGTAIL_SCHEDULE['lr']}; linear warm-up over "
+            f"{warmup:.0%} of the steps, then cosine)".replace("%", "%%"),
         )
-        p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default 0)")
-        p.add_argument("--workers", type=int, default=1, help="Ray Train data-parallel workers")
-        p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
+        p.add_argument(
+            "--seeds",
+            type=int,
+            nargs="+",
+            help=f"seeds (default {' '.join(map(str, study['seeds']))})",
+        )
+        _add_ray_flags(p)
         p.add_argument(
             "--experiment", default="raymeta-mfm", help="MLflow experiment (default raymeta-mfm)"
         )
@@ -256,26 +294,27 @@ def _add_mfm(sub) -> None:
         "--methods",
         nargs="+",
         default=["mfm_direct", "mfm_network", "ce"],
-        help="any of ce cb_reweight cb_resample focal ldam_drw logit_adjust mwn mfm_direct "
-        "mfm_network (default: mfm_direct mfm_network ce)",
+        help="long-tail methods to train (default: mfm_direct mfm_network ce); an unknown name "
+        "is refused with the list of accepted ones",
     )
     train.add_argument(
-        "--meta-every", type=int, default=1, help="MFM look-ahead every K steps (default 1)"
+        "--meta-every",
+        type=int,
+        help="MFM: a look-ahead meta step every K steps (default: the method's own)",
     )
-    train.add_argument("--lookahead", default="fast", help="MFM look-ahead: fast (default) | exact")
+    train.add_argument(
+        "--lookahead", help="MFM look-ahead: fast | exact (default: the method's own)"
+    )
     train.add_argument(
         "--registered-model",
-        default="mfm-modulator",
-        help="registry name of the modulator network (default mfm-modulator)",
+        help=f"registry name of the modulator network (default {study['registered_model']})",
     )
-    train.add_argument(
-        "--alias", default="champion", help="alias set on the new version (default champion)"
-    )
+    train.add_argument("--alias", help=f"alias set on the new version (default {study['alias']})")
+    uri = f"models:/{study['registered_model']}@{study['alias']}"
     transfer.add_argument(
         "--model-uri",
-        default="models:/mfm-modulator@champion",
-        help="registered modulator (default models:/mfm-modulator@champion, what `raymeta mfm "
-        "train` registers)",
+        default=uri,
+        help=f"registered modulator (default {uri}, what `raymeta mfm train` registers)",
     )
     transfer.add_argument(
         "--baselines", nargs="*", default=["ce"], help="methods trained beside it (default ce)"
@@ -314,23 +353,38 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_task(p: argparse.ArgumentParser, model: str) -> None:
+def _add_ray_flags(p: argparse.ArgumentParser) -> None:
+    from raymeta.config import RayConfig
+
     p.add_argument(
-        "--dataset", default="fashion_mnist", help="fashion_mnist | digits | cifar10 | cifar100"
+        "--workers",
+        type=int,
+        help="Ray Train data-parallel workers "
+        f"(default {_config_default(RayConfig, 'num_workers')})",
     )
-    p.add_argument("--model", default=model, help=f"model registry name (default {model})")
-    p.add_argument("--epochs", type=int, help="epochs (default 3)")
-    p.add_argument("--batch-size", type=int, help="global batch size (default 128)")
-    p.add_argument("--momentum", type=float, help="SGD momentum (default 0)")
+    p.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker (NCCL)")
+
+
+def _add_task(p: argparse.ArgumentParser, task) -> None:
+    """Flags of a command's task; ``task``: the config's default task of that command."""
+    from raymeta.config import MlflowConfig, TaskConfig
+
+    p.add_argument("--dataset", help=f"{_choices(TaskConfig, 'dataset')} (default {task.dataset})")
+    p.add_argument("--model", help=f"model registry name (default {task.model})")
+    p.add_argument("--epochs", type=int, help=f"epochs (default {task.epochs})")
+    p.add_argument("--batch-size", type=int, help=f"global batch size (default {task.batch_size})")
+    p.add_argument("--momentum", type=float, help=f"SGD momentum (default {task.momentum:g})")
     p.add_argument("--train-subset", type=int, help="cap the training split (for quick runs)")
-    p.add_argument("--seed", type=int, help="seed (default 0)")
-    p.add_argument("--workers", type=int, default=1, help="Ray Train data-parallel workers")
-    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
-    p.add_argument("--experiment", default="raymeta", help="MLflow experiment name")
+    p.add_argument("--seed", type=int, help=f"seed (default {task.seed})")
+    _add_ray_flags(p)
+    experiment = _config_default(MlflowConfig, "experiment")
+    p.add_argument("--experiment", help=f"MLflow experiment name (default {experiment})")
     _add_common(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from raymeta.config import MetaTrainConfig, MlflowConfig, TransferConfig
+
     parser = argparse.ArgumentParser(
         prog="raymeta",
         description="Meta-train learned LR schedules (MLR-SNet) on Ray, register them in MLflow, transfer them.",
@@ -358,10 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue an interrupted study (finished trials are kept)",
+        help="continue an interrupted comparison (finished trials are kept)",
     )
     _add_common(p)
-    p.set_defaults(func=_compare)
+    p.set_defaults(func=_section, section="compare")
 
     p = sub.add_parser(
         "study", help="run a transfer study (a grid of tasks) as one Ray Tune experiment"
@@ -375,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue an interrupted study (finished tasks are kept)",
     )
     _add_common(p)
-    p.set_defaults(func=_study)
+    p.set_defaults(func=_section, section="study")
 
     p = sub.add_parser(
         "report", help="render a study's Parquet results as Markdown pivot tables and plots"
@@ -386,18 +440,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where to write report.md and the PNGs (default: DIR)")
     p.set_defaults(func=_report)
 
+    meta = {
+        k: _config_default(MetaTrainConfig, k)
+        for k in ("task", "meta_every", "registered_model", "alias")
+    }
     p = sub.add_parser("meta-train", help="meta-train MLR-SNet and register it in MLflow")
-    _add_task(p, "small_cnn")
-    p.add_argument("--t-val", type=int, default=20, help="look-ahead meta step every T_VAL steps")
-    p.add_argument("--registered-model", default="mlrsnet", help="MLflow registered model name")
-    p.add_argument("--alias", default="champion", help="alias set on the new version")
+    _add_task(p, meta["task"])
+    p.add_argument(
+        "--meta-every",
+        "--t-val",
+        type=int,
+        help=f"a look-ahead meta step every K optimisation steps (default {meta['meta_every']})",
+    )
+    p.add_argument(
+        "--registered-model",
+        help=f"MLflow registered model name (default {meta['registered_model']})",
+    )
+    p.add_argument("--alias", help=f"alias set on the new version (default {meta['alias']})")
     p.set_defaults(func=_meta_train)
 
     p = sub.add_parser(
         "transfer", help="train a task with a frozen registered MLR-SNet (and baselines)"
     )
+    uri = f"models:/{meta['registered_model']}@{meta['alias']}"
     p.add_argument(
-        "--model-uri", default="models:/mlrsnet@champion", help="registered meta-learner"
+        "--model-uri",
+        default=uri,
+        help=f"registered meta-learner (default {uri}, what `raymeta meta-train` registers)",
     )
     p.add_argument(
         "--baseline",
@@ -406,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FAMILY:LR",
         help="also train with a hand-designed schedule, e.g. multistep:0.1 (repeatable)",
     )
-    _add_task(p, "mlp")
+    _add_task(p, _config_default(TransferConfig, "task"))
     p.set_defaults(func=_transfer)
 
     p = sub.add_parser(
@@ -416,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", default="meta-test", help="meta-test (released files) | meta-train")
     p.add_argument("--registered-model", default="mlrsnet-reference")
     p.add_argument("--alias", default="reference")
-    p.add_argument("--experiment", default="raymeta")
+    p.add_argument("--experiment", default=_config_default(MlflowConfig, "experiment"))
     p.add_argument("--tracking-uri")
     p.set_defaults(func=_import_reference)
 

@@ -1,99 +1,30 @@
-"""Declarative workflows (``raymeta run FILE``): meta-train MLR-SNet, register it, transfer it.
+"""Declarative workflows (``raymeta run FILE``): every section of a pipeline, in one session.
 
-Flow: config -> Ray (local or ``ray.address``) -> one ``TorchTrainer`` per job -> MLflow (one
-parent run per pipeline, a nested run per job) + a Parquet/Markdown table and PNG plots in
+Flow: the sections' data checks in the driver -> :func:`raymeta.session.open_session` (output
+folder, MLflow, registry inputs, Ray) -> ``meta_train``, ``transfer`` and ``longtail`` under
+one parent run ``pipeline/{name}`` (a nested run per Ray Train run), then ``compare`` and
+``study`` under their own parent runs -> a Parquet/Markdown table and PNG plots per section in
 ``output_dir``.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
 
 import pandas as pd
 
-from raymeta.config import MetaTrainConfig, PipelineConfig, RayConfig, TaskConfig, TransferConfig
+from raymeta.config import SECTIONS, MetaTrainConfig, PipelineConfig, TaskConfig, TransferConfig
+from raymeta.console import stage
+from raymeta.errors import ConfigError
 from raymeta.report import plot_accuracy_curves, plot_lr_curves, to_markdown, write_table
+from raymeta.session import Session, open_session
 
 
-def stage(message: str) -> None:
-    """A progress banner for a pipeline stage (quiet under CI / RAYMETA_QUIET)."""
-    from raymeta.train.ray_train import progress_enabled
-
-    if progress_enabled():
-        print(f"\n== {message}", flush=True)
-
-
-def start_local_ray(num_cpus: int | None = None, **kwargs) -> str:
-    """``ray.init(address="local", ...)`` with the GCS on a free port chosen here, exported to
-    every process of the new cluster as ``RAY_ADDRESS`` (job-level ``runtime_env``).
-
-    Why: Ray Train V2's ``PlacementGroupCleaner`` (a detached actor) queries the State API
-    without an address; with a second Ray instance on the host it otherwise logs a
-    "Found multiple active Ray instances" traceback on every run (training is unaffected).
-    Ray Jobs set ``RAY_ADDRESS`` for their drivers the same way. Returns the GCS address.
-    """
-    import socket
-
-    import ray
-
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    address = f"{ray.util.get_node_ip_address()}:{port}"
-    previous = os.environ.get("RAY_GCS_SERVER_PORT")
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by Ray when it starts a head node
-    try:
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            runtime_env={"env_vars": {"RAY_ADDRESS": address}},
-            **kwargs,
-        )
-    finally:
-        if previous is None:
-            os.environ.pop("RAY_GCS_SERVER_PORT")
-        else:
-            os.environ["RAY_GCS_SERVER_PORT"] = previous
-    return address
-
-
-def init_ray(cfg: RayConfig) -> bool:
-    """Connect to ``cfg.address`` / ``$RAY_ADDRESS``, or start a local Ray with ``cfg.num_cpus``.
-
-    Returns True if this call started Ray (the caller then shuts it down).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        start_local_ray(cfg.num_cpus)
-    return True
-
-
-@dataclass
-class Context:
-    """What every job of a pipeline shares."""
-
-    ray: RayConfig
-    tracking_uri: str
-    output_dir: Path
-
-    @property
-    def storage_path(self) -> Path:
-        return self.output_dir / "ray_results"
-
-
-def _job_row(kind: str, label: str, task: TaskConfig, fit, version: str | None) -> dict:
+def _result_row(stage_name: str, label: str, task: TaskConfig, fit, version: str | None) -> dict:
     last = fit.history[-1]
     return {
-        "job": kind,
+        "stage": stage_name,
         "method": label,
         "dataset": task.dataset,
         "model": task.model,
@@ -108,7 +39,7 @@ def _job_row(kind: str, label: str, task: TaskConfig, fit, version: str | None) 
     }
 
 
-def run_meta_train(cfg: MetaTrainConfig, ctx: Context, num_workers: int):
+def run_meta_train(cfg: MetaTrainConfig, session: Session, num_workers: int):
     """Meta-train MLR-SNet in a ``TorchTrainer``, log it to MLflow and register it under
     ``cfg.registered_model`` with ``cfg.alias``. Must run inside an active MLflow run.
 
@@ -117,38 +48,29 @@ def run_meta_train(cfg: MetaTrainConfig, ctx: Context, num_workers: int):
     import mlflow
 
     from raymeta.schedules import MLRSNetBundle
-    from raymeta.tracking import flatten, log_meta_learner
+    from raymeta.spec import meta_train_run
+    from raymeta.tracking import as_params, log_meta_learner
     from raymeta.train.ray_train import fit
 
-    job = {
-        "kind": "meta_train",
-        **cfg.model_dump(
-            include={
-                "t_val",
-                "meta_batch_size",
-                "meta_lr",
-                "meta_weight_decay",
-                "hidden_size",
-                "mlp_hidden",
-            }
-        ),
-    }
+    spec = meta_train_run(cfg, cfg.task, "meta-train", cfg.saved_epochs)
     stage(
         f"meta-training MLR-SNet on {cfg.task.dataset}/{cfg.task.model} with {num_workers} Ray "
-        f"Train worker(s), {cfg.task.epochs} epochs, a look-ahead every {cfg.t_val} steps"
+        f"Train worker(s), {cfg.task.epochs} epochs, a look-ahead every {cfg.meta_every} steps"
     )
     with mlflow.start_run(run_name="meta-train", nested=True) as run:
-        mlflow.log_params(flatten(cfg.model_dump(), "") | {"num_workers": num_workers})
+        mlflow.log_params(
+            as_params(spec.model_dump(mode="json"))
+            | {"registered_model": cfg.registered_model, "alias": cfg.alias}
+            | {"num_workers": num_workers}
+        )
         result = fit(
-            cfg.task,
-            job,
-            label="meta-train",
+            spec,
+            mlflow_run_id=run.info.run_id,
+            tracking_uri=session.tracking_uri,
             num_workers=num_workers,
-            use_gpu=ctx.ray.use_gpu,
-            storage_path=ctx.storage_path,
-            max_failures=ctx.ray.max_failures,
-            mlflow={"uri": ctx.tracking_uri, "run_id": run.info.run_id},
-            saved_epochs=cfg.saved_epochs,
+            use_gpu=session.ray.use_gpu,
+            storage_path=session.storage_path,
+            max_failures=session.ray.max_failures,
         )
         epochs = sorted(result.saved_cells)
         bundle = MLRSNetBundle(
@@ -161,7 +83,7 @@ def run_meta_train(cfg: MetaTrainConfig, ctx: Context, num_workers: int):
         mlflow.log_metric("gamma", result.gamma)
         mlflow.log_metric("wall_time_s", result.wall_time_s)
         spe = len(result.lrs) // cfg.task.epochs
-        png = ctx.output_dir / "meta_train_lr.png"
+        png = session.output_dir / "meta_train_lr.png"
         plot_lr_curves(
             {"MLR-SNet (meta-training)": (result.lrs, spe)}, png, "LR during meta-training"
         )
@@ -171,154 +93,154 @@ def run_meta_train(cfg: MetaTrainConfig, ctx: Context, num_workers: int):
 
 
 def run_transfer(
-    cfg: TransferConfig, ctx: Context, num_workers: int
+    cfg: TransferConfig, session: Session, num_workers: int
 ) -> tuple[list[dict], dict, dict]:
-    """Train ``cfg.task`` once per method (a frozen registered MLR-SNet is loaded by its
-    ``model_uri``; hand-designed schedules by family). Must run inside an active MLflow run.
+    """Train ``cfg.task`` once per method (a frozen registered MLR-SNet, loaded by its
+    ``model_uri`` in the driver; hand-designed schedules by family). Must run inside an active
+    MLflow run.
 
     Returns ``(rows, lr_curves, histories)`` for the table and plots.
     """
     import mlflow
 
-    from raymeta.tracking import flatten, load_meta_learner
+    from raymeta.spec import LearnedRun, method_run
+    from raymeta.tracking import as_params
     from raymeta.train.ray_train import fit
 
     rows, curves, histories = [], {}, {}
     for method in cfg.methods:
-        version = None
-        if method.schedule == "mlrsnet":
-            bundle, version = load_meta_learner(method.model_uri)
-            job = {"kind": "mlrsnet", "bundle": bundle, "gamma": method.gamma}
-        else:
-            job = {"kind": method.schedule, "lr": method.lr, "params": method.params}
+        spec = method_run(method, cfg.task, f"transfer/{method.label}")
+        meta_learner, version = None, None
+        if isinstance(spec, LearnedRun):
+            meta_learner, version = session.meta_learner(spec.model_uri)
         stage(
-            f"transfer: {method.label} on {cfg.task.dataset}/{cfg.task.model}, batch {cfg.task.batch_size}"
+            f"transfer: {method.label} on {cfg.task.dataset}/{cfg.task.model}, "
+            f"batch {cfg.task.batch_size}"
         )
-        with mlflow.start_run(run_name=f"transfer/{method.label}", nested=True) as run:
-            mlflow.log_params(
-                flatten(cfg.task.model_dump(), "task.") | flatten(method.model_dump(), "method.")
-            )
+        with mlflow.start_run(run_name=spec.label, nested=True) as run:
+            mlflow.log_params(as_params(spec.model_dump(mode="json")))
             if version is not None:
                 mlflow.set_tag("meta_learner_version", version)
             result = fit(
-                cfg.task,
-                job,
-                label=f"transfer/{method.label}",
+                spec,
+                meta_learner=meta_learner,
+                mlflow_run_id=run.info.run_id,
+                tracking_uri=session.tracking_uri,
                 num_workers=num_workers,
-                use_gpu=ctx.ray.use_gpu,
-                storage_path=ctx.storage_path,
-                max_failures=ctx.ray.max_failures,
-                mlflow={"uri": ctx.tracking_uri, "run_id": run.info.run_id},
+                use_gpu=session.ray.use_gpu,
+                storage_path=session.storage_path,
+                max_failures=session.ray.max_failures,
             )
             mlflow.log_metric("wall_time_s", result.wall_time_s)
             if result.gammas:
                 mlflow.log_param("gammas", [round(g, 5) for g in result.gammas])
-        rows.append(_job_row("transfer", method.label, cfg.task, result, version))
+        rows.append(_result_row("transfer", method.label, cfg.task, result, version))
         curves[method.label] = (result.lrs, len(result.lrs) // cfg.task.epochs)
         histories[method.label] = result.history
     return rows, curves, histories
 
 
-def _registered_inputs(cfg: PipelineConfig) -> list[str]:
-    """Registry URIs the pipeline loads but does not produce itself (checked before Ray)."""
-    uris = []
-    if cfg.meta_train is None:  # otherwise MLR-SNet URIs name what meta_train registers
-        if cfg.transfer is not None:
-            uris += [m.model_uri for m in cfg.transfer.methods if m.model_uri]
-        if cfg.compare is not None:
-            uris += [m.model_uri for m in cfg.compare.learned]
-    if cfg.mfm is not None:
-        own = f"models:/{cfg.mfm.registered_model}@{cfg.mfm.alias}"
-        produced = cfg.mfm.registered_method is not None
-        uris += [
-            t.model_uri
-            for t in cfg.mfm.transfer
-            if t.model_uri and not (produced and t.model_uri == own)
-        ]
-    return list(dict.fromkeys(uris))
+def check_pipeline(cfg: PipelineConfig, sections: Sequence[str]) -> None:
+    """Every data-dependent check of ``sections``, in the driver, before MLflow or Ray.
 
-
-def run_pipeline(cfg: PipelineConfig) -> pd.DataFrame:
-    """Run a pipeline end to end and return its results table (also written to ``output_dir``)."""
-    import mlflow
-    import ray
-
-    from raymeta.tracking import check_registered, flatten, setup
+    Raises:
+        ConfigError, DataNotFoundError: one line naming the value.
+    """
+    from raymeta.longtail_study import check_longtail_study
     from raymeta.train.loop import check_task
+    from raymeta.tune.compare import Comparison
+    from raymeta.tune.study import check_transfer_study
 
-    if cfg.meta_train is not None:
-        workers = cfg.meta_train_workers or cfg.ray.num_workers
-        check_task(cfg.meta_train.task, workers, cfg.meta_train.meta_batch_size)
-    if cfg.transfer is not None:
+    if "meta_train" in sections:
+        check_task(cfg.meta_train.task, _meta_train_workers(cfg), cfg.meta_train.meta_batch_size)
+    if "transfer" in sections:
         check_task(cfg.transfer.task, cfg.ray.num_workers)
-    comparison = None
-    if cfg.compare is not None:
-        from raymeta.tune.compare import Comparison
+    if "longtail" in sections:
+        check_longtail_study(cfg.longtail, cfg.ray.num_workers)
+    if "compare" in sections:
+        Comparison(cfg).check_data()
+    if "study" in sections:
+        check_transfer_study(cfg.study)
 
-        comparison = Comparison(cfg)
-        comparison.check_data()
-    if cfg.mfm is not None:
-        from raymeta.longtail_study import check_study
 
-        check_study(cfg.mfm, cfg.ray.num_workers)
-    out = Path(cfg.output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    uri, experiment_id = setup(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
-    for model_uri in _registered_inputs(cfg):
-        check_registered(model_uri)
-    started = init_ray(cfg.ray)
-    ctx = Context(cfg.ray, uri, out)
+def _meta_train_workers(cfg: PipelineConfig) -> int:
+    return cfg.meta_train_workers or cfg.ray.num_workers
+
+
+def _run_training_sections(
+    cfg: PipelineConfig, sections: Sequence[str], session: Session
+) -> pd.DataFrame:
+    """``meta_train``, ``transfer`` and ``longtail`` (those in ``sections``) under the parent
+    run ``pipeline/{name}``; returns the table of the last of them."""
+    import mlflow
+
+    from raymeta.longtail_study import run_longtail_study
+    from raymeta.tracking import as_params
+
     t0 = time.perf_counter()
     rows, curves, histories = [], {}, {}
-    df = pd.DataFrame()
-    try:
-        if cfg.mfm is not None:  # its own parent run (raymeta.longtail_study)
-            from raymeta.longtail_study import run_study_pipeline
-
-            df = run_study_pipeline(cfg, ctx, experiment_id)
-            if cfg.meta_train is None and cfg.transfer is None and comparison is None:
-                return df
-        if cfg.meta_train is None and cfg.transfer is None and comparison is not None:
-            return comparison.run()
-        with mlflow.start_run(
-            experiment_id=experiment_id, run_name=f"pipeline/{cfg.name}"
-        ) as parent:
-            mlflow.log_params(flatten(cfg.model_dump(exclude={"transfer"})))
-            if cfg.meta_train is not None:
-                _, version, result = run_meta_train(
-                    cfg.meta_train, ctx, cfg.meta_train_workers or cfg.ray.num_workers
-                )
-                rows.append(
-                    _job_row(
-                        "meta-train",
-                        "MLR-SNet (meta-training)",
-                        cfg.meta_train.task,
-                        result,
-                        version,
-                    )
-                )
-                histories["MLR-SNet (meta-training)"] = result.history
-            if cfg.transfer is not None:
-                t_rows, curves, t_hist = run_transfer(cfg.transfer, ctx, cfg.ray.num_workers)
-                rows += t_rows
-                histories.update(t_hist)
-            df = pd.DataFrame(rows)
-            parquet, md = write_table(df, out)
+    table = pd.DataFrame()
+    with session.parent_run("pipeline", params=as_params(cfg.model_dump(mode="json"))) as parent:
+        if "meta_train" in sections:
+            _, version, result = run_meta_train(cfg.meta_train, session, _meta_train_workers(cfg))
+            label = "MLR-SNet (meta-training)"
+            rows.append(_result_row("meta-train", label, cfg.meta_train.task, result, version))
+            histories[label] = result.history
+        if "transfer" in sections:
+            t_rows, curves, t_hist = run_transfer(cfg.transfer, session, cfg.ray.num_workers)
+            rows += t_rows
+            histories.update(t_hist)
+        if rows:
+            table = pd.DataFrame(rows)
+            out = session.output_dir
+            parquet, md = write_table(table, out)
             pngs = [plot_accuracy_curves(histories, out / "accuracy_curves.png")]
             if curves:
                 pngs.append(plot_lr_curves(curves, out / "lr_curves.png", "transfer: LR schedules"))
             for path in (parquet, md, *pngs):
                 mlflow.log_artifact(str(path))
-            mlflow.log_metric("pipeline_wall_time_s", time.perf_counter() - t0)
-            run_id = parent.info.run_id
-        print("\n" + to_markdown(df) + "\n")
-        print(f"results: {parquet}, {md} and PNG plots in {out}; MLflow run {run_id}")
-        if comparison is not None:
-            df = comparison.run()
-    finally:
-        if started:
-            ray.shutdown()
-    print(
-        f"browse the runs: raymeta ui   (or: mlflow ui --backend-store-uri {uri} --host 127.0.0.1)"
-    )
-    return df
+            print("\n" + to_markdown(table) + "\n")
+            print(f"results: {parquet}, {md} and PNG plots in {out}")
+        if "longtail" in sections:
+            table = run_longtail_study(cfg.longtail, session)
+        mlflow.log_metric("pipeline_wall_time_s", time.perf_counter() - t0)
+    print(f"MLflow parent run {parent.run_id} in {session.tracking_uri}")
+    return table
+
+
+def run_pipeline(
+    cfg: PipelineConfig, sections: Sequence[str] | None = None, *, resume: bool = False
+) -> pd.DataFrame:
+    """Run ``sections`` of a pipeline (default: every section it has) in their order
+    (:data:`raymeta.config.SECTIONS`) in one session, and return the results table of the last
+    one (each is also written to ``output_dir``). Every command runs through here: ``raymeta
+    run`` with every section, ``raymeta compare`` with ``compare``, ``raymeta study`` with
+    ``study``.
+
+    Args:
+        resume: reopen the parent runs and Ray Tune experiments that an interrupted command
+            saved (``compare`` and ``study``; the other sections start again).
+
+    Raises:
+        ConfigError, DataNotFoundError: a missing section or a bad value, before any training
+            (one line).
+    """
+    from raymeta.tune.compare import Comparison
+    from raymeta.tune.study import run_transfer_study
+
+    if sections is None:
+        sections = [name for name in SECTIONS if getattr(cfg, name) is not None]
+    for name in sections:
+        if getattr(cfg, name) is None:
+            raise ConfigError(f"{cfg.name}: the pipeline has no {name!r} section")
+    sections = [name for name in SECTIONS if name in sections]
+    check_pipeline(cfg, sections)
+    table = pd.DataFrame()
+    with open_session(cfg, sections, resume=resume) as session:
+        if {"meta_train", "transfer", "longtail"} & set(sections):
+            table = _run_training_sections(cfg, sections, session)
+        if "compare" in sections:
+            table = Comparison(cfg).run(session)
+        if "study" in sections:
+            table = run_transfer_study(cfg, session)
+    return table

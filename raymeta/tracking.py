@@ -72,6 +72,15 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+PARAM_VALUE_LIMIT = 6000  # characters of an MLflow param value
+
+
+def as_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """A nested dict (a config section, a run spec's JSON form) as MLflow params:
+    :func:`flatten`, values as strings cut to MLflow's limit of 6000 characters."""
+    return {k: str(v)[:PARAM_VALUE_LIMIT] for k, v in flatten(d, prefix).items()}
+
+
 def log_epoch_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float]) -> None:
     """Log one epoch's metrics (step = the 1-based ``metrics["epoch"]``) to a run by id;
     used by rank 0 of a Ray Train run, which has no active run of its own."""
@@ -151,7 +160,7 @@ def _meta_learner_kinds() -> dict[str, tuple[type, str]]:
     }
 
 
-def _registry_ref(model_uri: str) -> tuple[str, str | None, str | None] | None:
+def registry_ref(model_uri: str) -> tuple[str, str | None, str | None] | None:
     """``(name, alias, version)`` of ``models:/NAME@ALIAS`` (version None) or
     ``models:/NAME/VERSION`` (alias None); None for a URI outside the registry."""
     if not model_uri.startswith("models:/"):
@@ -176,7 +185,7 @@ def check_registered(model_uri: str) -> None:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    parsed = _registry_ref(model_uri)
+    parsed = registry_ref(model_uri)
     if parsed is None:
         return
     name, alias, version = parsed
@@ -187,7 +196,8 @@ def check_registered(model_uri: str) -> None:
     except MlflowException:
         names = sorted(m.name for m in client.search_registered_models()) or ["none yet"]
         raise ConfigError(
-            f"no registered model {name!r} in {store} ({model_uri}); accepted: {', '.join(names)}"
+            f"cannot load meta-learner {model_uri!r}: no registered model {name!r} in {store}; "
+            f"accepted: {', '.join(names)}"
         ) from None
     versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
     if alias is not None and alias not in model.aliases:
@@ -224,7 +234,7 @@ def load_meta_learner(model_uri: str, kind: str = "mlrsnet"):
     from mlflow.exceptions import MlflowException
 
     expected, what = _meta_learner_kinds()[kind]
-    name, alias, version = _registry_ref(model_uri) or (None, None, None)
+    name, alias, version = registry_ref(model_uri) or (None, None, None)
     try:
         if alias is not None:
             version = str(MlflowClient().get_model_version_by_alias(name, alias).version)

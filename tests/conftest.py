@@ -12,7 +12,7 @@ def ray_local():
     """A small local Ray instance for the tests that need one (stopped with ray.shutdown)."""
     import ray
 
-    from raymeta.pipeline import start_local_ray
+    from raymeta.session import start_local_ray
 
     start_local_ray(2, include_dashboard=True, log_to_driver=False)
     yield ray

@@ -18,9 +18,10 @@ import yaml
 
 from raymeta.config import PipelineConfig, parse
 from raymeta.errors import ConfigError
+from raymeta.pipeline import run_pipeline
 from raymeta.schedules import MLRSNet, MLRSNetBundle
 from raymeta.tracking import log_meta_learner, setup
-from raymeta.tune.compare import TRIAL_LOG, Comparison
+from raymeta.tune.compare import TRIAL_LOG
 from raymeta.tune.spaces import resolve_ranges, to_method
 
 pytestmark = pytest.mark.ray
@@ -54,7 +55,7 @@ def tiny(tmp_path, out="out") -> dict:
                     "model_uri": "models:/tiny-mlrsnet@champion",
                 }
             ],
-            "meta_train": {"t_val": 5, "meta_per_class": 10, "meta_batch_size": 40},
+            "meta_train": {"meta_every": 5, "meta_per_class": 10, "meta_batch_size": 40},
         },
     }
 
@@ -73,7 +74,7 @@ def registry(tmp_path_factory):
 @pytest.fixture(scope="module")
 def first_run(ray_local, registry):
     cfg = parse(PipelineConfig, tiny(registry), "tiny")
-    table = Comparison(cfg).run()
+    table = run_pipeline(cfg, ["compare"])
     return cfg, table
 
 

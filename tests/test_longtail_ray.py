@@ -22,7 +22,7 @@ PIPELINE = {
     "name": "mfm-test",
     "ray": {"num_workers": 1},
     "mlflow": {"experiment": "mfm-test"},
-    "mfm": {
+    "longtail": {
         "task": {
             "dataset": "fashion_mnist",
             "n_max": 400,
@@ -63,8 +63,8 @@ def test_mfm_and_baseline_register_reload_and_transfer(ray_local, tmp_path, monk
     summary = run_pipeline(cfg)
     runs = pd.read_parquet(tmp_path / "out" / "mfm_runs.parquet")
     assert list(runs.method) == ["CE", "MFM (network)", "MFM (frozen)", "CE"]
-    assert list(runs.job) == ["grid", "grid", "transfer", "transfer"]
-    grid = runs[runs.job == "grid"]
+    assert list(runs.stage) == ["grid", "grid", "transfer", "transfer"]
+    grid = runs[runs.stage == "grid"]
     # exact class counts of the split are recorded: IF 10 from a head of 400 images
     counts = [int(c) for c in grid.class_counts.iloc[0].split("/")]
     assert sorted(counts, reverse=True) == longtail_profile(10, 400, 10)
@@ -73,7 +73,7 @@ def test_mfm_and_baseline_register_reload_and_transfer(ray_local, tmp_path, monk
         assert row.top1_acc > 0.5, row  # 10 classes: chance is 0.1
         assert row.top1_acc == pytest.approx(sum(row.per_class_acc) / 10)  # balanced test set
         assert 0 <= row.medium_acc <= 1 and row.many_acc > row.medium_acc
-    transfer = runs[runs.job == "transfer"]
+    transfer = runs[runs.stage == "transfer"]
     assert transfer.modulator_version.iloc[0] == "1" and transfer.top1_acc.min() > 0.3
     assert set(summary.method) == {"CE", "MFM (network)", "MFM (frozen)"}
     assert (tmp_path / "out" / "mfm_per_class.png").stat().st_size > 10_000
@@ -92,7 +92,7 @@ def test_mfm_and_baseline_register_reload_and_transfer(ray_local, tmp_path, monk
 
     # MLflow: a parent run, a nested run per (method, IF, seed) with counts and metrics
     exp = mlflow.get_experiment_by_name("mfm-test")
-    nested = mlflow.search_runs([exp.experiment_id], filter_string="tags.job = 'grid'")
+    nested = mlflow.search_runs([exp.experiment_id], filter_string="tags.stage = 'grid'")
     assert len(nested) == 2 and nested["tags.mlflow.parentRunId"].nunique() == 1
     assert set(nested["params.class_counts"]) == {grid.class_counts.iloc[0]}
     history = client.get_metric_history(nested.run_id.iloc[0], "test_many_acc")
@@ -100,24 +100,24 @@ def test_mfm_and_baseline_register_reload_and_transfer(ray_local, tmp_path, monk
 
 
 def _fit_two_methods(num_workers, tmp_path):
-    from raymeta.train.ray_train import fit_runs
+    from raymeta.spec import LongTailRun, ScheduleSpec
+    from raymeta.train.ray_train import RunRequest, fit_runs
 
     task = LongTailTaskConfig(
         dataset="digits", n_max=100, imbalance_factor=5, epochs=1, batch_size=40, seed=1
     )
-    schedule = {"schedule": "fixed", "lr": 0.05, "params": {}}
+    schedule = ScheduleSpec(family="fixed", lr=0.05)
     runs = [
-        {
-            "task": task.model_dump(),
-            "job": {
-                "kind": "longtail",
-                "method": method,
-                "params": params,
-                "meta_batch_size": 40,
-                "schedule": schedule,
-            },
-            "label": f"{method}-{num_workers}",
-        }
+        RunRequest(
+            LongTailRun(
+                label=f"{method}-{num_workers}",
+                task=task,
+                method=method,
+                params=params,
+                meta_batch_size=40,
+                schedule=schedule,
+            )
+        )
         for method, params in (
             ("mfm_network", {"meta_lr": 1e-2}),  # fast look-ahead
             ("mfm_direct", {"lookahead": "exact", "meta_lr": 1e-2}),

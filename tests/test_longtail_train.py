@@ -326,11 +326,11 @@ def test_bad_study_values_are_one_line_config_errors(patch, names):
     ],
 )
 def test_data_dependent_values_fail_in_the_driver_on_one_line(patch, names):
-    from raymeta.longtail_study import check_study
+    from raymeta.longtail_study import check_longtail_study
 
     cfg = parse(LongTailStudyConfig, {**STUDY, **patch})
     with pytest.raises(ConfigError) as err:
-        check_study(cfg, 1)
+        check_longtail_study(cfg, 1)
     assert "\n" not in str(err.value) and names in str(err.value), str(err.value)
 
 

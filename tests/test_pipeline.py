@@ -16,7 +16,7 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "pipelines" / "quickstart.yam
 
 
 def reduced_quickstart(tmp_path) -> PipelineConfig:
-    """pipelines/quickstart.yaml with small data and budgets, plus a TorchTrainer transfer job."""
+    """pipelines/quickstart.yaml with small data and budgets, plus a TorchTrainer transfer run."""
     data = yaml.safe_load(QUICKSTART.read_text())
     small = {"train_subset": 1536, "val_size": 500, "epochs": 2}
     data["meta_train"]["task"].update(small, meta_per_class=20)
@@ -44,10 +44,10 @@ def test_quickstart_end_to_end(ray_local, tmp_path, monkeypatch):
     cfg = reduced_quickstart(tmp_path)
     table = run_pipeline(cfg)
     out = tmp_path / "out"
-    jobs = pd.read_parquet(out / "results.parquet")
-    assert list(jobs["method"]) == ["MLR-SNet (meta-training)", "MLR-SNet (frozen)"]
-    assert list(jobs["model"]) == ["small_cnn", "mlp"] and list(jobs["batch_size"]) == [128, 64]
-    assert (jobs["test_acc"] > 0.5).all() and jobs.loc[1, "meta_learner_version"] == "1"
+    rows = pd.read_parquet(out / "results.parquet")
+    assert list(rows["method"]) == ["MLR-SNet (meta-training)", "MLR-SNet (frozen)"]
+    assert list(rows["model"]) == ["small_cnn", "mlp"] and list(rows["batch_size"]) == [128, 64]
+    assert (rows["test_acc"] > 0.5).all() and rows.loc[1, "meta_learner_version"] == "1"
     back = pd.read_parquet(out / "comparison.parquet")
     pd.testing.assert_frame_equal(back, table)
     assert list(back["method"]) == ["fixed", "multistep", "MLR-SNet (Test)"]

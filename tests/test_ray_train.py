@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from raymeta.config import TaskConfig
+from raymeta.config import OuterLoopConfig, TaskConfig
+from raymeta.spec import meta_train_run
 from raymeta.train.ray_train import fit
 
 pytestmark = pytest.mark.ray
@@ -17,31 +18,20 @@ TASK = TaskConfig(
     meta_per_class=10,
     seed=5,
 )
-JOB = {
-    "kind": "meta_train",
-    "t_val": 2,
-    "meta_batch_size": 40,
-    "meta_lr": 1e-2,
-    "meta_weight_decay": 1e-4,
-    "hidden_size": 50,
-    "mlp_hidden": 25,
-}
+META = OuterLoopConfig(meta_every=2, meta_batch_size=40, meta_lr=1e-2, meta_weight_decay=1e-4)
+
+
+def spec(label):
+    return meta_train_run(META, TASK, label, saved_epochs=[1, 2])
 
 
 @pytest.fixture(scope="module")
 def one_worker(ray_local, tmp_path_factory):
-    return fit(
-        TASK,
-        JOB,
-        label="w1",
-        num_workers=1,
-        saved_epochs=[1, 2],
-        storage_path=tmp_path_factory.mktemp("w1"),
-    )
+    return fit(spec("w1"), num_workers=1, storage_path=tmp_path_factory.mktemp("w1"))
 
 
 def test_two_workers_match_one_worker_with_double_batch(one_worker, tmp_path):
-    two = fit(TASK, JOB, label="w2", num_workers=2, saved_epochs=[1, 2], storage_path=tmp_path)
+    two = fit(spec("w2"), num_workers=2, storage_path=tmp_path)
     assert len(two.lrs) == len(one_worker.lrs) == 2 * ((1437 - 200 - 100) // 64)
     torch.testing.assert_close(
         torch.tensor(two.lrs), torch.tensor(one_worker.lrs), rtol=1e-4, atol=1e-6
@@ -62,11 +52,8 @@ def test_two_workers_match_one_worker_with_double_batch(one_worker, tmp_path):
 
 def test_worker_failure_resumes_from_checkpoint(one_worker, tmp_path):
     resumed = fit(
-        TASK,
-        JOB,
-        label="fail",
+        spec("fail"),
         num_workers=1,
-        saved_epochs=[1, 2],
         storage_path=tmp_path,
         max_failures=1,
         fail_once_after_epoch=1,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from raymeta.config import StudyConfig, load_pipeline, parse
+from raymeta.config import TransferStudyConfig, load_pipeline, parse
 from raymeta.errors import ConfigError
 from raymeta.tune.study import TASK_LOG, expand, read_results
 
@@ -18,14 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "data" / "tiny_study.yaml"
 
 
-def study(**overrides) -> StudyConfig:
+def study(**overrides) -> TransferStudyConfig:
     base = {
         "methods": [
             {"name": "fixed", "schedule": "fixed", "lr": 0.1},
             {"name": "cos", "schedule": "cosine", "lr": 0.1},
         ]
     }
-    return parse(StudyConfig, base | overrides, "study")
+    return parse(TransferStudyConfig, base | overrides, "study")
 
 
 def test_grid_expansion_with_exclusions():

@@ -224,27 +224,21 @@ def test_mlrsnet_meta_trains_on_the_text_task_itself():
     import copy
     import math
 
-    from raymeta.config import TaskConfig
-    from raymeta.train.loop import Workers, build_task_model, load_task_data, train
-    from raymeta.train.ray_train import build_schedule
+    from raymeta.config import OuterLoopConfig, TaskConfig
+    from raymeta.spec import meta_train_run
+    from raymeta.train.build import build_run
 
     task = TaskConfig(
         dataset="tinyshakespeare", model="char_lstm", batch_size=16, epochs=1, seq_len=50,
         train_subset=320, meta_per_class=32, val_size=0,
     )  # fmt: skip
-    data = load_task_data(task)
+    outer = OuterLoopConfig(meta_every=2, meta_batch_size=16, meta_lr=1e-2, meta_weight_decay=1e-4)
+    run = build_run(meta_train_run(outer, task, "text"))
+    data, meta = run.data, run.schedule
     assert data.meta_x.shape == (32, 50) and data.train_x.shape == (320, 50)
-    job = {
-        "kind": "meta_train",
-        "t_val": 2,
-        "meta_batch_size": 16,
-        "meta_lr": 1e-2,
-        "meta_weight_decay": 1e-4,
-    }
-    meta = build_schedule(job, task, data, 20, Workers())
     assert meta.loss_scale == pytest.approx(math.log(65))
     before = copy.deepcopy(meta.cell.state_dict())
-    state = train(task, data, build_task_model(task, data, "cpu"), meta)
+    state = run.train()
     assert len(meta.meta_losses) == 10
     assert any(not torch.equal(before[k], v) for k, v in meta.cell.state_dict().items())
     assert state.history[-1]["val_ppl"] < 40  # from about 65 (uniform over 65 characters)

@@ -1,5 +1,6 @@
-"""Ray Tune plumbing shared by the comparison and the transfer study: resumable ``Tuner``s with
-per-trial resources and MLflow runs nested under a parent run."""
+"""Ray Tune plumbing shared by the comparison and the transfer study: training one run spec in
+a trial, resumable ``Tuner``s with per-trial resources and MLflow runs nested under a parent
+run."""
 
 from __future__ import annotations
 
@@ -8,7 +9,44 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+LR_POINTS = 400  # LR curves are subsampled to this many points in the reported metrics
+
+
+def train_trial(
+    spec,
+    report: Callable[[dict[str, Any]], None],
+    *,
+    meta_learner=None,
+    use_gpu: bool = False,
+) -> None:
+    """Train the run ``spec`` (:mod:`raymeta.spec`) in this process (a Tune trial) and call
+    ``report(metrics)`` every epoch (``tune.report``); NaN metrics (no validation split) are
+    left out. The last report also carries ``lrs`` (the per-step LR curve subsampled to at most
+    about :data:`LR_POINTS` points) and ``lr_stride_epochs`` (epochs between two of them).
+
+    Args:
+        meta_learner: the registered meta-learner ``spec`` names, loaded in the driver.
+        use_gpu: train on the GPU the trial reserved (:func:`raymeta.train.device.resolve_device`).
+    """
+    from raymeta.train.build import build_run
+    from raymeta.train.device import resolve_device
+
+    run = build_run(spec, resolve_device(use_gpu), meta_learner=meta_learner)
+    epochs = spec.task.epochs
+
+    def on_epoch_end(metrics, state, optimizer):
+        out = {k: v for k, v in metrics.items() if v == v}
+        if metrics["epoch"] == epochs:
+            stride = max(1, len(state.lrs) // LR_POINTS)
+            out["lrs"] = state.lrs[::stride]
+            out["lr_stride_epochs"] = stride / run.steps_per_epoch
+        report(out)
+
+    run.train(on_epoch_end=on_epoch_end)
 
 
 @contextlib.contextmanager
@@ -34,7 +72,7 @@ def progress_callback(label: str, total: int):
     """A Tune callback printing one line per finished trial (quiet under CI / RAYMETA_QUIET)."""
     from ray import tune
 
-    from raymeta.train.ray_train import progress_enabled
+    from raymeta.console import progress_enabled
 
     class TrialProgress(tune.Callback):
         def __init__(self):

@@ -30,103 +30,60 @@ from typing import Any
 import pandas as pd
 
 from raymeta.config import MethodConfig, PipelineConfig, TaskConfig
+from raymeta.console import stage
 from raymeta.errors import ConfigError
-from raymeta.pipeline import stage
 from raymeta.report import plot_accuracy_curves, plot_lr_curves, to_markdown, write_table
-from raymeta.tune.common import make_tuner, trial_dirname, working_dir
+from raymeta.session import Session
+from raymeta.spec import LearnedRun, RunSpec, meta_train_run, method_run, parse_run
+from raymeta.tune.common import make_tuner, train_trial, trial_dirname, working_dir
 from raymeta.tune.spaces import DefineByRun, resolve_ranges, to_method
 
 TRIAL_LOG = "trial_starts.jsonl"  # one line per trainable start: the resume test counts them
-LR_POINTS = 400  # LR curves are subsampled to this many points in the reported metrics
+STATE_FILE = "compare_state.json"
 
 
-def run_task(task: TaskConfig, method: MethodConfig, *, report, bundle=None, meta=None) -> None:
-    """Train ``task`` in this process with ``method`` and call ``report(metrics)`` every epoch
-    (Tune's ``tune.report``). The last report also carries ``lrs`` (subsampled LR curve).
+def _log_start(config: dict, entry: dict) -> None:
+    from ray import tune
 
-    Args:
-        bundle: the frozen meta-learner for ``schedule: mlrsnet``.
-        meta: settings of MLR-SNet (Train): meta-train on this task (``t_val``, ...).
-    """
-    from raymeta.data.batches import steps_per_epoch
-    from raymeta.train.loop import Workers, build_task_model, load_task_data, train
-    from raymeta.train.ray_train import build_schedule
-    from raymeta.train.rules import rule_for_task
-
-    task = method.apply_optimizer(task)
-    data = load_task_data(task)
-    model = build_task_model(task, data, "cpu")
-    spe = steps_per_epoch(len(data.train_y), task.batch_size)
-    if meta is not None:
-        job = {"kind": "meta_train", **meta}
-    elif method.schedule == "mlrsnet":
-        job = {"kind": "mlrsnet", "bundle": bundle, "gamma": method.gamma}
-    else:
-        job = {"kind": method.schedule, "lr": method.lr, "params": method.params}
-    schedule = build_schedule(job, task, data, spe, Workers())
-
-    def on_epoch_end(metrics, state, optimizer):
-        out = {k: v for k, v in metrics.items() if v == v}  # NaN val metrics on train+val runs
-        if metrics["epoch"] == task.epochs:
-            stride = max(1, len(state.lrs) // LR_POINTS)
-            out["lrs"] = state.lrs[::stride]
-            out["lr_stride_epochs"] = stride / spe
-        report(out)
-
-    train(
-        task, data, model, schedule, rule=rule_for_task(task, schedule), on_epoch_end=on_epoch_end
-    )
+    with open(config["log"], "a") as f:
+        f.write(json.dumps({"trial": tune.get_context().get_trial_id(), **entry}) + "\n")
 
 
 def _search_trainable(config: dict) -> None:
-    """Tune trial of the search: one sampled configuration of one family."""
+    """Tune trial of the search: one sampled configuration of one family (``config``: the
+    sampled values and, under ``trial``, the family, the task and the trial's settings)."""
+    import torch
+    from ray import tune
+
+    trial = config["trial"]
+    torch.set_num_threads(trial["threads"])
+    family = trial["family"]
+    sampled = {k: v for k, v in config.items() if k != "trial"}
+    _log_start(trial, {"family": family})
+    spec = method_run(MethodConfig(**to_method(family, sampled)), TaskConfig(**trial["task"]))
+    train_trial(spec, tune.report, use_gpu=trial["use_gpu"])
+
+
+def _final_trainable(config: dict, meta_learners: dict[str, Any]) -> None:
+    """Tune trial of the final runs: one (method, seed) on train + validation, test split;
+    ``meta_learners``: the learned schedules' bundles by URI (loaded in the driver)."""
     import torch
     from ray import tune
 
     torch.set_num_threads(config["threads"])
-    family = config["family"]
-    sampled = {k: v for k, v in config.items() if k not in ("family", "task", "threads", "log")}
-    with open(config["log"], "a") as f:
-        f.write(json.dumps({"trial": tune.get_context().get_trial_id(), "family": family}) + "\n")
-    method = MethodConfig(**to_method(family, sampled))
-    run_task(TaskConfig(**config["task"]), method, report=tune.report)
-
-
-def _final_trainable(config: dict) -> None:
-    """Tune trial of the final runs: one (method, seed) on train + validation, test split."""
-    import torch
-    from ray import tune
-
-    torch.set_num_threads(config["threads"])
-    run = config["run"]
-    task = TaskConfig(**run["task"])
-    with open(config["log"], "a") as f:
-        f.write(
-            json.dumps({"trial": tune.get_context().get_trial_id(), "final": run["label"]}) + "\n"
-        )
-    bundle = None
-    if run["method"]["schedule"] == "mlrsnet":
-        import mlflow
-
-        from raymeta.tracking import load_meta_learner
-
-        mlflow.set_tracking_uri(config["tracking_uri"])
-        bundle, _ = load_meta_learner(run["method"]["model_uri"])
-    run_task(
-        task, MethodConfig(**run["method"]), report=tune.report, bundle=bundle, meta=run.get("meta")
-    )
+    spec = parse_run(config["run"])
+    _log_start(config, {"final": spec.label})
+    meta_learner = meta_learners[spec.model_uri] if isinstance(spec, LearnedRun) else None
+    train_trial(spec, tune.report, meta_learner=meta_learner, use_gpu=config["use_gpu"])
 
 
 class Comparison:
-    """One comparison study: its config, output folder and MLflow parent run."""
+    """One schedule comparison (the ``compare`` section of a pipeline)."""
 
-    def __init__(self, cfg: PipelineConfig, resume: bool = False):
+    def __init__(self, cfg: PipelineConfig):
         if cfg.compare is None:
             raise ConfigError(f"{cfg.name}: the pipeline has no 'compare' section")
-        self.cfg, self.cmp, self.resume = cfg, cfg.compare, resume
-        self.out = Path(cfg.output_dir).resolve()
-        self.tune_dir = self.out / "tune"
-        self.state_file = self.out / "compare_state.json"
+        self.cfg, self.cmp = cfg, cfg.compare
         self.ranges = {
             fam: resolve_ranges(
                 fam,
@@ -150,13 +107,6 @@ class Comparison:
         if self.cmp.meta_train is not None:
             check_task(self.meta_task(0), 1, self.cmp.meta_train.meta_batch_size)
 
-    def check_registry(self) -> dict[str, str]:
-        """Load every learned schedule from the registry (one-line error if missing or not an
-        MLR-SNet); returns label -> registry version."""
-        from raymeta.tracking import load_meta_learner
-
-        return {m.label: load_meta_learner(m.model_uri)[1] for m in self.cmp.learned}
-
     def final_task(self, seed: int) -> TaskConfig:
         """Train + validation merged (no validation split), no meta set, seed ``seed``."""
         return self.cmp.task.model_copy(update={"val_size": 0, "meta_per_class": 0, "seed": seed})
@@ -167,34 +117,50 @@ class Comparison:
             update={"meta_per_class": self.cmp.meta_train.meta_per_class}
         )
 
+    def final_specs(self, best: dict[str, dict]) -> list[RunSpec]:
+        """The final runs, seed by seed: every searched family's best configuration, every
+        MLR-SNet (Test) and MLR-SNet (Train)."""
+        specs: list[RunSpec] = []
+        for seed in range(self.cmp.seeds):
+            task = self.final_task(seed)
+            for family, info in best.items():
+                specs.append(method_run(MethodConfig(**info["method"]), task, family))
+            specs += [method_run(m, task) for m in self.cmp.learned]
+            if self.cmp.meta_train is not None:
+                specs.append(
+                    meta_train_run(self.cmp.meta_train, self.meta_task(seed), "MLR-SNet (Train)")
+                )
+        return specs
+
     # -- Ray Tune ------------------------------------------------------------------------
-    def _tuner(
-        self,
-        name: str,
-        trainable,
-        *,
-        param_space: dict,
-        tune_config,
-        parent_run_id: str,
-        uri: str,
-        total: int,
-    ):
+    def _tuner(self, session: Session, parent_run_id: str, name: str, trainable, **options):
+        from raymeta.train.device import trial_resources
+
         s = self.cmp.search
         return make_tuner(
             name,
             trainable,
-            tune_dir=self.tune_dir,
-            resume=self.resume,
-            param_space=param_space,
-            tune_config=tune_config,
-            resources={"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial},
-            tracking_uri=uri,
-            experiment=self.cfg.mlflow.experiment,
+            tune_dir=session.tune_dir,
+            resume=session.resume,
+            resources=trial_resources(s.cpus_per_trial, s.gpus_per_trial),
+            tracking_uri=session.tracking_uri,
+            experiment=session.experiment,
             parent_run_id=parent_run_id,
-            total=total,
+            **options,
         )
 
-    def search(self, family: str, parent_run_id: str, uri: str) -> dict[str, Any]:
+    def _constants(self, session: Session) -> dict[str, Any]:
+        """What every trial gets besides its run: threads, device and the start log."""
+        from raymeta.train.device import trial_uses_gpu
+
+        s = self.cmp.search
+        return {
+            "threads": max(1, int(s.cpus_per_trial)),
+            "use_gpu": trial_uses_gpu(s.gpus_per_trial),
+            "log": str(session.output_dir / TRIAL_LOG),
+        }
+
+    def search(self, family: str, session: Session, parent_run_id: str) -> dict[str, Any]:
         """Run (or resume) the family's search; returns its best config and costs."""
         import optuna
         from ray import tune
@@ -204,14 +170,13 @@ class Comparison:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
 
         s = self.cmp.search
-        constants = {
+        trial = {
             "family": family,
-            "task": self.cmp.task.model_dump(),
-            "threads": max(1, int(s.cpus_per_trial)),
-            "log": str(self.out / TRIAL_LOG),
+            "task": self.cmp.task.model_dump(mode="json"),
+            **self._constants(session),
         }
         searcher = OptunaSearch(
-            DefineByRun(family, self.ranges[family], constants),
+            DefineByRun(family, self.ranges[family], {"trial": trial}),
             metric="val_acc",
             mode="max",
             seed=s.seed,
@@ -232,26 +197,26 @@ class Comparison:
             max_concurrent_trials=s.max_concurrent,
         )
         tuner = self._tuner(
+            session,
+            parent_run_id,
             f"search-{family}",
             _search_trainable,
             param_space={},
             tune_config=tune_config,
-            parent_run_id=parent_run_id,
-            uri=uri,
             total=s.trials_per_family,
         )
         stage(
             f"compare: searching {family} ({s.trials_per_family} trials, {s.max_concurrent} at once)"
         )
         t0 = time.perf_counter()
-        with working_dir(self.out):
+        with working_dir(session.output_dir):
             grid = tuner.fit()
         wall = time.perf_counter() - t0
         errors = [r.error for r in grid if r.error is not None]
         if errors:
             raise RuntimeError(f"{len(errors)} trial(s) of family {family} failed: {errors[0]}")
         best = grid.get_best_result(metric="val_acc", mode="max", scope="all")
-        sampled = {k: v for k, v in best.config.items() if k not in constants}
+        sampled = {k: v for k, v in best.config.items() if k != "trial"}
         device = "gpu" if s.gpus_per_trial else "cpu"
         per_trial = s.gpus_per_trial or s.cpus_per_trial
         compute = sum(r.metrics.get("time_total_s", 0.0) for r in grid) * per_trial
@@ -264,69 +229,42 @@ class Comparison:
             "search_wall_s": wall,
         }
 
-    def final_runs(self, best: dict[str, dict], parent_run_id: str, uri: str) -> pd.DataFrame:
+    def final_runs(
+        self, best: dict[str, dict], session: Session, parent_run_id: str
+    ) -> pd.DataFrame:
         """Re-train every method with every seed; returns one row per (method, seed)."""
         from ray import tune
 
-        runs = []
-        for seed in range(self.cmp.seeds):
-            for family, info in best.items():
-                runs.append(
-                    {
-                        "label": family,
-                        "method": info["method"],
-                        "task": self.final_task(seed).model_dump(),
-                    }
-                )
-            for learned in self.cmp.learned:
-                runs.append(
-                    {
-                        "label": learned.label,
-                        "method": learned.model_dump(),
-                        "task": self.final_task(seed).model_dump(),
-                    }
-                )
-            if self.cmp.meta_train is not None:
-                mt = self.cmp.meta_train
-                runs.append(
-                    {
-                        "label": "MLR-SNet (Train)",
-                        "method": {"name": "MLR-SNet (Train)", "schedule": "fixed", "lr": 1.0},
-                        "task": self.meta_task(seed).model_dump(),
-                        "meta": mt.model_dump(exclude={"meta_per_class"}),
-                    }
-                )
-        s = self.cmp.search
+        specs = self.final_specs(best)
+        learned = {m.model_uri: session.meta_learner(m.model_uri)[0] for m in self.cmp.learned}
         tuner = self._tuner(
+            session,
+            parent_run_id,
             "final",
-            _final_trainable,
+            tune.with_parameters(_final_trainable, meta_learners=learned),
             param_space={
-                "run": tune.grid_search(runs),
-                "tracking_uri": uri,
-                "threads": max(1, int(s.cpus_per_trial)),
-                "log": str(self.out / TRIAL_LOG),
+                "run": tune.grid_search([spec.model_dump(mode="json") for spec in specs]),
+                **self._constants(session),
             },
             tune_config=tune.TuneConfig(
                 reuse_actors=True,  # trials share resources: skip an actor start per trial
-                max_concurrent_trials=s.max_concurrent,
+                max_concurrent_trials=self.cmp.search.max_concurrent,
                 trial_dirname_creator=trial_dirname,
             ),
-            parent_run_id=parent_run_id,
-            uri=uri,
-            total=len(runs),
+            total=len(specs),
         )
-        stage(f"compare: final runs, {len(runs)} (method, seed) pairs on train + validation")
-        with working_dir(self.out):
+        stage(f"compare: final runs, {len(specs)} (method, seed) pairs on train + validation")
+        with working_dir(session.output_dir):
             grid = tuner.fit()
         rows = []
         for r in grid:
             if r.error is not None:
                 raise RuntimeError(f"final run {r.config['run']['label']} failed: {r.error}")
-            run = r.config["run"]
+            spec = parse_run(r.config["run"])
             rows.append(
                 {
-                    "method": run["label"],
-                    "seed": run["task"]["seed"],
+                    "method": spec.label,
+                    "seed": spec.task.seed,
                     "test_acc": r.metrics["test_acc"],
                     "test_loss": r.metrics["test_loss"],
                     "wall_time_s": r.metrics["time_total_s"],
@@ -339,55 +277,31 @@ class Comparison:
             )
         return pd.DataFrame(rows)
 
-    # -- the study ----------------------------------------------------------------------
-    def run(self) -> pd.DataFrame:
-        """Run (or resume) the whole comparison; returns the per-method table."""
-        import mlflow
-        import ray
-
-        from raymeta.pipeline import init_ray
-        from raymeta.tracking import setup
-
-        self.check_data()
-        self.out.mkdir(parents=True, exist_ok=True)
-        uri, experiment_id = setup(self.cfg.mlflow.tracking_uri, self.cfg.mlflow.experiment)
-        versions = self.check_registry()
-        state = (
-            json.loads(self.state_file.read_text())
-            if self.resume and self.state_file.exists()
-            else {}
-        )
-        started = init_ray(self.cfg.ray)
-        try:
-            with mlflow.start_run(
-                run_id=state.get("parent_run_id"),
-                experiment_id=experiment_id,
-                run_name=None if state else f"compare/{self.cfg.name}",
-            ) as parent:
-                state["parent_run_id"] = parent.info.run_id
-                self.state_file.write_text(json.dumps(state))
-                if "families" not in state:
-                    mlflow.log_params(
-                        {
-                            "families": self.cmp.search.families,
-                            "trials_per_family": self.cmp.search.trials_per_family,
-                            "seeds": self.cmp.seeds,
-                            "task": self.cmp.task.model_dump_json(),
-                        }
-                    )
-                best = {}
-                for family in self.cmp.search.families:
-                    best[family] = self.search(family, parent.info.run_id, uri)
-                    state.setdefault("families", {})[family] = {"sampled": best[family]["sampled"]}
-                    self.state_file.write_text(json.dumps(state, default=str))
-                finals = self.final_runs(best, parent.info.run_id, uri)
-                table = self._table(best, finals, versions)
-                self._artifacts(table, finals)
-        finally:
-            if started:
-                ray.shutdown()
+    # -- the comparison -------------------------------------------------------------------
+    def run(self, session: Session) -> pd.DataFrame:
+        """Run (or, in a resumed session, resume) the whole comparison in ``session`` under
+        its parent run ``compare/{name}``; returns the per-method table."""
+        versions = {m.label: session.meta_learner(m.model_uri)[1] for m in self.cmp.learned}
+        params = {
+            "families": self.cmp.search.families,
+            "trials_per_family": self.cmp.search.trials_per_family,
+            "seeds": self.cmp.seeds,
+            "task": self.cmp.task.model_dump_json(),
+        }
+        with session.parent_run("compare", params=params, state_file=STATE_FILE) as parent:
+            best = {}
+            for family in self.cmp.search.families:
+                best[family] = self.search(family, session, parent.run_id)
+                searched = parent.state.get("families", {})
+                parent.save(families=searched | {family: {"sampled": best[family]["sampled"]}})
+            finals = self.final_runs(best, session, parent.run_id)
+            table = self._table(best, finals, versions)
+            self._artifacts(table, finals, session.output_dir)
         print("\n" + to_markdown(table) + "\n")
-        print(f"results in {self.out}; MLflow parent run {state['parent_run_id']} in {uri}")
+        print(
+            f"results in {session.output_dir}; MLflow parent run {parent.run_id} in "
+            f"{session.tracking_uri}"
+        )
         return table
 
     def _table(self, best, finals: pd.DataFrame, versions) -> pd.DataFrame:
@@ -412,10 +326,10 @@ class Comparison:
             )
         return pd.DataFrame(rows)
 
-    def _artifacts(self, table: pd.DataFrame, finals: pd.DataFrame) -> None:
+    def _artifacts(self, table: pd.DataFrame, finals: pd.DataFrame, out: Path) -> None:
         import mlflow
 
-        parquet, md = write_table(table, self.out, "comparison")
+        parquet, md = write_table(table, out, "comparison")
         seed0 = finals[finals["seed"] == finals["seed"].min()]
         curves = {r.method: (r.lrs, 1 / r.lr_stride_epochs) for r in seed0.itertuples()}
         histories = {}  # test accuracy per epoch, mean over seeds
@@ -425,14 +339,14 @@ class Comparison:
             histories[method] = [{"epoch": int(e), "test_acc": v} for e, v in mean.items()]
         pngs = [
             plot_lr_curves(
-                curves, self.out / "comparison_lr_curves.png", "best configuration of each method"
+                curves, out / "comparison_lr_curves.png", "best configuration of each method"
             ),
             plot_accuracy_curves(
                 histories,
-                self.out / "comparison_test_accuracy.png",
+                out / "comparison_test_accuracy.png",
                 title=f"test accuracy per epoch, mean over {self.cmp.seeds} seed(s)",
             ),
-            _plot_accuracy_vs_compute(table, self.out / "accuracy_vs_search_compute.png"),
+            _plot_accuracy_vs_compute(table, out / "accuracy_vs_search_compute.png"),
         ]
         for path in (parquet, md, *pngs):
             mlflow.log_artifact(str(path))
@@ -475,8 +389,3 @@ def _plot_accuracy_vs_compute(table: pd.DataFrame, path: Path) -> Path:
     fig.savefig(path)
     fig.clf()
     return path
-
-
-def run_compare(cfg: PipelineConfig, resume: bool = False) -> pd.DataFrame:
-    """Entry point of ``raymeta compare``."""
-    return Comparison(cfg, resume).run()

@@ -1,4 +1,5 @@
-"""Transfer studies at scale (``raymeta study FILE [--resume]``, ``raymeta report DIR``).
+"""Transfer studies at scale (``raymeta study FILE [--resume]``, ``raymeta report DIR``); not to
+be confused with the long-tail study (:mod:`raymeta.longtail_study`).
 
 A study applies learned and hand-designed schedules to a grid of tasks: the product of its
 ``axes`` (any :class:`~raymeta.config.TaskConfig` field: dataset, model, batch size, epochs,
@@ -21,14 +22,17 @@ from typing import Any
 
 import pandas as pd
 
-from raymeta.config import MethodConfig, PipelineConfig, StudyConfig, TaskConfig, parse
+from raymeta.config import MethodConfig, PipelineConfig, TaskConfig, TransferStudyConfig, parse
 from raymeta.errors import ConfigError
+from raymeta.session import Session
+from raymeta.spec import LearnedRun, method_run
 
 TASK_LOG = "task_starts.jsonl"
+STATE_FILE = "study_state.json"
 AXIS_COLUMNS = ("dataset", "model", "batch_size", "epochs", "noise_type", "noise_rate", "seed")
 
 
-def expand(study: StudyConfig) -> list[dict[str, Any]]:
+def expand(study: TransferStudyConfig) -> list[dict[str, Any]]:
     """The study's tasks: ``{"id", "task": TaskConfig dict, "method": MethodConfig dict}``.
 
     Raises:
@@ -118,11 +122,11 @@ def read_results(uri: str) -> pd.DataFrame:
     return pa.concat_tables(tables, promote_options="permissive").to_pandas()
 
 
-def _row(spec: dict, metrics: dict, wall: float, version: str | None) -> dict[str, Any]:
-    task, method = spec["task"], spec["method"]
+def _row(entry: dict, metrics: dict, wall: float, version: str | None) -> dict[str, Any]:
+    task, method = entry["task"], entry["method"]
     noise = task.get("label_noise") or {}
     row = {
-        "task_id": spec["id"],
+        "task_id": entry["id"],
         "dataset": task["dataset"],
         "model": task["model"],
         "batch_size": task["batch_size"],
@@ -140,46 +144,45 @@ def _row(spec: dict, metrics: dict, wall: float, version: str | None) -> dict[st
     return row
 
 
-def _study_trainable(config: dict) -> None:
-    """One study task: train it, report every epoch, append its Parquet row."""
-    import mlflow
+def _study_trainable(config: dict, meta_learners: dict[str, tuple[Any, str | None]]) -> None:
+    """One transfer-study task: train it, report every epoch, append its Parquet row.
+
+    ``config["entry"]``: an entry of :func:`expand`; ``meta_learners``: the registered
+    meta-learners of the study by URI, with their versions (loaded in the driver)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
     from ray import tune
 
-    from raymeta.tune.compare import run_task
+    from raymeta.tune.common import train_trial
 
     torch.set_num_threads(config["threads"])
-    spec = config["spec"]
+    entry = config["entry"]
     filesystem, path = results_location(config["results"])
-    target = f"{path}/{spec['id']}.parquet"
+    target = f"{path}/{entry['id']}.parquet"
     if filesystem.get_file_info(target).type.name == "File":  # finished before an interruption
         tune.report(pq.read_table(target, filesystem=filesystem).to_pylist()[0])
         return
     with open(config["log"], "a") as f:  # one line per training start (the resume test reads it)
-        f.write(json.dumps({"task": spec["id"]}) + "\n")
-    bundle, version = None, None
-    method = MethodConfig(**spec["method"])
-    if method.schedule == "mlrsnet":
-        from raymeta.tracking import load_meta_learner
-
-        mlflow.set_tracking_uri(config["tracking_uri"])
-        bundle, version = load_meta_learner(method.model_uri)
+        f.write(json.dumps({"task": entry["id"]}) + "\n")
+    task = TaskConfig(**entry["task"])
+    spec = method_run(MethodConfig(**entry["method"]), task)
+    meta_learner, version = None, None
+    if isinstance(spec, LearnedRun):
+        meta_learner, version = meta_learners[spec.model_uri]
     last: dict[str, Any] = {}
     t0 = time.perf_counter()
 
     def report(metrics):
         last.update(metrics)
-        if metrics["epoch"] < spec["task"]["epochs"]:
+        if metrics["epoch"] < task.epochs:
             tune.report(metrics)
 
-    run_task(TaskConfig(**spec["task"]), method, report=report, bundle=bundle)
-    row = _row(spec, last, time.perf_counter() - t0, version)
-    if spec["task"].get("label_noise"):  # the corruption actually applied (seeded, reproducible)
+    train_trial(spec, report, meta_learner=meta_learner, use_gpu=config["use_gpu"])
+    row = _row(entry, last, time.perf_counter() - t0, version)
+    if task.label_noise is not None:  # the corruption actually applied (seeded, reproducible)
         from raymeta.train.loop import noisy_labels, task_splits
 
-        task = TaskConfig(**spec["task"])
         ds, sp = task_splits(task)
         row["noise_flipped_fraction"] = noisy_labels(task, ds.train_y[sp.train], ds.num_classes)[
             1
@@ -188,80 +191,71 @@ def _study_trainable(config: dict) -> None:
     tune.report({**{k: v for k, v in last.items() if k != "lrs"}, **row})
 
 
-def run_study(cfg: PipelineConfig, resume: bool = False) -> pd.DataFrame:
-    """Run (or resume) ``cfg.study``; returns the results table (one row per task)."""
+def check_transfer_study(study: TransferStudyConfig) -> list[dict[str, Any]]:
+    """Expand the study and check every task's data in the driver; returns the tasks.
+
+    Raises:
+        ConfigError, DataNotFoundError: one line naming the value.
+    """
+    from raymeta.train.loop import check_task
+
+    tasks = expand(study)
+    for entry in tasks:
+        check_task(TaskConfig(**entry["task"]))
+    return tasks
+
+
+def run_transfer_study(cfg: PipelineConfig, session: Session) -> pd.DataFrame:
+    """Run (or, in a resumed session, resume) ``cfg.study`` in ``session`` under its parent run
+    ``study/{name}`` as one Ray Tune experiment; returns the results table (one row per task).
+    A resumed experiment does not run finished tasks again (a task whose row exists is also
+    skipped)."""
     import mlflow
-    import ray
     from ray import tune
 
-    from raymeta.pipeline import init_ray
-    from raymeta.tracking import load_meta_learner, setup
-    from raymeta.train.loop import check_task
+    from raymeta.train.device import trial_resources, trial_uses_gpu
     from raymeta.tune.common import make_tuner, trial_dirname, working_dir
 
     study = cfg.study
-    if study is None:
-        raise ConfigError(f"{cfg.name}: the pipeline has no 'study' section")
     tasks = expand(study)
-    for spec in tasks:
-        check_task(TaskConfig(**spec["task"]))
-    out = Path(cfg.output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = session.output_dir
     results = study.results or str(out / "results")
     results = results if "://" in results else str(Path(results).resolve())
-    uri, experiment_id = setup(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
-    for model_uri in {t["method"]["model_uri"] for t in tasks if t["method"]["model_uri"]}:
-        load_meta_learner(model_uri)  # one-line error before any task if missing
-    state_file = out / "study_state.json"
-    state = json.loads(state_file.read_text()) if resume and state_file.exists() else {}
-    started = init_ray(cfg.ray)
-    try:
-        with mlflow.start_run(
-            run_id=state.get("parent_run_id"),
-            experiment_id=experiment_id,
-            run_name=None if state else f"study/{cfg.name}",
-        ) as parent:
-            if not state:
-                mlflow.log_params(
-                    {"tasks": len(tasks), "axes": json.dumps(study.axes), "results": results}
-                )
-            state_file.write_text(json.dumps({"parent_run_id": parent.info.run_id}))
-            res = study.resources
-            tuner = make_tuner(
-                "study",
-                _study_trainable,
-                tune_dir=out / "tune",
-                resume=resume,
-                param_space={
-                    "spec": tune.grid_search(tasks),
-                    "results": results,
-                    "threads": max(1, int(res.cpus_per_task)),
-                    "tracking_uri": uri,
-                    "log": str(out / TASK_LOG),
-                },
-                tune_config=tune.TuneConfig(
-                    reuse_actors=True,  # trials share resources: skip an actor start per trial
-                    max_concurrent_trials=study.max_concurrent,
-                    trial_dirname_creator=trial_dirname,
-                ),
-                resources={"cpu": res.cpus_per_task, "gpu": res.gpus_per_task},
-                tracking_uri=uri,
-                experiment=cfg.mlflow.experiment,
-                parent_run_id=parent.info.run_id,
-                total=len(tasks),
-            )
-            with working_dir(out):
-                grid = tuner.fit()
-            errors = [r.error for r in grid if r.error is not None]
-            if errors:
-                raise RuntimeError(f"{len(errors)} study task(s) failed; first: {errors[0]}")
-            table = read_results(results)
-            paths = write_report(table, out)
-            for path in paths:
-                mlflow.log_artifact(str(path))
-    finally:
-        if started:
-            ray.shutdown()
+    meta_learners = {uri: session.meta_learner(uri, kind) for uri, kind in study.loads().items()}
+    params = {"tasks": len(tasks), "axes": json.dumps(study.axes), "results": results}
+    with session.parent_run("study", params=params, state_file=STATE_FILE) as parent:
+        res = study.resources
+        tuner = make_tuner(
+            "study",
+            tune.with_parameters(_study_trainable, meta_learners=meta_learners),
+            tune_dir=session.tune_dir,
+            resume=session.resume,
+            param_space={
+                "entry": tune.grid_search(tasks),
+                "results": results,
+                "threads": max(1, int(res.cpus_per_task)),
+                "use_gpu": trial_uses_gpu(res.gpus_per_task),
+                "log": str(out / TASK_LOG),
+            },
+            tune_config=tune.TuneConfig(
+                reuse_actors=True,  # trials share resources: skip an actor start per trial
+                max_concurrent_trials=study.max_concurrent,
+                trial_dirname_creator=trial_dirname,
+            ),
+            resources=trial_resources(res.cpus_per_task, res.gpus_per_task),
+            tracking_uri=session.tracking_uri,
+            experiment=session.experiment,
+            parent_run_id=parent.run_id,
+            total=len(tasks),
+        )
+        with working_dir(out):
+            grid = tuner.fit()
+        errors = [r.error for r in grid if r.error is not None]
+        if errors:
+            raise RuntimeError(f"{len(errors)} study task(s) failed; first: {errors[0]}")
+        table = read_results(results)
+        for path in write_report(table, out):
+            mlflow.log_artifact(str(path))
     print(f"{len(table)} task rows in {results}; report: {out / 'report.md'}")
     return table
 
