@@ -3,8 +3,12 @@ and model (Fashion-MNIST, small CNN, batch 128, 2 threads). Prints:
 
 (a) one meta step (look-ahead + meta-learner update) in units of a plain SGD step, for
     raymeta's first-order-exact look-ahead and for the reference's create_graph look-ahead;
-(b) a meta-training epoch with t_val=300 divided by a plain SGD epoch (steady state: the
-    second epoch; the one-time L0 pass for gamma is printed separately).
+(b) a meta-training epoch with a meta step every 300 steps (``meta_every``) divided by a plain
+    SGD epoch (steady state: the second epoch; the one-time L0 pass for gamma is printed
+    separately).
+
+Every run is assembled by :func:`raymeta.train.build.build_run` from a run spec, as in a real
+run.
 
 Usage: .venv/bin/python benchmarks/meta_overhead.py [--steps 60] [--epochs-repeat 2]
 """
@@ -19,11 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from raymeta.config import TaskConfig
-from raymeta.data.batches import steps_per_epoch
-from raymeta.meta.mlrsnet import MLRSNetMetaTrainer
-from raymeta.schedules import HandSchedule, MLRSNet
-from raymeta.train.loop import build_task_model, load_task_data, train
+from raymeta.config import OuterLoopConfig, TaskConfig
+from raymeta.spec import HandRun, ScheduleSpec, meta_train_run
+from raymeta.train.build import build_run
+from raymeta.train.loop import load_task_data
 
 
 def plain_step(model, opt, x, y):
@@ -64,12 +67,12 @@ def main():
     torch.set_num_threads(2)
     task = TaskConfig(epochs=1, momentum=0.0)
     data = load_task_data(task)
-    model = build_task_model(task, data, "cpu")
+    run = build_run(meta_train_run(OuterLoopConfig(meta_every=1), task, "meta step"), data=data)
+    model, meta = run.model, run.schedule
     opt = torch.optim.SGD(model.parameters(), lr=0.05, weight_decay=5e-4)
-    meta = MLRSNetMetaTrainer(MLRSNet(), 10, t_val=1, meta_batch_size=100)
     meta.gamma = 0.67
     x, y = data.train_x[:128], data.train_y[:128]
-    mx, my = data.meta_x[:100], data.meta_y[:100]
+    mx, my = data.meta_x[: meta.meta_batch_size], data.meta_y[: meta.meta_batch_size]
 
     def forward_backward():
         loss = F.cross_entropy(model(x), y)
@@ -98,23 +101,23 @@ def main():
         f"    reference-style create_graph meta step        = {statistics.median(ref) / p:.2f} plain steps"
     )
 
-    spe = steps_per_epoch(len(data.train_y), task.batch_size)
     two = task.model_copy(update={"epochs": 2})
+    specs = {
+        "plain": HandRun(label="plain", task=two, schedule=ScheduleSpec(family="fixed", lr=0.1)),
+        "meta": meta_train_run(OuterLoopConfig(meta_every=300), two, "meta"),
+    }
     times = {"plain": [], "meta": []}
     first = {"plain": [], "meta": []}
     for _ in range(args.epochs_repeat):
-        for kind in ("plain", "meta"):
-            m = build_task_model(two, data, "cpu")
-            if kind == "plain":
-                sched = HandSchedule("fixed", 0.1, 2 * spe, spe)
-            else:
-                sched = MLRSNetMetaTrainer(MLRSNet(), 10, t_val=300, meta_batch_size=100)
-            state = train(two, data, m, sched)
+        for kind, spec in specs.items():
+            epoch_run = build_run(spec, data=data)
+            spe = epoch_run.steps_per_epoch
+            state = epoch_run.train()
             first[kind].append(state.history[0]["train_time_s"])
             times[kind].append(state.history[1]["train_time_s"])
     ratio = min(times["meta"]) / min(times["plain"])
     print(
-        f"(b) meta-training epoch (t_val=300) / plain SGD epoch = {ratio:.3f} "
+        f"(b) meta-training epoch (meta_every=300) / plain SGD epoch = {ratio:.3f} "
         f"({min(times['meta']):.2f} s / {min(times['plain']):.2f} s, {spe} steps, second epoch, "
         f"best of {args.epochs_repeat})"
     )

@@ -3,9 +3,9 @@ cross-entropy epoch, measured in one run on the same data, model and loop.
 
 Setup: Fashion-MNIST-LT IF 100 (exponential profile, 10 meta images per class taken first,
 14,860 training images, 148 steps of 100), the small CNN, SGD momentum 0.9, meta batch 100
-(the whole balanced meta set), ``torch`` threads as given. Every epoch runs through
-:func:`raymeta.train.loop.train` with a :class:`~raymeta.train.rules.MethodRule` (the loop
-every raymeta job uses) on a fresh model; the test set is left out so only training is timed
+(the whole balanced meta set), ``torch`` threads as given. Every epoch is a run spec assembled
+by :func:`raymeta.train.build.build_run` and trained by :func:`raymeta.train.loop.train` (the
+loop every raymeta run uses) on a fresh model; the test set is left out so only training is timed
 (``train_time_s``). The methods are interleaved round by round so that load from other
 processes hits all of them alike; the ratio is the median MFM epoch over the median CE epoch
 (the plain CE network has no modulation hooks); the ratio of the fastest epochs is printed
@@ -27,26 +27,25 @@ import statistics
 
 import torch
 
-from raymeta.config import LongTailTaskConfig
-from raymeta.meta.longtail_losses import build_longtail_method
-from raymeta.schedules import HandSchedule
-from raymeta.train.loop import build_task_model, load_task_data, train
-from raymeta.train.rules import MethodRule
+from raymeta.config import META_BATCH_SIZE, LongTailTaskConfig
+from raymeta.spec import LongTailRun, ScheduleSpec
+from raymeta.train.build import build_run
+from raymeta.train.loop import load_task_data
 
 TARGET = 2.5
 
 
-def epoch_time(task, data, method: str, params: dict, meta_batch: int = 100) -> float:
+def epoch_time(task, data, method: str, params: dict, meta_batch: int = META_BATCH_SIZE) -> float:
     """Seconds of one training epoch of ``method`` (a fresh model)."""
-    model = build_task_model(task, data, "cpu")
-    rule = MethodRule(
-        build_longtail_method(
-            method, data.class_counts, model, input_shape=(1, 28, 28), epochs=1, **params
-        ),
+    spec = LongTailRun(
+        label=method,
+        task=task,
+        method=method,
+        params=params,
         meta_batch_size=meta_batch,
+        schedule=ScheduleSpec(family="fixed", lr=0.05),
     )
-    n = len(data.train_y) // task.batch_size
-    state = train(task, data, model, HandSchedule("fixed", 0.05, n, n), rule=rule)
+    state = build_run(spec, data=data).train()
     return state.history[-1]["train_time_s"]
 
 
@@ -55,7 +54,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="epochs of every method")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--exact", action="store_true", help="also time lookahead='exact'")
-    parser.add_argument("--meta-batch", type=int, default=100, help="meta batch (of 100)")
+    parser.add_argument(
+        "--meta-batch",
+        type=int,
+        default=META_BATCH_SIZE,
+        help=f"meta batch (default {META_BATCH_SIZE}, the whole meta set)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     task = LongTailTaskConfig(imbalance_factor=100, epochs=1, batch_size=100)
