@@ -138,3 +138,20 @@ def test_study_resumes_without_repeating_finished_tasks_and_reports(ray_local, t
     assert "### By batch_size" in md and (out / "by_batch_size.png").stat().st_size > 0
     pivot = table.pivot_table(index="batch_size", columns="method", values="test_acc")
     assert f"{100 * pivot.loc[32, 'fixed']:.2f}" in md
+
+
+@pytest.mark.ray
+def test_raymeta_run_runs_a_study_only_pipeline(ray_local, tmp_path):
+    """Every section of a pipeline runs under `raymeta run`, the transfer study included."""
+    from raymeta.config import MlflowConfig
+    from raymeta.pipeline import run_pipeline
+
+    cfg = load_pipeline(TINY).model_copy(
+        update={
+            "output_dir": str(tmp_path / "out"),
+            "mlflow": MlflowConfig(experiment="s", tracking_uri=f"sqlite:///{tmp_path}/m.db"),
+        }
+    )
+    table = run_pipeline(cfg)
+    assert len(table) == 3 and (table["test_acc"] > 0.5).all()
+    assert (tmp_path / "out" / "report.md").stat().st_size > 0
