@@ -1,4 +1,4 @@
-"""The training loop every raymeta job runs on each worker: plain PyTorch plus ``torch.distributed``.
+"""The training loop of every raymeta run, on each worker: plain PyTorch plus ``torch.distributed``.
 
 One loop serves plain training with any :class:`~raymeta.schedules.Schedule`, MLR-SNet
 meta-training (the schedule is then a trainable
