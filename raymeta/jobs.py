@@ -28,6 +28,7 @@ CLI (wired by :func:`add_job_commands`)::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ipaddress
 import os
@@ -38,7 +39,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from unittest import mock
 from urllib.parse import urlparse
 
 from raymeta.errors import ConfigError, RaymetaError
@@ -152,10 +152,25 @@ def client(address: str | None = None):
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
         # Ray's client prefers $RAY_API_SERVER_ADDRESS and $RAY_ADDRESS to its argument
-        with mock.patch.dict(os.environ, RAY_API_SERVER_ADDRESS=url):
+        with _env(RAY_API_SERVER_ADDRESS=url):
             return JobSubmissionClient(url, headers=headers)
     except Exception as exc:  # ConnectionError, AuthenticationError, RuntimeError, ...
         raise RaymetaError(f"cannot use the Ray Jobs API at {url}: {_one_line(exc)}") from None
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    """Set environment variables for the duration of a block, restoring the previous values."""
+    previous = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _call(address: str | None, job_id: str | None, fn):
@@ -322,7 +337,7 @@ def submit(request: dict[str, Any], address: str | None = None) -> str:
     Raises:
         RaymetaError: the cluster is unreachable or refuses the job.
     """
-    with mock.patch.dict(os.environ, RAY_RUNTIME_ENV_IGNORE_GITIGNORE="0"):
+    with _env(RAY_RUNTIME_ENV_IGNORE_GITIGNORE="0"):
         return _call(address, None, lambda c: c.submit_job(**request))
 
 
