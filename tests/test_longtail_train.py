@@ -145,7 +145,7 @@ def test_fast_step_is_the_sgd_step_with_the_current_modulation_then_updates_it()
     out = trainer.train_step(model, opt, x, y, lr=LR, step=0, meta_x=mx, meta_y=my)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), expected[n], rtol=1e-12, atol=1e-14)
-    assert out.meta_loss == trainer.meta_losses[0]
+    assert out.meta_loss == trainer.last_meta_loss and trainer.meta_steps == 1
     assert any(not torch.equal(a, b) for a, b in zip(before, mod.parameters(), strict=True))
     with pytest.raises(ConfigError, match="unknown lookahead 'slow'"):
         MFMTrainer(mod, lookahead="slow")
@@ -209,7 +209,7 @@ def test_loop_reports_longtail_metrics_that_match_the_predictions():
     for c in range(10):
         assert last[f"test_acc_class_{c}"] == pytest.approx(ref.per_class[c])
     steps = 2 * (sum(data.class_counts) // 50)
-    assert len(method.meta_losses) == steps and "meta_loss" in last
+    assert method.meta_steps == steps and "meta_loss" in last
 
 
 class _W:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymeta.errors import ConfigError
+from raymeta.meta.base import LookaheadMethod, StepOutput, sgd_step
 from raymeta.meta.lookahead import (
     Average,
     functional_logits,
@@ -49,7 +50,6 @@ from raymeta.meta.lookahead import (
     trainable_params,
     worker_mean,
 )
-from raymeta.meta.method import LookaheadMethod, StepOutput, sgd_step
 
 REDUCTIONS = ("weighted_mean", "mean")
 

@@ -66,7 +66,7 @@ def build_schedule(job: dict, task: TaskConfig, data, n_steps: int, workers):
         return MLRSNetMetaTrainer(
             cell.to(data.train_x.device),
             data.num_classes,
-            t_val=job["t_val"],
+            meta_every=job["t_val"],
             meta_batch_size=job["meta_batch_size"],
             meta_lr=job["meta_lr"],
             meta_weight_decay=job["meta_weight_decay"],

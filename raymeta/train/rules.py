@@ -8,7 +8,7 @@ hook that reports and checkpoints — and delegates the step itself to an :class
   look-ahead meta step (when the schedule is a trainable
   :class:`~raymeta.meta.mlrsnet.MLRSNetMetaTrainer`), the LR from the schedule (which may
   depend on the loss), the SGD step.
-- :class:`MethodRule`: a long-tailed method's ``train_step`` (:mod:`raymeta.meta.method`):
+- :class:`MethodRule`: a long-tailed method's ``train_step`` (:mod:`raymeta.meta.base`):
   a loss (cross-entropy, class-balanced, focal, LDAM-DRW, logit-adjusted), optionally on
   class-balanced re-sampled batches, or a meta-learned method (MFM, Meta-Weight-Net) whose
   look-ahead takes a meta batch. The LR comes from the schedule *before* the step (the
