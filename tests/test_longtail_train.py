@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from raymeta.config import LongTailStudyConfig, LongTailTaskConfig, PipelineConfig, parse
 from raymeta.data.longtail import longtail_metrics
 from raymeta.errors import ConfigError
-from raymeta.meta.longtail_losses import build_longtail_method
 from raymeta.meta.lookahead import averaged_gradients, trainable_params
+from raymeta.meta.methods import build_method
 from raymeta.meta.mfm import MFMTrainer
 from raymeta.models.modulation import build_modulation, parameters_after
 from raymeta.models.small import SmallCNN
@@ -158,7 +158,7 @@ def _tiny_task(**kw):
 
 def _run(task, data, name, *, state=None, optimizer_state=None, method_state=None, **params):
     model = build_task_model(task, data, "cpu")
-    method = build_longtail_method(
+    method = build_method(
         name, data.class_counts, model, input_shape=(1, 8, 8), epochs=task.epochs, **params
     )
     rule = MethodRule(method, meta_batch_size=50)
@@ -251,7 +251,7 @@ def test_class_balanced_resampling_in_the_loop_draws_balanced_batches():
     data = load_task_data(task)
     seen = []
     model = build_task_model(task, data, "cpu")
-    rule = MethodRule(build_longtail_method("cb_resample", data.class_counts, model))
+    rule = MethodRule(build_method("cb_resample", data.class_counts, model))
     original = rule.step
 
     def spy(model, optimizer, x, y, **kw):
@@ -273,7 +273,7 @@ def test_learned_lr_schedule_is_refused_for_longtail_steps():
     task = _tiny_task(epochs=1)
     data = load_task_data(task)
     model = build_task_model(task, data, "cpu")
-    rule = MethodRule(build_longtail_method("ce", data.class_counts, model))
+    rule = MethodRule(build_method("ce", data.class_counts, model))
     bundle = MLRSNetBundle([MLRSNet().state_dict()], [1])
     with pytest.raises(ConfigError, match="hand-designed schedule") as err:
         train(task, data, model, MLRSNetSchedule(bundle, 10, 1, fixed_gamma=0.1), rule=rule)

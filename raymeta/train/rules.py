@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymeta.meta.lookahead import set_lr
+from raymeta.meta.losses import class_balanced_indices
 from raymeta.meta.mlrsnet import MLRSNetMetaTrainer
 from raymeta.schedules.base import Schedule
 
@@ -132,7 +133,7 @@ class SGDRule(UpdateRule):
 
 
 class MethodRule(UpdateRule):
-    """A long-tailed method's step (:func:`raymeta.meta.longtail_losses.build_longtail_method`).
+    """A long-tailed method's step (:func:`raymeta.meta.methods.build_method`).
 
     Args:
         method: the method, built on the (not yet DDP-wrapped) model before the optimiser,
@@ -151,10 +152,8 @@ class MethodRule(UpdateRule):
         self.method.start_epoch(epoch)
 
     def epoch_pool(self, train_y, seed, epoch):
-        if not getattr(self.method, "resample", False):
+        if not self.method.resample:
             return None
-        from raymeta.meta.longtail_losses import class_balanced_indices
-
         return class_balanced_indices(train_y, seed=seed, epoch=epoch).to(train_y.device)
 
     def step(self, model, optimizer, x, y, *, step, epoch, schedule, next_meta, workers):
