@@ -66,7 +66,7 @@ def main():
     data = load_task_data(task)
     model = build_task_model(task, data, "cpu")
     opt = torch.optim.SGD(model.parameters(), lr=0.05, weight_decay=5e-4)
-    meta = MLRSNetMetaTrainer(MLRSNet(), 10, t_val=1, meta_batch_size=100)
+    meta = MLRSNetMetaTrainer(MLRSNet(), 10, meta_every=1, meta_batch_size=100)
     meta.gamma = 0.67
     x, y = data.train_x[:128], data.train_y[:128]
     mx, my = data.meta_x[:100], data.meta_y[:100]
@@ -108,7 +108,7 @@ def main():
             if kind == "plain":
                 sched = HandSchedule("fixed", 0.1, 2 * spe, spe)
             else:
-                sched = MLRSNetMetaTrainer(MLRSNet(), 10, t_val=300, meta_batch_size=100)
+                sched = MLRSNetMetaTrainer(MLRSNet(), 10, meta_every=300, meta_batch_size=100)
             state = train(two, data, m, sched)
             first[kind].append(state.history[0]["train_time_s"])
             times[kind].append(state.history[1]["train_time_s"])

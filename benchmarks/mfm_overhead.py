@@ -28,7 +28,7 @@ import statistics
 import torch
 
 from raymeta.config import LongTailTaskConfig
-from raymeta.meta.longtail_losses import build_longtail_method
+from raymeta.meta.methods import build_method
 from raymeta.schedules import HandSchedule
 from raymeta.train.loop import build_task_model, load_task_data, train
 from raymeta.train.rules import MethodRule
@@ -40,9 +40,7 @@ def epoch_time(task, data, method: str, params: dict, meta_batch: int = 100) -> 
     """Seconds of one training epoch of ``method`` (a fresh model)."""
     model = build_task_model(task, data, "cpu")
     rule = MethodRule(
-        build_longtail_method(
-            method, data.class_counts, model, input_shape=(1, 28, 28), epochs=1, **params
-        ),
+        build_method(method, data.class_counts, model, input_shape=(1, 28, 28), epochs=1, **params),
         meta_batch_size=meta_batch,
     )
     n = len(data.train_y) // task.batch_size

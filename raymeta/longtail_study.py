@@ -138,7 +138,7 @@ def _check_method(method: LongTailMethodConfig, task, ds, counts) -> None:
     """Build the method once on a throw-away model: unknown params fail here, in the driver."""
     import torch
 
-    from raymeta.meta.longtail_losses import build_longtail_method
+    from raymeta.meta.methods import build_method
     from raymeta.models import build_model
     from raymeta.models.modulation import ModulatorNet
 
@@ -146,7 +146,7 @@ def _check_method(method: LongTailMethodConfig, task, ds, counts) -> None:
     model = build_model(task.model, ds.in_channels, ds.num_classes, ds.image_size)
     modulation = ModulatorNet() if method.model_uri else None
     try:
-        build_longtail_method(
+        build_method(
             method.method,
             counts,
             model,

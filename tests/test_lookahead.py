@@ -1,4 +1,5 @@
 import copy
+import io
 
 import pytest
 import torch
@@ -101,7 +102,7 @@ def test_same_seed_same_metrics_and_meta_learner():
 
     def run():
         torch.manual_seed(123)
-        meta = MLRSNetMetaTrainer(MLRSNet(), data.num_classes, t_val=3, meta_batch_size=20)
+        meta = MLRSNetMetaTrainer(MLRSNet(), data.num_classes, meta_every=3, meta_batch_size=20)
         state = train(task, data, build_task_model(task, data, "cpu"), meta)
         return state, meta
 
@@ -111,7 +112,7 @@ def test_same_seed_same_metrics_and_meta_learner():
         assert {k: v for k, v in a.items() if not k.endswith("_time_s")} == {
             k: v for k, v in b.items() if not k.endswith("_time_s")
         }
-    assert s1.lrs == s2.lrs and len(m1.meta_losses) == (2 * len(s1.lrs) // 2) // 3
+    assert s1.lrs == s2.lrs and m1.meta_steps == (2 * len(s1.lrs) // 2) // 3
     for p, q in zip(m1.cell.parameters(), m2.cell.parameters(), strict=True):
         assert torch.equal(p, q)
 
@@ -125,3 +126,27 @@ def test_diverging_run_stops_with_one_line_error():
     with pytest.raises(NonFiniteLossError, match="training diverged") as err:
         train(task, data, model, HandSchedule("fixed", 1e12, 40, 20))
     assert "\n" not in str(err.value)
+
+
+def _checkpoint_bytes(state: dict) -> int:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getbuffer().nbytes
+
+
+def test_meta_trainer_checkpoint_does_not_grow_with_meta_steps():
+    model, opt, cell, loss, _, meta = setup_problem()
+    trainer = MLRSNetMetaTrainer(cell, 10, meta_every=1)
+    trainer.gamma = 0.5
+    sizes = []
+    for n in range(1, 13):
+        value = trainer.meta_step(model, opt, loss, *meta)
+        if n in (2, 12):
+            sizes.append(_checkpoint_bytes(trainer.state_dict()))
+    assert sizes[0] == sizes[1]
+    assert trainer.meta_steps == 12 and trainer.last_meta_loss == value
+    restored = MLRSNetMetaTrainer(MLRSNet().double(), 10)
+    restored.load_state_dict(trainer.state_dict())
+    assert (restored.meta_steps, restored.last_meta_loss, restored.gamma) == (12, value, 0.5)
+    for p, q in zip(restored.cell.parameters(), cell.parameters(), strict=True):
+        assert torch.equal(p, q)

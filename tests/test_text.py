@@ -245,6 +245,6 @@ def test_mlrsnet_meta_trains_on_the_text_task_itself():
     assert meta.loss_scale == pytest.approx(math.log(65))
     before = copy.deepcopy(meta.cell.state_dict())
     state = train(task, data, build_task_model(task, data, "cpu"), meta)
-    assert len(meta.meta_losses) == 10
+    assert meta.meta_steps == 10
     assert any(not torch.equal(before[k], v) for k, v in meta.cell.state_dict().items())
     assert state.history[-1]["val_ppl"] < 40  # from about 65 (uniform over 65 characters)

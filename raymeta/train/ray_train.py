@@ -66,7 +66,7 @@ def build_schedule(job: dict, task: TaskConfig, data, n_steps: int, workers):
         return MLRSNetMetaTrainer(
             cell.to(data.train_x.device),
             data.num_classes,
-            t_val=job["t_val"],
+            meta_every=job["t_val"],
             meta_batch_size=job["meta_batch_size"],
             meta_lr=job["meta_lr"],
             meta_weight_decay=job["meta_weight_decay"],
@@ -90,7 +90,7 @@ def build_schedule(job: dict, task: TaskConfig, data, n_steps: int, workers):
 def _build_rule(job: dict, task, data, model, schedule, workers):
     """The loop's update rule; a long-tailed method is built here, on the bare model, before
     the optimiser and before DDP (LDAM-DRW swaps the last layer, MFM attaches hooks)."""
-    from raymeta.meta.longtail_losses import build_longtail_method
+    from raymeta.meta.methods import build_method
     from raymeta.models.modulation import ModulatorNet
     from raymeta.train.rules import MethodRule, rule_for_task
 
@@ -100,7 +100,7 @@ def _build_rule(job: dict, task, data, model, schedule, workers):
     if job.get("modulator"):  # transfer: a registered modulator network, frozen
         modulation = ModulatorNet(**job["modulator"]["config"])
         modulation.load_state_dict(job["modulator"]["state"])
-    method = build_longtail_method(
+    method = build_method(
         job["method"],
         data.class_counts,
         model,
