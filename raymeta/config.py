@@ -33,12 +33,32 @@ class LabelNoiseConfig(Strict):
     seed: int | None = None
 
 
+class GuardConfig(Strict):
+    """The dead-run guard (:class:`raymeta.train.guard.ProgressGuard`): a run stops with a
+    one-line error when its training loss is NaN or infinite, when the mean loss of its last
+    ``window`` steps exceeds ``max_loss_ratio`` times the initial loss L0 (the first step's
+    batch loss, before any update), or when, after ``patience_steps`` optimisation steps
+    (default: one epoch), that mean is not at least ``min_progress`` (a fraction) below L0.
+    ``enabled: false`` switches it off."""
+
+    enabled: bool = True
+    patience_steps: PositiveInt | None = None
+    min_progress: Annotated[float, Field(ge=0, lt=1)] = 0.01
+    max_loss_ratio: Annotated[float, Field(gt=1, allow_inf_nan=False)] = 3.0
+    window: PositiveInt = 20
+
+
+def _check_nesterov(task) -> None:
+    if task.nesterov and task.momentum == 0:
+        raise ValueError("nesterov needs momentum > 0 (got momentum 0)")
+
+
 class TaskConfig(Strict):
     """One supervised training task: data, model and the inner-loop optimiser.
 
     ``batch_size`` is the global batch per optimisation step, split evenly across the
     data-parallel workers. ``epochs`` counts passes over the training split. ``optimizer``:
-    ``sgd`` (``momentum``, ``weight_decay``), ``adam`` (``betas``; ``weight_decay`` as L2), or
+    ``sgd`` (``momentum``, ``nesterov``, ``weight_decay``), ``adam`` (``betas``; ``weight_decay`` as L2), or
     ``sgd_hd``: SGD whose LR is adapted online by hypergradient descent (Baydin et al., ICLR
     2018) with step ``hypergradient_lr``, starting from the schedule's LR.
     """
@@ -50,6 +70,7 @@ class TaskConfig(Strict):
     batch_size: PositiveInt = 128
     epochs: PositiveInt = 3
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    nesterov: bool = False
     weight_decay: NonNegFloat = 5e-4
     val_size: NonNegInt = 5000
     meta_per_class: NonNegInt = 100
@@ -63,9 +84,11 @@ class TaskConfig(Strict):
     hypergradient_lr: PositiveFloat = 1e-4
     label_noise: LabelNoiseConfig | None = None
     seq_len: PositiveInt = 100
+    guard: GuardConfig = GuardConfig()
 
     @model_validator(mode="after")
     def _check_modality(self):
+        _check_nesterov(self)
         text = self.dataset == "tinyshakespeare"
         if text != (self.model == "char_lstm"):
             raise ValueError("dataset tinyshakespeare goes with model char_lstm (and only it)")
@@ -99,7 +122,7 @@ class MethodConfig(Strict):
     def _check(self):
         from raymeta.schedules.hand import FAMILIES
 
-        allowed = {"optimizer", "betas", "hypergradient_lr", "momentum", "weight_decay"}
+        allowed = {"optimizer", "betas", "hypergradient_lr", "momentum", "nesterov", "weight_decay"}
         if set(self.optimizer) - allowed:
             raise ValueError(
                 f"optimizer keys {sorted(set(self.optimizer) - allowed)} unknown; accepted: {sorted(allowed)}"
@@ -209,8 +232,15 @@ class LongTailTaskConfig(Strict):
     batch_size: PositiveInt = 100
     epochs: PositiveInt = 10
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    nesterov: bool = False
     weight_decay: NonNegFloat = 5e-4
     seed: int = 0
+    guard: GuardConfig = GuardConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        _check_nesterov(self)
+        return self
 
 
 class LongTailMethodConfig(Strict):

@@ -4,9 +4,12 @@ The meta-learner is the schedule of the task it is meta-trained on: at every opt
 it maps the (worker-averaged) batch loss to the LR of the real SGD step. Every ``t_val`` steps,
 counted globally across epochs, a one-step look-ahead updates it first:
 
-1. ``lr = gamma * MLRSNet(loss)`` with the current LSTM state, keeping the graph;
+1. ``lr = (1 - beta) * gamma * MLRSNet(loss)`` with the current LSTM state, keeping the graph
+   (``beta`` the SGD momentum: MLR-SNet's output is the effective step size,
+   :func:`~raymeta.schedules.mlrsnet.momentum_lr_scale`);
 2. virtual step ``w' = w - lr * d`` with ``d`` the direction SGD is about to take (the batch
-   gradient plus weight decay and momentum), which does not depend on the meta-learner;
+   gradient plus weight decay and the momentum buffer, plain or Nesterov), which does not
+   depend on the meta-learner;
 3. meta loss ``L_meta(w')`` on a batch of the balanced meta set;
 4. Adam step on the meta-learner with ``dL_meta/dtheta`` (averaged across workers).
 
@@ -34,7 +37,7 @@ from raymeta.meta.lookahead import (
     unwrap,
 )
 from raymeta.schedules.base import Schedule
-from raymeta.schedules.mlrsnet import MLRSNet, gamma_scale, require_loss
+from raymeta.schedules.mlrsnet import MLRSNet, gamma_scale, momentum_lr_scale, require_loss
 
 
 class MLRSNetMetaTrainer(Schedule):
@@ -48,6 +51,9 @@ class MLRSNetMetaTrainer(Schedule):
         meta_lr, meta_weight_decay: Adam hyper-parameters of the outer loop (paper: 1e-3, 1e-4).
         loss_scale: divide the batch loss by this before the cell (1 for images).
         average: reduces a tensor to its mean over data-parallel workers (identity for one).
+        momentum: the task's SGD momentum ``beta``; the real and the virtual step use the LR
+            ``(1 - beta) * gamma * MLRSNet(loss)``, so the meta-learner learns the effective
+            step size whatever the momentum.
     """
 
     def __init__(
@@ -60,6 +66,7 @@ class MLRSNetMetaTrainer(Schedule):
         meta_weight_decay: float = 1e-4,
         loss_scale: float = 1.0,
         average: Average = identity_average,
+        momentum: float = 0.0,
     ):
         self.cell, self.num_classes, self.t_val = cell, num_classes, t_val
         self.meta_batch_size = meta_batch_size
@@ -69,6 +76,7 @@ class MLRSNetMetaTrainer(Schedule):
         )
         self.state = cell.initial_state()
         self.gamma: float | None = None
+        self.lr_scale = momentum_lr_scale(momentum)
         self.meta_losses: list[float] = []
 
     def start_epoch(self, epoch, mean_train_loss):
@@ -76,7 +84,8 @@ class MLRSNetMetaTrainer(Schedule):
             self.gamma = gamma_scale(mean_train_loss(), self.num_classes)
 
     def _cell_input(self, loss: float) -> torch.Tensor:
-        return torch.tensor(loss / self.loss_scale, device=self.cell.head.weight.device)
+        w = self.cell.head.weight
+        return torch.tensor(loss / self.loss_scale, device=w.device, dtype=w.dtype)
 
     needs_loss = True
 
@@ -85,11 +94,28 @@ class MLRSNetMetaTrainer(Schedule):
         self.check_loss(loss, step, epoch)
         require_loss(loss)
         unit, self.state = self.cell(self._cell_input(loss), self.state)
-        return float(self.gamma * unit)
+        return float(self.lr_scale * self.gamma * unit)
 
     def is_meta_step(self, step: int) -> bool:
         """True when global step ``step`` (0-based) is followed by a look-ahead meta step."""
         return (step + 1) % self.t_val == 0
+
+    def lookahead_meta_loss(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.SGD,
+        loss: float,
+        meta_x: torch.Tensor,
+        meta_y: torch.Tensor,
+    ) -> torch.Tensor:
+        """``L_meta(w - lr * d)`` (paper Eq. 6) as a ``()`` tensor differentiable w.r.t. the
+        cell's parameters, with ``lr = (1 - beta) * gamma * MLRSNet(loss)`` from the current
+        LSTM state (not advanced) and ``d`` the coming SGD step's direction at LR 1."""
+        unit, _ = self.cell(self._cell_input(loss), self.state)
+        params = {n: p.detach() for n, p in unwrap(model).named_parameters()}
+        direction = sgd_direction(model, optimizer)
+        lr = self.lr_scale * self.gamma * unit
+        return lookahead_loss(model, params, direction, lr, meta_x, meta_y)
 
     def meta_step(
         self,
@@ -108,10 +134,7 @@ class MLRSNetMetaTrainer(Schedule):
             loss: the worker-averaged training batch loss (mean cross-entropy).
             meta_x, meta_y: this worker's meta batch ``(B_meta, ...)``, ``(B_meta,)``.
         """
-        unit, _ = self.cell(self._cell_input(loss), self.state)
-        params = {n: p.detach() for n, p in unwrap(model).named_parameters()}
-        direction = sgd_direction(model, optimizer)
-        meta_loss = lookahead_loss(model, params, direction, self.gamma * unit, meta_x, meta_y)
+        meta_loss = self.lookahead_meta_loss(model, optimizer, loss, meta_x, meta_y)
         cell_params = list(self.cell.parameters())
         grads = torch.autograd.grad(meta_loss, cell_params)
         apply_meta_gradient(cell_params, list(grads), self.optimizer, self.average)
