@@ -14,14 +14,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from raymeta.errors import ConfigError
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
+# Integers are strict (YAML's ``true`` is not 1, ``2.5`` is not 2); floats refuse NaN and
+# infinity everywhere (``allow_inf_nan=False`` on :class:`Strict`).
+Int = Annotated[int, Field(strict=True)]
+PositiveInt = Annotated[int, Field(gt=0, strict=True)]
+NonNegInt = Annotated[int, Field(ge=0, strict=True)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class LabelNoiseConfig(Strict):
@@ -30,7 +33,7 @@ class LabelNoiseConfig(Strict):
 
     type: Literal["uniform", "pair"]
     rate: Annotated[float, Field(ge=0, lt=1)]
-    seed: int | None = None
+    seed: Int | None = None
 
 
 class GuardConfig(Strict):
@@ -75,7 +78,7 @@ class TaskConfig(Strict):
     val_size: NonNegInt = 5000
     meta_per_class: NonNegInt = 100
     train_subset: PositiveInt | None = None
-    seed: int = 0
+    seed: Int = 0
     optimizer: Literal["sgd", "adam", "sgd_hd"] = "sgd"
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
         0.9,
@@ -227,14 +230,14 @@ class LongTailTaskConfig(Strict):
     profile: Literal["exp", "step"] = "exp"
     meta_per_class: NonNegInt = 10
     class_order: Literal["natural", "permuted"] = "natural"
-    order_seed: int | None = None
+    order_seed: Int | None = None
     n_max: PositiveInt | None = None
     batch_size: PositiveInt = 100
     epochs: PositiveInt = 10
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     nesterov: bool = False
     weight_decay: NonNegFloat = 5e-4
-    seed: int = 0
+    seed: Int = 0
     guard: GuardConfig = GuardConfig()
 
     @model_validator(mode="after")
@@ -351,7 +354,7 @@ class LongTailStudyConfig(Strict):
     registered_model: str = "mfm-modulator"
     alias: str = "champion"
     register_imbalance_factor: ImbalanceFactor | None = None
-    register_seed: int | None = None
+    register_seed: Int | None = None
     transfer: list[LongTailTransferConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -404,7 +407,7 @@ class SearchConfig(Strict):
     ranges: dict[str, dict[str, list[float]]] = Field(default_factory=dict)
     search_momentum: bool = False
     search_weight_decay: bool = False
-    seed: int = 0
+    seed: Int = 0
     max_concurrent: PositiveInt = 2
     cpus_per_trial: PositiveFloat = 1.0
     gpus_per_trial: Annotated[float, Field(ge=0, le=1)] = 0.0
@@ -547,15 +550,36 @@ def parse(model: type[BaseModel], data: Any, where: str = "") -> Any:
         raise ConfigError(format_validation_error(exc, where)) from None
 
 
+def _unique_key_loader():
+    """A ``yaml.SafeLoader`` that refuses a key repeated in one mapping (PyYAML keeps the last
+    value silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def load_yaml(path: str | Path) -> Any:
-    """Read a YAML file; one-line :class:`ConfigError` if missing or malformed."""
+    """Read a YAML file; one-line :class:`ConfigError` if missing, malformed or holding a key
+    twice in one mapping."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=_unique_key_loader())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
