@@ -14,14 +14,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from raymeta.errors import ConfigError
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
+# Integers are strict (YAML's ``true`` is not 1, ``2.5`` is not 2); floats refuse NaN and
+# infinity everywhere (``allow_inf_nan=False`` on :class:`Strict`).
+Int = Annotated[int, Field(strict=True)]
+PositiveInt = Annotated[int, Field(gt=0, strict=True)]
+NonNegInt = Annotated[int, Field(ge=0, strict=True)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class LabelNoiseConfig(Strict):
@@ -30,7 +33,27 @@ class LabelNoiseConfig(Strict):
 
     type: Literal["uniform", "pair"]
     rate: Annotated[float, Field(ge=0, lt=1)]
-    seed: int | None = None
+    seed: Int | None = None
+
+
+class GuardConfig(Strict):
+    """The dead-run guard (:class:`raymeta.train.guard.ProgressGuard`): a run stops with a
+    one-line error when its training loss is NaN or infinite, when the mean loss of its last
+    ``window`` steps exceeds ``max_loss_ratio`` times the initial loss L0 (the first step's
+    batch loss, before any update), or when, after ``patience_steps`` optimisation steps
+    (default: one epoch), that mean is not at least ``min_progress`` (a fraction) below L0.
+    ``enabled: false`` switches it off."""
+
+    enabled: bool = True
+    patience_steps: PositiveInt | None = None
+    min_progress: Annotated[float, Field(ge=0, lt=1)] = 0.01
+    max_loss_ratio: Annotated[float, Field(gt=1, allow_inf_nan=False)] = 3.0
+    window: PositiveInt = 20
+
+
+def _check_nesterov(task) -> None:
+    if task.nesterov and task.momentum == 0:
+        raise ValueError("nesterov needs momentum > 0 (got momentum 0)")
 
 
 class TaskConfig(Strict):
@@ -38,7 +61,7 @@ class TaskConfig(Strict):
 
     ``batch_size`` is the global batch per optimisation step, split evenly across the
     data-parallel workers. ``epochs`` counts passes over the training split. ``optimizer``:
-    ``sgd`` (``momentum``, ``weight_decay``), ``adam`` (``betas``; ``weight_decay`` as L2), or
+    ``sgd`` (``momentum``, ``nesterov``, ``weight_decay``), ``adam`` (``betas``; ``weight_decay`` as L2), or
     ``sgd_hd``: SGD whose LR is adapted online by hypergradient descent (Baydin et al., ICLR
     2018) with step ``hypergradient_lr``, starting from the schedule's LR.
     """
@@ -50,11 +73,12 @@ class TaskConfig(Strict):
     batch_size: PositiveInt = 128
     epochs: PositiveInt = 3
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    nesterov: bool = False
     weight_decay: NonNegFloat = 5e-4
     val_size: NonNegInt = 5000
     meta_per_class: NonNegInt = 100
     train_subset: PositiveInt | None = None
-    seed: int = 0
+    seed: Int = 0
     optimizer: Literal["sgd", "adam", "sgd_hd"] = "sgd"
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
         0.9,
@@ -63,9 +87,11 @@ class TaskConfig(Strict):
     hypergradient_lr: PositiveFloat = 1e-4
     label_noise: LabelNoiseConfig | None = None
     seq_len: PositiveInt = 100
+    guard: GuardConfig = GuardConfig()
 
     @model_validator(mode="after")
     def _check_modality(self):
+        _check_nesterov(self)
         text = self.dataset == "tinyshakespeare"
         if text != (self.model == "char_lstm"):
             raise ValueError("dataset tinyshakespeare goes with model char_lstm (and only it)")
@@ -99,7 +125,7 @@ class MethodConfig(Strict):
     def _check(self):
         from raymeta.schedules.hand import FAMILIES
 
-        allowed = {"optimizer", "betas", "hypergradient_lr", "momentum", "weight_decay"}
+        allowed = {"optimizer", "betas", "hypergradient_lr", "momentum", "nesterov", "weight_decay"}
         if set(self.optimizer) - allowed:
             raise ValueError(
                 f"optimizer keys {sorted(set(self.optimizer) - allowed)} unknown; accepted: {sorted(allowed)}"
@@ -204,13 +230,20 @@ class LongTailTaskConfig(Strict):
     profile: Literal["exp", "step"] = "exp"
     meta_per_class: NonNegInt = 10
     class_order: Literal["natural", "permuted"] = "natural"
-    order_seed: int | None = None
+    order_seed: Int | None = None
     n_max: PositiveInt | None = None
     batch_size: PositiveInt = 100
     epochs: PositiveInt = 10
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    nesterov: bool = False
     weight_decay: NonNegFloat = 5e-4
-    seed: int = 0
+    seed: Int = 0
+    guard: GuardConfig = GuardConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        _check_nesterov(self)
+        return self
 
 
 class LongTailMethodConfig(Strict):
@@ -321,7 +354,7 @@ class LongTailStudyConfig(Strict):
     registered_model: str = "mfm-modulator"
     alias: str = "champion"
     register_imbalance_factor: ImbalanceFactor | None = None
-    register_seed: int | None = None
+    register_seed: Int | None = None
     transfer: list[LongTailTransferConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -374,7 +407,7 @@ class SearchConfig(Strict):
     ranges: dict[str, dict[str, list[float]]] = Field(default_factory=dict)
     search_momentum: bool = False
     search_weight_decay: bool = False
-    seed: int = 0
+    seed: Int = 0
     max_concurrent: PositiveInt = 2
     cpus_per_trial: PositiveFloat = 1.0
     gpus_per_trial: Annotated[float, Field(ge=0, le=1)] = 0.0
@@ -517,15 +550,36 @@ def parse(model: type[BaseModel], data: Any, where: str = "") -> Any:
         raise ConfigError(format_validation_error(exc, where)) from None
 
 
+def _unique_key_loader():
+    """A ``yaml.SafeLoader`` that refuses a key repeated in one mapping (PyYAML keeps the last
+    value silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def load_yaml(path: str | Path) -> Any:
-    """Read a YAML file; one-line :class:`ConfigError` if missing or malformed."""
+    """Read a YAML file; one-line :class:`ConfigError` if missing, malformed or holding a key
+    twice in one mapping."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=_unique_key_loader())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""

@@ -4,9 +4,12 @@ The meta-learner is the schedule of the task it is meta-trained on: at every opt
 it maps the (worker-averaged) batch loss to the LR of the real SGD step. Every ``meta_every`` steps,
 counted globally across epochs, a one-step look-ahead updates it first:
 
-1. ``lr = gamma * MLRSNet(loss)`` with the current LSTM state, keeping the graph;
+1. ``lr = (1 - beta) * gamma * MLRSNet(loss)`` with the current LSTM state, keeping the graph
+   (``beta`` the SGD momentum: MLR-SNet's output is the effective step size,
+   :func:`~raymeta.schedules.mlrsnet.momentum_lr_scale`);
 2. virtual step ``w' = w - lr * d`` with ``d`` the direction SGD is about to take (the batch
-   gradient plus weight decay and momentum), which does not depend on the meta-learner;
+   gradient plus weight decay and the momentum buffer, plain or Nesterov), which does not
+   depend on the meta-learner;
 3. meta loss ``L_meta(w')`` on a batch of the balanced meta set;
 4. Adam step on the meta-learner with ``dL_meta/dtheta`` (averaged across workers).
 
@@ -29,7 +32,7 @@ from torch import nn
 from raymeta.meta.base import MetaLearner
 from raymeta.meta.lookahead import Average, identity_average, sgd_direction, unwrap
 from raymeta.schedules.base import Schedule
-from raymeta.schedules.mlrsnet import MLRSNet, gamma_scale, require_loss
+from raymeta.schedules.mlrsnet import MLRSNet, gamma_scale, momentum_lr_scale, require_loss
 
 
 class MLRSNetMetaTrainer(MetaLearner, Schedule):
@@ -46,9 +49,13 @@ class MLRSNetMetaTrainer(MetaLearner, Schedule):
         meta_lr, meta_weight_decay: Adam hyper-parameters of the outer loop (paper: 1e-3, 1e-4).
         loss_scale: divide the batch loss by this before the cell (1 for images).
         average: reduces a tensor to its mean over data-parallel workers (identity for one).
+        momentum: the task's SGD momentum ``beta``; the real and the virtual step use the LR
+            ``(1 - beta) * gamma * MLRSNet(loss)``, so the meta-learner learns the effective
+            step size whatever the momentum.
 
     Raises:
         ConfigError: ``meta_every < 1``.
+        ValueError: ``momentum`` not in ``[0, 1)``.
     """
 
     state_key = "cell"
@@ -63,6 +70,7 @@ class MLRSNetMetaTrainer(MetaLearner, Schedule):
         meta_weight_decay: float = 1e-4,
         loss_scale: float = 1.0,
         average: Average = identity_average,
+        momentum: float = 0.0,
     ):
         super().__init__(
             cell,
@@ -75,6 +83,7 @@ class MLRSNetMetaTrainer(MetaLearner, Schedule):
         self.meta_batch_size, self.loss_scale = meta_batch_size, loss_scale
         self.state = cell.initial_state()
         self.gamma: float | None = None
+        self.lr_scale = momentum_lr_scale(momentum)
 
     def start_epoch(self, epoch, mean_train_loss):
         if self.gamma is None:  # gamma from the initial model's mean training loss L0
@@ -91,7 +100,13 @@ class MLRSNetMetaTrainer(MetaLearner, Schedule):
         self.check_loss(loss, step, epoch)
         require_loss(loss)
         unit, self.state = self.cell(self._cell_input(loss), self.state)
-        return float(self.gamma * unit)
+        return float(self.lr_scale * self.gamma * unit)
+
+    def virtual_lr(self, loss: float) -> torch.Tensor:
+        """The LR ``()`` of the coming step, ``(1 - beta) * gamma * MLRSNet(loss)``, from the
+        current LSTM state (not advanced), differentiable w.r.t. the cell's parameters."""
+        unit, _ = self.cell(self._cell_input(loss), self.state)
+        return self.lr_scale * self.gamma * unit
 
     def meta_step(
         self,
@@ -110,11 +125,10 @@ class MLRSNetMetaTrainer(MetaLearner, Schedule):
             loss: the worker-averaged training batch loss (mean cross-entropy).
             meta_x, meta_y: this worker's meta batch ``(B_meta, ...)``, ``(B_meta,)``.
         """
-        unit, _ = self.cell(self._cell_input(loss), self.state)
         params = dict(unwrap(model).named_parameters())
         direction = sgd_direction(model, optimizer)
         meta_loss, grads = self.lookahead_meta_grads(
-            model, params, direction, self.gamma * unit, meta_x, meta_y
+            model, params, direction, self.virtual_lr(loss), meta_x, meta_y
         )
         return self.apply_meta_gradient(meta_loss, grads)
 

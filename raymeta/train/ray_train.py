@@ -72,6 +72,7 @@ def build_schedule(job: dict, task: TaskConfig, data, n_steps: int, workers):
             meta_weight_decay=job["meta_weight_decay"],
             loss_scale=scale,
             average=workers.mean,
+            momentum=task.momentum,
         )
     if kind == "mlrsnet":
         return MLRSNetSchedule(
@@ -80,6 +81,7 @@ def build_schedule(job: dict, task: TaskConfig, data, n_steps: int, workers):
             task.epochs,
             loss_scale=scale,
             fixed_gamma=job.get("gamma"),
+            momentum=task.momentum,
         )
     if kind == "longtail":
         job = job["schedule"]
