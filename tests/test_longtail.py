@@ -390,7 +390,30 @@ def test_transfer_refuses_the_registered_network_s_own_parameters():
     assert method.frozen and not method.needs_meta and method.optimizer is None
 
 
-def test_a_type_error_inside_a_constructor_propagates_unchanged():
-    with pytest.raises(TypeError, match="'<=' not supported") as err:
-        build_method("cb_reweight", COUNTS, _tiny_cnn(), beta="0.9")
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        (
+            "cb_reweight",
+            {"beta": "0.9"},
+            "parameter beta='0.9' has the wrong type; accepted: a float",
+        ),
+        ("ldam_drw", {"s": True}, "parameter s=True has the wrong type; accepted: a float"),
+    ],
+)
+def test_wrongly_typed_method_parameters_are_one_line_errors(name, params, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        build_method(name, COUNTS, _tiny_cnn(), **params)
+    assert "\n" not in str(err.value)
+
+
+def test_a_type_error_inside_a_constructor_propagates_unchanged(monkeypatch):
+    import raymeta.meta.losses as losses
+
+    def broken(counts, beta):
+        raise TypeError("raised inside the constructor")
+
+    monkeypatch.setattr(losses, "effective_number_weights", broken)
+    with pytest.raises(TypeError, match="raised inside the constructor") as err:
+        build_method("cb_reweight", COUNTS, _tiny_cnn(), beta=0.9)
     assert not isinstance(err.value, ConfigError)

@@ -73,16 +73,45 @@ class MethodInfo:
         """The accepted parameter names, sorted."""
         return sorted({name for fn in self.takes for name in _keywords(fn)})
 
+    @property
+    def defaults(self) -> dict[str, object]:
+        """Accepted parameter name -> its default (the first constructor's that takes it)."""
+        out: dict[str, object] = {}
+        for fn in self.takes:
+            for name, default in _defaults(fn).items():
+                out.setdefault(name, default)
+        return out
 
-def _keywords(fn: Callable) -> list[str]:
-    """Names of ``fn``'s parameters that can be passed by keyword and have a default."""
-    return [
-        p.name
+
+def _defaults(fn: Callable) -> dict[str, object]:
+    """``fn``'s parameters that can be passed by keyword and have a default -> the default."""
+    return {
+        p.name: p.default
         for p in inspect.signature(fn).parameters.values()
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         and p.default is not p.empty
         and p.name not in _CONTEXT
-    ]
+    }
+
+
+def _keywords(fn: Callable) -> list[str]:
+    """Names of ``fn``'s parameters that can be passed by keyword and have a default."""
+    return list(_defaults(fn))
+
+
+def _same_kind(value: object, default: object) -> bool:
+    """Whether ``value`` may replace ``default``: numbers for numbers (not booleans), booleans
+    for booleans, strings for strings, sequences for sequences; anything where the default is
+    None or of another type."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int | float):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, tuple | list):
+        return isinstance(value, tuple | list)
+    return True
 
 
 def _take(params: dict, fn: Callable) -> dict:
@@ -169,8 +198,9 @@ def check_params(name: str, params: dict) -> None:
     """Check a method's name and parameter keys against :data:`METHODS`, before building.
 
     Raises:
-        ConfigError: (one line) an unknown method, or keys that are not parameters of the
-            method, naming them and the accepted ones.
+        ConfigError: (one line) an unknown method, keys that are not parameters of the
+            method (naming them and the accepted ones), or a value whose type does not match
+            the parameter's default (a string for a number, a number for a boolean).
     """
     info = METHODS.get(name)
     if info is None:
@@ -181,6 +211,13 @@ def check_params(name: str, params: dict) -> None:
         raise ConfigError(
             f"method {name!r} has no parameter {', '.join(map(repr, bad))}; accepted: {accepted}"
         )
+    defaults = info.defaults
+    for key, value in params.items():
+        if not _same_kind(value, defaults[key]):
+            raise ConfigError(
+                f"method {name!r} parameter {key}={value!r} has the wrong type; accepted: a "
+                f"{type(defaults[key]).__name__} like the default {defaults[key]!r}"
+            )
 
 
 def build_method(
