@@ -129,14 +129,15 @@ def _import_reference(args) -> None:
     from raymeta.tracking import log_meta_learner, setup
 
     bundle = load_reference(args.dir, args.layout)
+    source = args.dir or "the checkpoints shipped with raymeta"
     _, experiment_id = setup(args.tracking_uri, args.experiment)
     with mlflow.start_run(experiment_id=experiment_id, run_name="import-reference"):
-        mlflow.log_params({"layout": args.layout, "dir": str(args.dir)})
+        mlflow.log_params({"layout": args.layout, "dir": str(source)})
         version = log_meta_learner(bundle, args.registered_model, args.alias)
     losses = [2.3, 1.5, 1.0, 0.6, 0.3]
     units = [f"{u:.4f}" for u in bundle(torch.tensor(losses)).tolist()]
     print(
-        f"registered {args.registered_model} version {version} (alias {args.alias}) from {args.dir}"
+        f"registered {args.registered_model} version {version} (alias {args.alias}) from {source}"
     )
     print(f"unit LR (before gamma) of the last checkpoint on losses {losses}: {units}")
     print(f"use it with model_uri: models:/{args.registered_model}@{args.alias}")
@@ -412,7 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "import-reference", help="import and register the released MLR-SNet checkpoints"
     )
-    p.add_argument("--dir", type=Path, default=None, help="folder with mlr_snet_{1,100,200}.pth")
+    p.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="folder with mlr_snet_{1,100,200}.pth (default: the copies shipped with raymeta)",
+    )
     p.add_argument("--layout", default="meta-test", help="meta-test (released files) | meta-train")
     p.add_argument("--registered-model", default="mlrsnet-reference")
     p.add_argument("--alias", default="reference")
@@ -436,10 +442,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no store-creation chatter
     args = build_parser().parse_args(argv)
-    if getattr(args, "dir", "unset") is None:
-        from raymeta.schedules.reference import REFERENCE_DIR
-
-        args.dir = Path(os.environ.get("RAYMETA_REFERENCE_DIR", REFERENCE_DIR))
     try:
         args.func(args)
     except RaymetaError as exc:
