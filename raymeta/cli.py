@@ -9,22 +9,14 @@ import sys
 from pathlib import Path
 
 from raymeta.errors import RaymetaError
-
-PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
-
-
-def _pipeline_path(name: str) -> Path:
-    for candidate in (Path(name), Path("pipelines") / name, PIPELINES / name):
-        if candidate.is_file():
-            return candidate
-    return Path(name)
+from raymeta.pipelines import find_pipeline
 
 
 def _run(args) -> None:
     from raymeta.config import load_pipeline
     from raymeta.pipeline import run_pipeline
 
-    cfg = load_pipeline(_pipeline_path(args.file))
+    cfg = load_pipeline(find_pipeline(args.file))
     run_pipeline(_override(cfg, args))
 
 
@@ -32,7 +24,7 @@ def _compare(args) -> None:
     from raymeta.config import load_pipeline
     from raymeta.tune.compare import run_compare
 
-    cfg = load_pipeline(_pipeline_path(args.file))
+    cfg = load_pipeline(find_pipeline(args.file))
     run_compare(_override(cfg, args), resume=args.resume)
 
 
@@ -40,7 +32,7 @@ def _study(args) -> None:
     from raymeta.config import load_pipeline
     from raymeta.tune.study import run_study
 
-    run_study(_override(load_pipeline(_pipeline_path(args.file)), args), resume=args.resume)
+    run_study(_override(load_pipeline(find_pipeline(args.file)), args), resume=args.resume)
 
 
 def _report(args) -> None:
@@ -339,13 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
-        "quickstart", help="run pipelines/quickstart.yaml (about 5 minutes on 2 CPUs)"
+        "quickstart", help="run the shipped quickstart.yaml pipeline (about 5 minutes on 2 CPUs)"
     )
     _add_common(p)
     p.set_defaults(func=_run, file="quickstart.yaml")
 
     p = sub.add_parser("run", help="run a pipeline YAML file")
-    p.add_argument("file", help="pipeline file, e.g. pipelines/quickstart.yaml")
+    p.add_argument("file", help="pipeline file, or the name of a shipped one, e.g. quickstart.yaml")
     _add_common(p)
     p.set_defaults(func=_run)
 
@@ -354,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="search hand-designed schedules (Ray Tune + Optuna) and compare with learned ones",
     )
     p.add_argument(
-        "file", help="pipeline with a 'compare' section, e.g. pipelines/compare_fashion.yaml"
+        "file", help="pipeline with a 'compare' section, e.g. compare_fashion.yaml (shipped)"
     )
     p.add_argument(
         "--resume",
@@ -368,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         "study", help="run a transfer study (a grid of tasks) as one Ray Tune experiment"
     )
     p.add_argument(
-        "file", help="pipeline with a 'study' section, e.g. pipelines/transfer_study.yaml"
+        "file", help="pipeline with a 'study' section, e.g. transfer_study.yaml (shipped)"
     )
     p.add_argument(
         "--resume",
