@@ -225,7 +225,7 @@ def _cifar(name: str) -> Dataset:
         f"{name} not found under "
         + ", ".join(str(d) for d in searched)
         + f" (torchvision layout, e.g. {searched[0]}/cifar-10-batches-py); copy the files there "
-        "or set RAYMETA_DATA_DIR — this machine cannot download them"
+        "or set RAYMETA_DATA_DIR (raymeta does not download CIFAR)"
     )
 
 
