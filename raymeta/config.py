@@ -2,7 +2,7 @@
 
 Every model forbids unknown keys; :func:`load_pipeline` turns any validation failure into a
 one-line :class:`~raymeta.errors.ConfigError` naming the key, e.g.
-``pipelines/x.yaml: meta_train.task.epochs: Input should be greater than 0 (got -1)``.
+``x.yaml: meta_train.task.epochs: Input should be greater than 0 (got -1)``.
 """
 
 from __future__ import annotations
@@ -289,7 +289,7 @@ class LongTailMethodConfig(Strict):
 
 # Linear warm-up over the first 10 % of the steps, then cosine to 0, for every method: MultiStep
 # at 0.1 from the first step left the BN-free small CNN at the prior's entropy (10 % accuracy)
-# under logit adjustment and LDAM (docs/mfm.md). pipelines/mfm_cifar_lt.yaml sets the
+# under logit adjustment and LDAM (docs/mfm.md). raymeta/pipelines/mfm_cifar_lt.yaml sets the
 # Meta-Weight-Net protocol's MultiStep explicitly for ResNet-32.
 DEFAULT_LONGTAIL_SCHEDULE = {
     "schedule": "warmup_cosine",
@@ -589,5 +589,5 @@ def load_yaml(path: str | Path) -> Any:
 
 
 def load_pipeline(path: str | Path) -> PipelineConfig:
-    """Load and validate a pipeline YAML file (see ``pipelines/quickstart.yaml``)."""
+    """Load and validate a pipeline YAML file (see ``raymeta/pipelines/quickstart.yaml``)."""
     return parse(PipelineConfig, load_yaml(path), str(path))

@@ -270,7 +270,9 @@ def job_request(
 
     Args:
         file: the pipeline or study YAML, inside the runtime_env's local ``working_dir`` (it
-            travels with it); with no local working_dir, a path on the cluster.
+            travels with it); the name of a pipeline shipped with raymeta (e.g.
+            ``quickstart.yaml``: checked here, and the job's raymeta reads its own copy); with
+            no local working_dir, a path on the cluster.
         subcommand: ``run``, ``compare`` or ``study``; None guesses from the file
             (:func:`guess_subcommand`).
         runtime_env: a runtime_env YAML path or dict (see :func:`load_runtime_env`).
@@ -288,15 +290,18 @@ def job_request(
             bad subcommand or runtime_env; a placeholder ``MLFLOW_TRACKING_URI``.
     """
     from raymeta.config import load_pipeline
+    from raymeta.pipelines import find_pipeline, shipped_pipeline
 
     env = load_runtime_env(runtime_env)
     working_dir = _local_working_dir(env)
     path = Path(file)
     job_file = str(file)
-    if working_dir is not None or path.is_file():
+    shipped = None if path.exists() else shipped_pipeline(file)
+    if working_dir is not None or path.is_file() or shipped is not None:
+        path = find_pipeline(file)  # a miss is one line listing the shipped pipelines
         load_pipeline(path)  # fail here, not minutes later on the cluster
         subcommand = subcommand or guess_subcommand(path)
-    if working_dir is not None:
+    if working_dir is not None and shipped is None:
         try:
             job_file = path.resolve().relative_to(working_dir).as_posix()
         except ValueError:

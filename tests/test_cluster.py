@@ -26,6 +26,7 @@ import yaml
 
 from raymeta import jobs
 from raymeta.errors import ConfigError, RaymetaError
+from raymeta.pipelines import packaged_pipelines
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -149,7 +150,7 @@ def test_kuberay_rayjob_runs_a_study_with_the_runtime_env():
     assert set(spec) <= RAYJOB_SPEC, set(spec) - RAYJOB_SPEC
     words = spec["entrypoint"].split()
     assert words[:3] == ["python", "-m", "raymeta.cli"] and words[3] in jobs.SUBCOMMANDS
-    assert words[4].startswith("pipelines/") and words[4].endswith(".yaml")
+    assert words[4] in packaged_pipelines()  # a pipeline shipped in the image's raymeta
     env = yaml.safe_load(spec["runtimeEnvYAML"])
     RuntimeEnv(**env)  # Ray's own runtime_env validation
     assert pins_of(env["pip"]["packages"]) == PINS
@@ -322,7 +323,7 @@ def test_default_excludes_keep_secrets_and_outputs_out(tmp_path):
         "mlartifacts/1/a", "mlruns/0/meta.yaml",
     ]  # fmt: skip
     needed = [
-        "pipelines/quickstart.yaml", "raymeta/jobs.py", "raymeta/keys.py", "environment.yml",
+        "raymeta/pipelines/quickstart.yaml", "raymeta/jobs.py", "raymeta/keys.py", "environment.yml",
         ".envrc", ".gitignore", "docs/outputs.md", "cluster/runtime_env.yaml", "README.md",
     ]  # fmt: skip
     env = jobs.load_runtime_env(None)
@@ -346,7 +347,7 @@ def test_submit_checks_before_contacting_the_cluster(tmp_path, monkeypatch, caps
     monkeypatch.chdir(ROOT)
     (port,) = free_ports(1)  # nothing listens: every check below must fail before connecting
     address = f"http://127.0.0.1:{port}"
-    quickstart = "pipelines/quickstart.yaml"
+    quickstart = "raymeta/pipelines/quickstart.yaml"
     with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI is still the placeholder") as err:
         jobs.job_request(quickstart, runtime_env=CLUSTER / "runtime_env.yaml")
     assert "\n" not in str(err.value)
@@ -363,13 +364,20 @@ def test_submit_checks_before_contacting_the_cluster(tmp_path, monkeypatch, caps
     Path("bad.yaml").write_text((ROOT / quickstart).read_text() + "\nnot_a_section: 1\n")
     message = cli_error(capsys, ["submit", "bad.yaml", "--address", address])
     assert message == "bad.yaml: not_a_section: unknown key"
-    assert cli_error(capsys, ["submit", "nope.yaml", "--address", address]) == (
-        "config file nope.yaml not found"
+    assert cli_error(capsys, ["submit", "nope.yaml", "--address", address]).startswith(
+        "pipeline file nope.yaml not found, and raymeta ships no pipeline of that name; shipped: "
     )
+    # a shipped pipeline by name, from any folder: checked here, read by the job's raymeta
+    shipped = jobs.job_request("transfer_study.yaml")
+    assert shipped["entrypoint"] == "python -m raymeta.cli study transfer_study.yaml"
+    assert shipped["metadata"] == {
+        "raymeta.file": "transfer_study.yaml",
+        "raymeta.subcommand": "study",
+    }
     monkeypatch.chdir(ROOT)
     request = jobs.job_request(quickstart, extra_args=["--output-dir", "/x"], tracking_uri="http://m:5000")  # fmt: skip
     assert request["entrypoint"] == (
-        "python -m raymeta.cli run pipelines/quickstart.yaml --output-dir /x"
+        "python -m raymeta.cli run raymeta/pipelines/quickstart.yaml --output-dir /x"
     )
     assert request["runtime_env"] == {
         "working_dir": ".",
@@ -521,13 +529,13 @@ def test_jobs_on_a_local_two_node_cluster(two_node_cluster, tmp_path, monkeypatc
     sleeper = c.submit_job(entrypoint="sleep 120")
     # 3. a raymeta command, the way users submit: the project as working_dir, the file in it
     capsys.readouterr()
-    assert main(["submit", "pipelines/quickstart.yaml", "--job-args=--help", "--follow"]) == 0
+    assert main(["submit", "quickstart.yaml", "--job-args=--help", "--follow"]) == 0
     out = capsys.readouterr().out
     cli = out.split()[1]  # "submitted raysubmit_... to URL"
     assert out.startswith(f"submitted {cli} to {url}\n") and out.endswith(f"{cli}: SUCCEEDED\n")
     assert "usage: raymeta run [-h]" in out  # the job's logs, streamed by tail_job_logs
     detail = c.get_job_info(cli)
-    assert detail.entrypoint == "python -m raymeta.cli run pipelines/quickstart.yaml --help"
+    assert detail.entrypoint == "python -m raymeta.cli run quickstart.yaml --help"
     assert detail.metadata["raymeta.subcommand"] == "run"
     assert main(["jobs", "status", cli, "--address", url]) == 0
     assert f"{cli}  SUCCEEDED" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""The one-step look-ahead shared by MLR-SNet, MFM and Meta-Weight-Net (design.md section 5).
+"""The one-step look-ahead shared by MLR-SNet, MFM and Meta-Weight-Net (docs/design.md section 5).
 
 Every method needs the gradient of a meta loss through one virtual SGD step ``w' = w - lr * d``:
 the meta loss is the loss of the virtually updated model on a batch of the meta set. It is

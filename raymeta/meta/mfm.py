@@ -2,13 +2,13 @@
 one-step look-ahead (Wang et al., "Meta Feature Modulator for Long-tailed Recognition",
 arXiv 2008.03428).
 
-The paper's internals are not public; this is raymeta's reading of its abstract (design.md
+The paper's internals are not public; this is raymeta's reading of its abstract (docs/design.md
 section 4), and every choice below is ours. The modulation (:mod:`raymeta.models.modulation`:
 direct per-channel parameters or a shared modulator network) acts on the classifier's features
 and is a hyper-parameter of the classifier: it is never trained on the long-tailed training
 loss. Two look-ahead variants, chosen by ``lookahead``:
 
-``"exact"`` (design.md section 4, step by step). Every ``meta_every`` steps:
+``"exact"`` (docs/design.md section 4, step by step). Every ``meta_every`` steps:
 
 1. the training loss ``L_train(w, phi)`` (mean cross-entropy of the long-tailed batch, with the
    current modulation ``phi``) gives the direction ``d(phi) = dL_train/dw + mu * buf + wd * w``

@@ -51,7 +51,7 @@ class MetaWeightNetTrainer(LookaheadMethod):
         wnet: the :class:`WeightNet`.
         meta_lr, meta_weight_decay: optimiser of ``theta``. The reference's long-tail script
             uses Adam with lr 1e-5, weight decay 1e-4; that lr leaves the weights nearly uniform
-            in short runs (design.md section 4), so the default lr here is 1e-3.
+            in short runs (docs/design.md section 4), so the default lr here is 1e-3.
         meta_every: meta step every ``meta_every`` optimisation steps.
         normalise: divide the weighted loss by the sum of the weights (the reference).
         meta_optimizer: ``"adam"``, ``"sgd"`` or a factory.

@@ -1,7 +1,7 @@
 """Per-channel feature modulation for MFM (Meta Feature Modulator, Wang et al., arXiv 2008.03428).
 
 The paper's internals are not public: this module implements raymeta's reading of its abstract
-(design.md section 4), not a reproduction of the authors' code.
+(docs/design.md section 4), not a reproduction of the authors' code.
 
 A modulation rescales and shifts every channel of the feature maps that chosen submodules
 (**sites**) of a classifier output: ``f -> scale * f + shift`` with ``scale``/``shift``
