@@ -9,22 +9,14 @@ import sys
 from pathlib import Path
 
 from raymeta.errors import RaymetaError
-
-PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
-
-
-def _pipeline_path(name: str) -> Path:
-    for candidate in (Path(name), Path("pipelines") / name, PIPELINES / name):
-        if candidate.is_file():
-            return candidate
-    return Path(name)
+from raymeta.pipelines import find_pipeline
 
 
 def _run(args) -> None:
     from raymeta.config import load_pipeline
     from raymeta.pipeline import run_pipeline
 
-    run_pipeline(_override(load_pipeline(_pipeline_path(args.file)), args))
+    run_pipeline(_override(load_pipeline(find_pipeline(args.file)), args))
 
 
 def _section(args) -> None:
@@ -32,7 +24,7 @@ def _section(args) -> None:
     from raymeta.config import load_pipeline
     from raymeta.pipeline import run_pipeline
 
-    cfg = _override(load_pipeline(_pipeline_path(args.file)), args)
+    cfg = _override(load_pipeline(find_pipeline(args.file)), args)
     run_pipeline(cfg, [args.section], resume=args.resume)
 
 
@@ -125,14 +117,15 @@ def _import_reference(args) -> None:
     from raymeta.tracking import log_meta_learner, setup
 
     bundle = load_reference(args.dir, args.layout)
+    source = args.dir or "the checkpoints shipped with raymeta"
     _, experiment_id = setup(args.tracking_uri, args.experiment)
     with mlflow.start_run(experiment_id=experiment_id, run_name="import-reference"):
-        mlflow.log_params({"layout": args.layout, "dir": str(args.dir)})
+        mlflow.log_params({"layout": args.layout, "dir": str(source)})
         version = log_meta_learner(bundle, args.registered_model, args.alias)
     losses = [2.3, 1.5, 1.0, 0.6, 0.3]
     units = [f"{u:.4f}" for u in bundle(torch.tensor(losses)).tolist()]
     print(
-        f"registered {args.registered_model} version {version} (alias {args.alias}) from {args.dir}"
+        f"registered {args.registered_model} version {version} (alias {args.alias}) from {source}"
     )
     print(f"unit LR (before gamma) of the last checkpoint on losses {losses}: {units}")
     print(f"use it with model_uri: models:/{args.registered_model}@{args.alias}")
@@ -392,13 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
-        "quickstart", help="run pipelines/quickstart.yaml (about 5 minutes on 2 CPUs)"
+        "quickstart", help="run the shipped quickstart.yaml pipeline (about 5 minutes on 2 CPUs)"
     )
     _add_common(p)
     p.set_defaults(func=_run, file="quickstart.yaml")
 
     p = sub.add_parser("run", help="run a pipeline YAML file")
-    p.add_argument("file", help="pipeline file, e.g. pipelines/quickstart.yaml")
+    p.add_argument("file", help="pipeline file, or the name of a shipped one, e.g. quickstart.yaml")
     _add_common(p)
     p.set_defaults(func=_run)
 
@@ -407,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="search hand-designed schedules (Ray Tune + Optuna) and compare with learned ones",
     )
     p.add_argument(
-        "file", help="pipeline with a 'compare' section, e.g. pipelines/compare_fashion.yaml"
+        "file", help="pipeline with a 'compare' section, e.g. compare_fashion.yaml (shipped)"
     )
     p.add_argument(
         "--resume",
@@ -421,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
         "study", help="run a transfer study (a grid of tasks) as one Ray Tune experiment"
     )
     p.add_argument(
-        "file", help="pipeline with a 'study' section, e.g. pipelines/transfer_study.yaml"
+        "file", help="pipeline with a 'study' section, e.g. transfer_study.yaml (shipped)"
     )
     p.add_argument(
         "--resume",
@@ -481,7 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "import-reference", help="import and register the released MLR-SNet checkpoints"
     )
-    p.add_argument("--dir", type=Path, default=None, help="folder with mlr_snet_{1,100,200}.pth")
+    p.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="folder with mlr_snet_{1,100,200}.pth (default: the copies shipped with raymeta)",
+    )
     p.add_argument("--layout", default="meta-test", help="meta-test (released files) | meta-train")
     p.add_argument("--registered-model", default="mlrsnet-reference")
     p.add_argument("--alias", default="reference")
@@ -505,10 +503,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no store-creation chatter
     args = build_parser().parse_args(argv)
-    if getattr(args, "dir", "unset") is None:
-        from raymeta.schedules.reference import REFERENCE_DIR
-
-        args.dir = Path(os.environ.get("RAYMETA_REFERENCE_DIR", REFERENCE_DIR))
     try:
         args.func(args)
     except RaymetaError as exc:

@@ -2,7 +2,7 @@
 
 Every model forbids unknown keys; :func:`load_pipeline` turns any validation failure into a
 one-line :class:`~raymeta.errors.ConfigError` naming the key, e.g.
-``pipelines/x.yaml: meta_train.task.epochs: Input should be greater than 0 (got -1)``.
+``x.yaml: meta_train.task.epochs: Input should be greater than 0 (got -1)``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,11 @@ from pydantic import (
 
 from raymeta.errors import ConfigError
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
+# Integers are strict (YAML's ``true`` is not 1, ``2.5`` is not 2); floats refuse NaN and
+# infinity everywhere (``allow_inf_nan=False`` on :class:`Strict`).
+Int = Annotated[int, Field(strict=True)]
+PositiveInt = Annotated[int, Field(gt=0, strict=True)]
+NonNegInt = Annotated[int, Field(ge=0, strict=True)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 
@@ -34,7 +37,9 @@ class Strict(BaseModel):
     """A config section: unknown keys are refused, values are immutable, and a field with an
     old name (``validation_alias=AliasChoices(new, old)``) accepts either name, not both."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, allow_inf_nan=False, populate_by_name=True
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -77,12 +82,12 @@ def _lower_default(module: str, obj: str, parameter: str) -> Any:
 
 
 def longtail_methods() -> dict[str, tuple[str, bool]]:
-    """Long-tail method name -> (default label, whether it needs a meta set).
+    """Long-tail method name -> (default label, whether it needs a meta set), read from the
+    method registry of the lower floor (:data:`raymeta.meta.methods.METHODS`; imported on
+    first use: it imports torch)."""
+    from raymeta.meta.methods import METHODS
 
-    The one table of long-tail method names on the upper floors: the config validates against
-    it, labels come from it and the CLI refers to it.
-    """
-    return _LONGTAIL_METHODS
+    return {name: (info.label, info.needs_meta_set) for name, info in METHODS.items()}
 
 
 class LabelNoiseConfig(Strict):
@@ -91,7 +96,27 @@ class LabelNoiseConfig(Strict):
 
     type: Literal["uniform", "pair"]
     rate: Annotated[float, Field(ge=0, lt=1)]
-    seed: int | None = None
+    seed: Int | None = None
+
+
+class GuardConfig(Strict):
+    """The dead-run guard (:class:`raymeta.train.guard.ProgressGuard`): a run stops with a
+    one-line error when its training loss is NaN or infinite, when the mean loss of its last
+    ``window`` steps exceeds ``max_loss_ratio`` times the initial loss L0 (the first step's
+    batch loss, before any update), or when, after ``patience_steps`` optimisation steps
+    (default: one epoch), that mean is not at least ``min_progress`` (a fraction) below L0.
+    ``enabled: false`` switches it off."""
+
+    enabled: bool = True
+    patience_steps: PositiveInt | None = None
+    min_progress: Annotated[float, Field(ge=0, lt=1)] = 0.01
+    max_loss_ratio: Annotated[float, Field(gt=1, allow_inf_nan=False)] = 3.0
+    window: PositiveInt = 20
+
+
+def _check_nesterov(task) -> None:
+    if task.nesterov and task.momentum == 0:
+        raise ValueError("nesterov needs momentum > 0 (got momentum 0)")
 
 
 class TaskConfig(Strict):
@@ -99,7 +124,7 @@ class TaskConfig(Strict):
 
     ``batch_size`` is the global batch per optimisation step, split evenly across the
     data-parallel workers. ``epochs`` counts passes over the training split. ``optimizer``:
-    ``sgd`` (``momentum``, ``weight_decay``), ``adam`` (``betas``; ``weight_decay`` as L2), or
+    ``sgd`` (``momentum``, ``nesterov``, ``weight_decay``), ``adam`` (``betas``; ``weight_decay`` as L2), or
     ``sgd_hd``: SGD whose LR is adapted online by hypergradient descent (Baydin et al., ICLR
     2018) with step ``hypergradient_lr``, starting from the schedule's LR.
     """
@@ -111,11 +136,12 @@ class TaskConfig(Strict):
     batch_size: PositiveInt = 128
     epochs: PositiveInt = 3
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    nesterov: bool = False
     weight_decay: NonNegFloat = 5e-4
     val_size: NonNegInt = 5000
     meta_per_class: NonNegInt = 100
     train_subset: PositiveInt | None = None
-    seed: int = 0
+    seed: Int = 0
     optimizer: Literal["sgd", "adam", "sgd_hd"] = "sgd"
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
         0.9,
@@ -124,9 +150,11 @@ class TaskConfig(Strict):
     hypergradient_lr: PositiveFloat = 1e-4
     label_noise: LabelNoiseConfig | None = None
     seq_len: PositiveInt = 100
+    guard: GuardConfig = GuardConfig()
 
     @model_validator(mode="after")
     def _check_modality(self):
+        _check_nesterov(self)
         text = self.dataset == "tinyshakespeare"
         if text != (self.model == "char_lstm"):
             raise ValueError("dataset tinyshakespeare goes with model char_lstm (and only it)")
@@ -160,7 +188,7 @@ class MethodConfig(Strict):
     def _check(self):
         from raymeta.schedules import FAMILIES
 
-        allowed = {"optimizer", "betas", "hypergradient_lr", "momentum", "weight_decay"}
+        allowed = {"optimizer", "betas", "hypergradient_lr", "momentum", "nesterov", "weight_decay"}
         if set(self.optimizer) - allowed:
             raise ValueError(
                 f"optimizer keys {sorted(set(self.optimizer) - allowed)} unknown; accepted: {sorted(allowed)}"
@@ -260,20 +288,6 @@ class TransferConfig(Section):
         return {m.model_uri: "mlrsnet" for m in self.methods if m.model_uri}
 
 
-# name -> (default label, needs a meta set); read only through longtail_methods(). Once the
-# method registry of the lower floor (raymeta.meta.methods.METHODS) exists, longtail_methods()
-# reads it from there and this table goes.
-_LONGTAIL_METHODS = {
-    "ce": ("CE", False),
-    "cb_reweight": ("CB re-weighting", False),
-    "cb_resample": ("CB re-sampling", False),
-    "focal": ("focal", False),
-    "ldam_drw": ("LDAM-DRW", False),
-    "logit_adjust": ("logit adjustment", False),
-    "mwn": ("Meta-Weight-Net", True),
-    "mfm_direct": ("MFM (direct)", True),
-    "mfm_network": ("MFM (network)", True),
-}
 ImbalanceFactor = Annotated[float, Field(ge=1, allow_inf_nan=False)]
 
 
@@ -296,13 +310,20 @@ class LongTailTaskConfig(Strict):
     profile: Literal["exp", "step"] = "exp"
     meta_per_class: NonNegInt = 10
     class_order: Literal["natural", "permuted"] = "natural"
-    order_seed: int | None = None
+    order_seed: Int | None = None
     n_max: PositiveInt | None = None
     batch_size: PositiveInt = 100
     epochs: PositiveInt = 10
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    nesterov: bool = False
     weight_decay: NonNegFloat = 5e-4
-    seed: int = 0
+    seed: Int = 0
+    guard: GuardConfig = GuardConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        _check_nesterov(self)
+        return self
 
 
 class LongTailMethodConfig(Strict):
@@ -310,7 +331,7 @@ class LongTailMethodConfig(Strict):
 
     ``method``: ``ce``, ``cb_reweight``, ``cb_resample``, ``focal``, ``ldam_drw``,
     ``logit_adjust``, ``mwn``, ``mfm_direct``, ``mfm_network``; ``params`` go to
-    :func:`raymeta.meta.longtail_losses.build_longtail_method` (e.g. ``beta``, ``gamma``,
+    :func:`raymeta.meta.methods.build_method` (e.g. ``beta``, ``gamma``,
     ``tau``, ``meta_lr``, ``meta_every``, ``lookahead``, ``hidden``). ``meta_batch_size``:
     global meta batch of the meta-learned methods. ``model_uri`` (``mfm_network`` only): a
     registered modulator network (``models:/NAME@ALIAS``) applied frozen, with no meta set.
@@ -349,7 +370,7 @@ class LongTailMethodConfig(Strict):
 
 # Linear warm-up over the first 10 % of the steps, then cosine to 0, for every method: MultiStep
 # at 0.1 from the first step left the BN-free small CNN at the prior's entropy (10 % accuracy)
-# under logit adjustment and LDAM (docs/mfm.md). pipelines/mfm_cifar_lt.yaml sets the
+# under logit adjustment and LDAM (docs/mfm.md). raymeta/pipelines/mfm_cifar_lt.yaml sets the
 # Meta-Weight-Net protocol's MultiStep explicitly for ResNet-32.
 DEFAULT_LONGTAIL_SCHEDULE = {
     "schedule": "warmup_cosine",
@@ -417,7 +438,7 @@ class LongTailStudyConfig(Section):
     registered_model: str = "mfm-modulator"
     alias: str = "champion"
     register_imbalance_factor: ImbalanceFactor | None = None
-    register_seed: int | None = None
+    register_seed: Int | None = None
     transfer: list[LongTailTransferConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -482,7 +503,7 @@ class SearchConfig(Strict):
     ranges: dict[str, dict[str, list[float]]] = Field(default_factory=dict)
     search_momentum: bool = False
     search_weight_decay: bool = False
-    seed: int = 0
+    seed: Int = 0
     max_concurrent: PositiveInt = 2
     cpus_per_trial: PositiveFloat = 1.0
     gpus_per_trial: Annotated[float, Field(ge=0, le=1)] = 0.0
@@ -640,15 +661,36 @@ def parse(model: type[BaseModel], data: Any, where: str = "") -> Any:
         raise ConfigError(format_validation_error(exc, where)) from None
 
 
+def _unique_key_loader():
+    """A ``yaml.SafeLoader`` that refuses a key repeated in one mapping (PyYAML keeps the last
+    value silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def load_yaml(path: str | Path) -> Any:
-    """Read a YAML file; one-line :class:`ConfigError` if missing or malformed."""
+    """Read a YAML file; one-line :class:`ConfigError` if missing, malformed or holding a key
+    twice in one mapping."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=_unique_key_loader())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
@@ -658,5 +700,5 @@ def load_yaml(path: str | Path) -> Any:
 
 
 def load_pipeline(path: str | Path) -> PipelineConfig:
-    """Load and validate a pipeline YAML file (see ``pipelines/quickstart.yaml``)."""
+    """Load and validate a pipeline YAML file (see ``raymeta/pipelines/quickstart.yaml``)."""
     return parse(PipelineConfig, load_yaml(path), str(path))

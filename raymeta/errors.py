@@ -15,3 +15,9 @@ class DataNotFoundError(RaymetaError, FileNotFoundError):
 
 class NonFiniteLossError(RaymetaError, FloatingPointError):
     """The training loss became NaN or infinite; the run stops instead of producing a NaN LR."""
+
+
+class DeadRunError(RaymetaError):
+    """A run makes no progress (its training loss is not below its initial value after the
+    guard's patience, or grew past a multiple of it): stopped instead of training on at chance.
+    Deterministic, so never retried."""

@@ -1,27 +1,26 @@
 """Ray Jobs: submit a raymeta pipeline or study to a Ray cluster and watch it.
 
-A thin layer over Ray's :class:`ray.job_submission.JobSubmissionClient` (the REST API of the
-head node's dashboard, port 8265 by default). The job's entrypoint is
-``python -m raymeta.cli SUBCOMMAND FILE [ARGS...]``, run by the cluster in the job's working
-directory: with a local ``working_dir`` in the runtime_env (the default is the current
-directory, minus the ``.gitignore``'d files and :data:`DEFAULT_EXCLUDES`), Ray uploads it and
-the job imports that copy of raymeta, so the cluster runs exactly the submitted code.
+Everything that talks to the cluster is Ray's public
+:class:`ray.job_submission.JobSubmissionClient` (the REST API of the head node's dashboard, port
+8265 by default). raymeta adds what Ray cannot know: it validates the pipeline file here before
+anything is sent, builds the entrypoint (``python -m raymeta.cli run|compare|study FILE ARGS``,
+run in the job's working directory, so the job imports the uploaded copy of raymeta), and
+filters the upload (:data:`DEFAULT_EXCLUDES` plus the working directory's ``.gitignore`` and
+``.rayignore`` files).
 
-Address: ``address`` argument, else ``$RAY_API_SERVER_ADDRESS``, else ``$RAY_ADDRESS``, else
-``http://127.0.0.1:8265``. An explicit address wins over the environment (Ray's client
-would otherwise let ``RAY_ADDRESS`` override it).
+Address: the ``address`` argument, else ``$RAY_API_SERVER_ADDRESS``, else ``$RAY_ADDRESS``, else
+:data:`DEFAULT_ADDRESS`; it must be ``http://HOST:PORT`` or ``https://HOST:PORT``. An explicit
+address wins over the environment (Ray's client alone would let ``RAY_ADDRESS`` override it).
 
-Authentication: Ray 2.52+ clusters may require a token (on by default for local clusters since
-Ray 2.59). Unless ``RAY_AUTH_MODE=disabled``, the client sends the token Ray itself would use
-(``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``) as a bearer header, so
-``RAY_AUTH_MODE=token`` is not needed on the client; a server without auth ignores it.
-
-Every failure a user can cause (unreachable address, unknown job id, missing token, bad
-runtime_env) is a one-line :class:`~raymeta.errors.RaymetaError`.
+Authentication: clusters with ``RAY_AUTH_MODE=token`` (the default for local clusters since Ray
+2.59) refuse requests without the cluster's token. Ray's client sends it only when the client's
+own environment has ``RAY_AUTH_MODE=token``; raymeta sends it whenever one is configured, found
+where Ray documents it (``$RAY_AUTH_TOKEN``, the file ``$RAY_AUTH_TOKEN_PATH``, else
+``~/.ray/auth_token``), unless ``RAY_AUTH_MODE=disabled``. A server without auth ignores it.
 
 CLI (wired by :func:`add_job_commands`)::
 
-    raymeta submit FILE [--address URL] [--runtime-env YAML] [--subcommand run|study]
+    raymeta submit FILE [--address URL] [--runtime-env YAML] [--subcommand run|compare|study]
                         [--tracking-uri URI] [--job-args 'ARGS'] [--follow]
     raymeta jobs list|status ID|logs ID [--follow]|stop ID|wait ID  [--address URL]
 """
@@ -30,12 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import ipaddress
 import os
 import shlex
 import socket
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -43,77 +44,78 @@ from urllib.parse import urlparse
 from raymeta.errors import ConfigError, RaymetaError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+CONNECT_TIMEOUT_S = 5.0  # an unreachable address fails after this, on one line
 SUBCOMMANDS = ("run", "compare", "study")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-DEFAULT_EXCLUDES = [
-    ".git",
-    ".venv",
-    "**/__pycache__",
-    "outputs",
-    "ray_results",
-    "mlruns",
-    "mlartifacts",
-    "*.db",
-    "*.egg-info",
-]
 PIPELINE_KEYS = {"meta_train", "transfer", "mfm"}  # sections `raymeta run` handles
+DEFAULT_EXCLUDES = [  # gitignore patterns, matched at any depth of the working_dir
+    ".env", ".env.*", "*.pem", "*.key", "*.p12", "id_rsa*", "id_ed25519*",  # secrets
+    ".git", ".venv", "venv", "__pycache__", "*.egg-info",  # version control, environments
+    "outputs", "ray_results", "mlflow.db", "mlartifacts", "mlruns",  # results, MLflow stores
+]  # fmt: skip
+"""What ``raymeta submit`` never uploads: secrets, version control, virtualenvs, outputs and
+MLflow stores. A runtime_env's own ``excludes`` come after these, so ``!PATTERN`` there
+re-includes one (gitignore negation)."""
 
 
 def resolve_address(address: str | None = None) -> str:
-    """The Jobs API address: ``address``, ``$RAY_API_SERVER_ADDRESS``, ``$RAY_ADDRESS`` or
-    :data:`DEFAULT_ADDRESS`, without a trailing slash."""
-    address = (
-        address
-        or os.environ.get("RAY_API_SERVER_ADDRESS")
-        or os.environ.get("RAY_ADDRESS")
-        or DEFAULT_ADDRESS
-    )
-    return address.rstrip("/")
+    """The Jobs API URL: ``address``, ``$RAY_API_SERVER_ADDRESS``, ``$RAY_ADDRESS`` or
+    :data:`DEFAULT_ADDRESS`, without a trailing slash.
+
+    Raises:
+        ConfigError: the address is not ``http://HOST:PORT`` or ``https://HOST:PORT``.
+    """
+    source, value = "--address", address
+    for var in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        if value is None and os.environ.get(var):
+            source, value = f"${var}", os.environ[var]
+    value = (value or DEFAULT_ADDRESS).rstrip("/")
+    parsed = urlparse(value)
+    if "://" not in value or parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(
+            f"{source} {value!r} needs a scheme; accepted: http://HOST:PORT or https://HOST:PORT"
+        )
+    return value
 
 
-@contextlib.contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
+def _token() -> str | None:
+    """The cluster token from Ray's documented sources, or None (none, or auth disabled).
 
-
-def _auth_headers() -> dict[str, str]:
-    """``{"authorization": "Bearer <token>"}`` from Ray's token sources, or ``{}``."""
+    Raises:
+        RaymetaError: ``$RAY_AUTH_TOKEN_PATH`` names a file that cannot be read.
+    """
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
-        return {}
+        return None
+    if token := os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return token
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
     try:
-        from ray._raylet import AuthenticationTokenLoader
-    except ImportError:  # a Ray without token auth
-        return {}
-    try:
-        return dict(AuthenticationTokenLoader.instance().get_token_for_http_header(True))
-    except Exception:  # unreadable token file: let the server answer 401 with Ray's message
-        return {}
-
-
-def _probe(url: str, timeout: float = 5.0) -> None:
-    """Fail fast (one line) if an http(s) address does not accept TCP connections."""
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        return
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
-            pass
+        return (Path(path) if path else Path.home() / ".ray" / "auth_token").read_text().strip()
     except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise RaymetaError(
-            f"cannot reach the Ray dashboard at {url} ({reason}); is the cluster up? "
-            "(for a `ray up` cluster run `ray dashboard cluster/gpu-cluster.yaml` and use "
-            "http://127.0.0.1:8265; for KubeRay `kubectl port-forward svc/CLUSTER-head-svc 8265:8265`)"
-        ) from None
+        if path:
+            raise RaymetaError(f"$RAY_AUTH_TOKEN_PATH {path}: {exc.strerror}") from None
+        return None
+
+
+def token_in_clear(url: str) -> bool:
+    """True if a request to ``url`` would carry a token unencrypted off this host: plain
+    ``http`` to a host that is not ``localhost`` or a loopback IP (hostnames are not resolved)."""
+    parsed = urlparse(url)
+    if parsed.scheme != "http" or parsed.hostname == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(parsed.hostname).is_loopback
+    except ValueError:  # a host name
+        return True
+
+
+@functools.cache
+def _warn_token_in_clear(url: str) -> None:
+    print(
+        f"raymeta: warning: the Ray token goes unencrypted over plain http to {url}; use "
+        "https:// or a tunnel to 127.0.0.1 (`ray dashboard CLUSTER.yaml`, `kubectl port-forward`)",
+        file=sys.stderr,
+    )
 
 
 def _one_line(exc: BaseException) -> str:
@@ -122,24 +124,58 @@ def _one_line(exc: BaseException) -> str:
 
 
 def client(address: str | None = None):
-    """A connected :class:`JobSubmissionClient` for ``address`` (see :func:`resolve_address`).
+    """A connected :class:`JobSubmissionClient` for ``address`` (see :func:`resolve_address`),
+    sending the cluster token (see the module docstring).
 
     Raises:
-        RaymetaError: the address is unreachable, not a Ray dashboard, or refuses the token.
+        ConfigError: the address has no http(s) scheme.
+        RaymetaError: no TCP connection within :data:`CONNECT_TIMEOUT_S`, not a Ray dashboard,
+            or the token is refused.
     """
     from ray.job_submission import JobSubmissionClient
 
     url = resolve_address(address)
-    _probe(url)
+    token = _token()
+    if token and token_in_clear(url):
+        _warn_token_in_clear(url)
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:  # Ray's client has no connect timeout: a silent host would hang it for minutes
+        socket.create_connection((parsed.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise RaymetaError(
+            f"cannot reach the Ray dashboard at {url} ({exc.strerror or type(exc).__name__}); "
+            "is the cluster up? (for a `ray up` cluster run `ray dashboard "
+            "cluster/gpu-cluster.yaml` and use http://127.0.0.1:8265; for KubeRay "
+            "`kubectl port-forward svc/CLUSTER-head-svc 8265:8265`)"
+        ) from None
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        with _env("RAY_API_SERVER_ADDRESS", url):  # an explicit address beats $RAY_ADDRESS
-            return JobSubmissionClient(url, headers=_auth_headers() or None)
+        # Ray's client prefers $RAY_API_SERVER_ADDRESS and $RAY_ADDRESS to its argument
+        with _env(RAY_API_SERVER_ADDRESS=url):
+            return JobSubmissionClient(url, headers=headers)
     except Exception as exc:  # ConnectionError, AuthenticationError, RuntimeError, ...
         raise RaymetaError(f"cannot use the Ray Jobs API at {url}: {_one_line(exc)}") from None
 
 
+@contextlib.contextmanager
+def _env(**values: str):
+    """Set environment variables for the duration of a block, restoring the previous values."""
+    previous = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _call(address: str | None, job_id: str | None, fn):
-    """Run ``fn(client)``; turn Ray's errors into one-line RaymetaErrors."""
+    """``fn(client(address))`` with Ray's errors turned into one-line RaymetaErrors (the CLI's
+    way to use the client)."""
     c = client(address)
     try:
         return fn(c)
@@ -155,19 +191,26 @@ def _call(address: str | None, job_id: str | None, fn):
         raise RaymetaError(f"Ray Jobs API at {resolve_address(address)}: {text}") from None
 
 
+def _local_working_dir(env: dict[str, Any]) -> Path | None:
+    wd = env.get("working_dir")
+    if not wd or "://" in str(wd):
+        return None
+    return Path(wd).expanduser().resolve()
+
+
 def load_runtime_env(source: str | Path | dict | None = None) -> dict[str, Any]:
     """A runtime_env dict from a YAML file (e.g. ``cluster/runtime_env.yaml``) or a dict.
 
-    ``None`` gives the default: the current directory as ``working_dir`` with
-    :data:`DEFAULT_EXCLUDES`. A file's relative local ``working_dir`` is taken relative to the
-    current directory (as ``ray job submit --runtime-env`` does). The result is checked with
-    Ray's own :class:`ray.runtime_env.RuntimeEnv`.
+    ``None`` gives the current directory as ``working_dir``. With a local ``working_dir``
+    (relative paths are taken from the current directory, as ``ray job submit`` does),
+    ``excludes`` becomes :data:`DEFAULT_EXCLUDES` followed by the source's own. The result is
+    checked with Ray's :class:`ray.runtime_env.RuntimeEnv`.
 
     Raises:
         ConfigError: the file is missing or malformed, or Ray rejects a field.
     """
     if source is None:
-        env: dict[str, Any] = {"working_dir": ".", "excludes": list(DEFAULT_EXCLUDES)}
+        env: dict[str, Any] = {"working_dir": "."}
     elif isinstance(source, dict):
         env = dict(source)
     else:
@@ -178,34 +221,27 @@ def load_runtime_env(source: str | Path | dict | None = None) -> dict[str, Any]:
             raise ConfigError(
                 f"{source}: a runtime_env must be a mapping (got {type(env).__name__})"
             )
+    where = f"runtime_env{f' {source}' if source else ''}"
+    if _local_working_dir(env) is not None:
+        excludes = env.get("excludes") or []
+        if not isinstance(excludes, list) or not all(isinstance(e, str) for e in excludes):
+            raise ConfigError(f"{where}: excludes must be a list of gitignore patterns")
+        env["excludes"] = [*DEFAULT_EXCLUDES, *excludes]
     try:
         from ray.runtime_env import RuntimeEnv
 
         RuntimeEnv(**env)
     except Exception as exc:
-        raise ConfigError(
-            f"runtime_env{f' {source}' if source else ''}: {_one_line(exc)}"
-        ) from None
+        raise ConfigError(f"{where}: {_one_line(exc)}") from None
     return env
-
-
-def _local_working_dir(env: dict[str, Any]) -> Path | None:
-    wd = env.get("working_dir")
-    if not wd or "://" in str(wd):
-        return None
-    return Path(wd).expanduser().resolve()
 
 
 def guess_subcommand(file: str | Path) -> str:
     """The ``raymeta`` subcommand for a pipeline file: ``study`` for a file with a ``study``
-    section, ``compare`` for one with only a ``compare`` section, else ``run``. A file that does
-    not exist here is assumed to be a ``run`` pipeline."""
-    path = Path(file)
-    if not path.is_file():
-        return "run"
+    section, ``compare`` for one with only a ``compare`` section, else ``run``."""
     from raymeta.config import load_yaml
 
-    data = load_yaml(path)
+    data = load_yaml(file)
     keys = set(data) if isinstance(data, dict) else set()
     if "study" in keys:
         return "study"
@@ -219,25 +255,8 @@ def entrypoint_for(file: str, subcommand: str, extra_args: Sequence[str] = ()) -
     return shlex.join(["python", "-m", "raymeta.cli", subcommand, file, *extra_args])
 
 
-def _job_file(file: str | Path, working_dir: Path | None) -> str:
-    """``file`` as the job will see it: relative to the uploaded working_dir when it lies in
-    it; a path that does not exist here is passed through (a path on the cluster)."""
-    path = Path(file)
-    if working_dir is None or not path.exists():
-        return str(file)
-    resolved = path.resolve()
-    try:
-        return resolved.relative_to(working_dir).as_posix()
-    except ValueError:
-        raise ConfigError(
-            f"{file} is outside the runtime_env working_dir {working_dir}, so the job cannot "
-            "read it; move it into that directory or use a runtime_env with another working_dir"
-        ) from None
-
-
-def submit(
+def job_request(
     file: str | Path,
-    address: str | None = None,
     *,
     subcommand: str | None = None,
     runtime_env: str | Path | dict | None = None,
@@ -246,13 +265,14 @@ def submit(
     submission_id: str | None = None,
     entrypoint_num_cpus: float | None = None,
     entrypoint_num_gpus: float | None = None,
-) -> str:
-    """Submit ``raymeta SUBCOMMAND FILE EXTRA_ARGS`` as a Ray job; return its submission id.
+) -> dict[str, Any]:
+    """Check a pipeline file here and build its Ray job; nothing is sent.
 
     Args:
-        file: the pipeline or study YAML; a local file inside the working_dir is sent with it
-            (and, for ``run``, validated here first).
-        address: the Jobs API address (see :func:`resolve_address`).
+        file: the pipeline or study YAML, inside the runtime_env's local ``working_dir`` (it
+            travels with it); the name of a pipeline shipped with raymeta (e.g.
+            ``quickstart.yaml``: checked here, and the job's raymeta reads its own copy); with
+            no local working_dir, a path on the cluster.
         subcommand: ``run``, ``compare`` or ``study``; None guesses from the file
             (:func:`guess_subcommand`).
         runtime_env: a runtime_env YAML path or dict (see :func:`load_runtime_env`).
@@ -262,15 +282,36 @@ def submit(
         submission_id: a chosen job id (Ray generates ``raysubmit_...`` otherwise).
         entrypoint_num_cpus, entrypoint_num_gpus: resources reserved for the driver.
 
+    Returns:
+        The keyword arguments of ``JobSubmissionClient.submit_job`` (for :func:`submit`).
+
     Raises:
-        ConfigError: bad subcommand, file outside the working_dir, invalid pipeline or
-            runtime_env, or a placeholder ``MLFLOW_TRACKING_URI`` left in the runtime_env.
-        RaymetaError: the cluster is unreachable or refuses the job.
+        ConfigError: the file is missing, outside the working_dir or not a valid pipeline; a
+            bad subcommand or runtime_env; a placeholder ``MLFLOW_TRACKING_URI``.
     """
-    subcommand = subcommand or guess_subcommand(file)
+    from raymeta.config import load_pipeline
+    from raymeta.pipelines import find_pipeline, shipped_pipeline
+
+    env = load_runtime_env(runtime_env)
+    working_dir = _local_working_dir(env)
+    path = Path(file)
+    job_file = str(file)
+    shipped = None if path.exists() else shipped_pipeline(file)
+    if working_dir is not None or path.is_file() or shipped is not None:
+        path = find_pipeline(file)  # a miss is one line listing the shipped pipelines
+        load_pipeline(path)  # fail here, not minutes later on the cluster
+        subcommand = subcommand or guess_subcommand(path)
+    if working_dir is not None and shipped is None:
+        try:
+            job_file = path.resolve().relative_to(working_dir).as_posix()
+        except ValueError:
+            raise ConfigError(
+                f"{file} is outside the runtime_env working_dir {working_dir}, so the job "
+                "cannot read it; move it into that directory or use another working_dir"
+            ) from None
+    subcommand = subcommand or "run"
     if subcommand not in SUBCOMMANDS:
         raise ConfigError(f"unknown subcommand {subcommand!r}; accepted: {', '.join(SUBCOMMANDS)}")
-    env = load_runtime_env(runtime_env)
     env_vars = dict(env.get("env_vars") or {})
     if tracking_uri:
         env_vars["MLFLOW_TRACKING_URI"] = tracking_uri
@@ -282,102 +323,57 @@ def submit(
         )
     if env_vars:
         env["env_vars"] = env_vars
-    if subcommand == "run" and Path(file).is_file():
-        from raymeta.config import load_pipeline
-
-        load_pipeline(file)  # fail here, not minutes later on the cluster
-    job_file = _job_file(file, _local_working_dir(env))
-    entrypoint = entrypoint_for(job_file, subcommand, extra_args)
-    return _call(
-        address,
-        None,
-        lambda c: c.submit_job(
-            entrypoint=entrypoint,
-            runtime_env=env,
-            submission_id=submission_id,
-            metadata={"raymeta.file": job_file, "raymeta.subcommand": subcommand},
-            entrypoint_num_cpus=entrypoint_num_cpus,
-            entrypoint_num_gpus=entrypoint_num_gpus,
-        ),
-    )
+    return {
+        "entrypoint": entrypoint_for(job_file, subcommand, extra_args),
+        "runtime_env": env,
+        "submission_id": submission_id,
+        "metadata": {"raymeta.file": job_file, "raymeta.subcommand": subcommand},
+        "entrypoint_num_cpus": entrypoint_num_cpus,
+        "entrypoint_num_gpus": entrypoint_num_gpus,
+    }
 
 
-def submit_entrypoint(
-    entrypoint: str,
-    address: str | None = None,
-    *,
-    runtime_env: str | Path | dict | None = None,
-    submission_id: str | None = None,
-) -> str:
-    """Submit any shell command as a Ray job (what :func:`submit` does for raymeta commands)."""
-    env = load_runtime_env(runtime_env) if runtime_env is not None else None
-    return _call(
-        address,
-        None,
-        lambda c: c.submit_job(entrypoint=entrypoint, runtime_env=env, submission_id=submission_id),
-    )
+def submit(request: dict[str, Any], address: str | None = None) -> str:
+    """Upload the local working_dir and submit a :func:`job_request`; return the job's id.
+
+    The working_dir's ``.gitignore`` files are honoured even where Ray's switch to upload
+    them, ``RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1``, is set.
+
+    Raises:
+        RaymetaError: the cluster is unreachable or refuses the job.
+    """
+    with _env(RAY_RUNTIME_ENV_IGNORE_GITIGNORE="0"):
+        return _call(address, None, lambda c: c.submit_job(**request))
 
 
-def info(job_id: str, address: str | None = None):
-    """Ray's ``JobDetails`` of a job (status, message, entrypoint, start/end times in ms)."""
-    return _call(address, job_id, lambda c: c.get_job_info(job_id))
-
-
-def status(job_id: str, address: str | None = None) -> str:
-    """The job's status: ``PENDING``, ``RUNNING``, ``SUCCEEDED``, ``FAILED`` or ``STOPPED``."""
-    return str(info(job_id, address).status.value)
-
-
-def logs(job_id: str, address: str | None = None) -> str:
-    """Everything the job's driver printed so far (stdout and stderr)."""
-    return _call(address, job_id, lambda c: c.get_job_logs(job_id))
-
-
-def follow_logs(job_id: str, address: str | None = None, out=None) -> str:
-    """Stream the job's logs to ``out`` (default stdout) until it ends; return its status."""
-    out = out or sys.stdout
-
-    async def _tail(c):
-        async for chunk in c.tail_job_logs(job_id):
-            out.write(chunk)
-            out.flush()
-
-    info(job_id, address)  # one-line error for an unknown id before streaming
-    _call(address, job_id, lambda c: asyncio.run(_tail(c)))
-    return wait(job_id, address, timeout=30)
-
-
-def stop(job_id: str, address: str | None = None) -> bool:
-    """Ask the job to stop (SIGTERM, then SIGKILL); True if it was running."""
-    return bool(_call(address, job_id, lambda c: c.stop_job(job_id)))
-
-
-def list_jobs(address: str | None = None) -> list:
-    """All jobs of the cluster (Ray's ``JobDetails``), oldest first."""
-    jobs = _call(address, None, lambda c: c.list_jobs())
-    return sorted(jobs, key=lambda j: j.start_time or 0)
-
-
-def wait(
-    job_id: str, address: str | None = None, timeout: float | None = None, poll_s: float = 1.0
-) -> str:
-    """Poll until the job is SUCCEEDED, FAILED or STOPPED; return that status.
+def wait(c, job_id: str, timeout: float | None = None, poll_s: float = 1.0) -> str:
+    """Poll the client ``c`` every ``poll_s`` seconds until the job is SUCCEEDED, FAILED or
+    STOPPED; return that status (``JobSubmissionClient`` has no wait).
 
     Raises:
         RaymetaError: ``timeout`` seconds passed first (the job keeps running).
     """
-    c = client(address)
     deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        try:
-            state = str(c.get_job_status(job_id).value)
-        except Exception as exc:
-            raise RaymetaError(f"job {job_id!r}: {_one_line(exc)}") from None
-        if state in TERMINAL:
-            return state
+    while (state := c.get_job_status(job_id).value) not in TERMINAL:
         if deadline is not None and time.monotonic() > deadline:
             raise RaymetaError(f"job {job_id} is still {state} after {timeout:g} s")
         time.sleep(poll_s)
+    return state
+
+
+def follow_logs(c, job_id: str, out=None) -> str:
+    """Stream the job's logs from the client ``c`` to ``out`` (default stdout) until it ends
+    (Ray's ``tail_job_logs``); return its final status."""
+    out = out or sys.stdout
+
+    async def _tail():
+        async for chunk in c.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    c.get_job_info(job_id)  # an unknown id fails here, before streaming
+    asyncio.run(_tail())
+    return wait(c, job_id, timeout=30)
 
 
 # --- CLI ---------------------------------------------------------------------------------
@@ -386,7 +382,7 @@ def wait(
 def _add_address(p) -> None:
     p.add_argument(
         "--address",
-        help=f"Ray Jobs API address, e.g. http://HEAD:8265 (default $RAY_API_SERVER_ADDRESS, "
+        help=f"Ray Jobs API address, http(s)://HOST:PORT (default $RAY_API_SERVER_ADDRESS, "
         f"$RAY_ADDRESS or {DEFAULT_ADDRESS})",
     )
 
@@ -396,38 +392,40 @@ def _fmt_time(ms: int | None) -> str:
 
 
 def _cmd_submit(args) -> None:
-    env_vars = load_runtime_env(args.runtime_env).get("env_vars") or {}
-    if not (args.tracking_uri or env_vars.get("MLFLOW_TRACKING_URI")):
+    url = resolve_address(args.address)
+    try:
+        extra_args = shlex.split(args.job_args)
+    except ValueError as exc:
+        raise ConfigError(f"--job-args {args.job_args!r}: {exc}") from None
+    request = job_request(
+        args.file,
+        subcommand=None if args.subcommand == "auto" else args.subcommand,
+        runtime_env=args.runtime_env,
+        extra_args=extra_args,
+        tracking_uri=args.tracking_uri,
+        submission_id=args.submission_id,
+        entrypoint_num_gpus=args.num_gpus,
+    )
+    if "MLFLOW_TRACKING_URI" not in request["runtime_env"].get("env_vars", {}):
         print(
             "raymeta: warning: no MLFLOW_TRACKING_URI (--tracking-uri or the runtime_env's "
             "env_vars): the job logs to a SQLite file in its working directory on the head, "
             "which Ray deletes later",
             file=sys.stderr,
         )
-    job_id = submit(
-        args.file,
-        args.address,
-        subcommand=None if args.subcommand == "auto" else args.subcommand,
-        runtime_env=args.runtime_env,
-        extra_args=shlex.split(args.job_args),
-        tracking_uri=args.tracking_uri,
-        submission_id=args.submission_id,
-        entrypoint_num_gpus=args.num_gpus,
-    )
-    where = f" --address {args.address}" if args.address else ""
-    print(f"submitted {job_id} to {resolve_address(args.address)}")
+    job_id = submit(request, url)
+    where = f" --address {url}" if args.address else ""
+    print(f"submitted {job_id} to {url}")
     if not args.follow:
         print(f"watch it: raymeta jobs logs {job_id} --follow{where}")
         print(f"status:   raymeta jobs status {job_id}{where}")
         print(f"stop it:  raymeta jobs stop {job_id}{where}")
         return
-    final = follow_logs(job_id, args.address)
-    if final != "SUCCEEDED":
-        raise RaymetaError(f"job {job_id} ended {final}: {info(job_id, args.address).message}")
+    _until_end(url, job_id, lambda c: follow_logs(c, job_id))
 
 
 def _cmd_status(args) -> None:
-    d = info(args.job_id, args.address)
+    d = _call(args.address, args.job_id, lambda c: c.get_job_info(args.job_id))
     print(f"{d.submission_id}  {d.status.value}  {d.message or ''}".rstrip())
     print(f"  entrypoint: {d.entrypoint}")
     print(f"  started {_fmt_time(d.start_time)}  ended {_fmt_time(d.end_time)}")
@@ -435,27 +433,36 @@ def _cmd_status(args) -> None:
 
 def _cmd_logs(args) -> None:
     if args.follow:
-        follow_logs(args.job_id, args.address)
+        _call(args.address, args.job_id, lambda c: follow_logs(c, args.job_id))
     else:
-        print(logs(args.job_id, args.address), end="")
+        print(_call(args.address, args.job_id, lambda c: c.get_job_logs(args.job_id)), end="")
 
 
 def _cmd_stop(args) -> None:
-    was_running = stop(args.job_id, args.address)
+    was_running = _call(args.address, args.job_id, lambda c: c.stop_job(args.job_id))
     print(f"{args.job_id}: {'stop requested' if was_running else 'was not running'}")
     if args.wait:
-        print(f"{args.job_id}: {wait(args.job_id, args.address, timeout=120)}")
+        final = _call(args.address, args.job_id, lambda c: wait(c, args.job_id, timeout=120))
+        print(f"{args.job_id}: {final}")
 
 
 def _cmd_wait(args) -> None:
-    final = wait(args.job_id, args.address, timeout=args.timeout)
-    print(f"{args.job_id}: {final}")
+    _until_end(args.address, args.job_id, lambda c: wait(c, args.job_id, timeout=args.timeout))
+
+
+def _until_end(address: str | None, job_id: str, fn) -> None:
+    """Run ``fn(client)`` (a wait or a follow), print the final status; exit 2 (a RaymetaError)
+    unless it SUCCEEDED."""
+    final, message = _call(address, job_id, lambda c: (fn(c), c.get_job_info(job_id).message))
+    print(f"{job_id}: {final}")
     if final != "SUCCEEDED":
-        raise RaymetaError(f"job {args.job_id} ended {final}")
+        raise RaymetaError(f"job {job_id} ended {final}: {message}")
 
 
 def _cmd_list(args) -> None:
-    jobs = list_jobs(args.address)
+    jobs = sorted(
+        _call(args.address, None, lambda c: c.list_jobs()), key=lambda d: d.start_time or 0
+    )
     if not jobs:
         print(f"no jobs on {resolve_address(args.address)}")
     for d in jobs:
@@ -469,8 +476,10 @@ def add_job_commands(subparsers) -> None:
     p = subparsers.add_parser(
         "submit",
         help="submit a pipeline or study to a Ray cluster as a Ray job",
-        description="Submit `raymeta run|study FILE` as a Ray job (entrypoint "
-        "`python -m raymeta.cli run|study FILE ARGS`) and print its id.",
+        description="Check FILE here, then submit `raymeta run|compare|study FILE` as a Ray job "
+        "(entrypoint `python -m raymeta.cli SUBCOMMAND FILE ARGS`) and print its id. The "
+        "working_dir is uploaded without its .gitignore'd files, secrets (.env*, private keys), "
+        ".git, virtualenvs, outputs and MLflow stores.",
     )
     p.add_argument("file", help="pipeline or study YAML (inside the working_dir)")
     p.add_argument(
@@ -483,14 +492,14 @@ def add_job_commands(subparsers) -> None:
     _add_address(p)
     p.add_argument(
         "--runtime-env",
-        help="runtime_env YAML, e.g. cluster/runtime_env.yaml (default: upload the current "
-        "directory as working_dir)",
+        help="runtime_env YAML, e.g. cluster/runtime_env.yaml; its `excludes` add to the "
+        "default ones (default: upload the current directory as working_dir)",
     )
     p.add_argument(
         "--subcommand",
         choices=("auto", *SUBCOMMANDS),
         default="auto",
-        help="raymeta subcommand the job runs (default: run for pipelines, study otherwise)",
+        help="raymeta subcommand the job runs (default: from the file's sections)",
     )
     p.add_argument("--tracking-uri", help="MLFLOW_TRACKING_URI for the job (a tracking server)")
     p.add_argument("--submission-id", help="job id to use (default: generated by Ray)")

@@ -21,7 +21,14 @@ from typing import Any
 
 from raymeta.errors import ConfigError
 
-PIP_REQUIREMENTS = ["torch==2.14.1", "mlflow==3.17.2", "raymeta"]
+
+def pip_requirements() -> list[str]:
+    """Pins of what a logged meta-learner needs to load, from the installed versions: MLflow's
+    own for ``mlflow.pytorch`` (torch, cloudpickle) and ``mlflow``. raymeta is not on a package
+    index, so it is not listed: its version is recorded as the ``raymeta_version`` tag."""
+    import mlflow
+
+    return [*mlflow.pytorch.get_default_pip_requirements(), f"mlflow=={mlflow.__version__}"]
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -121,9 +128,9 @@ def log_meta_learner(
     name: str = "meta_learner",
     metadata: dict[str, Any] | None = None,
 ) -> str:
-    """Log a meta-learner to the active run with ``mlflow.pytorch`` (pickle format, explicit
-    ``pip_requirements``), register it under ``registered_model`` and point ``alias`` at the
-    new version. Returns the version.
+    """Log a meta-learner to the active run with ``mlflow.pytorch`` (pickle format,
+    :func:`pip_requirements`), register it under ``registered_model`` and point ``alias`` at the
+    new version, tagged (run and model version) with ``raymeta_version``. Returns the version.
 
     Args:
         model: an :class:`~raymeta.schedules.MLRSNetBundle` or an MFM
@@ -137,16 +144,21 @@ def log_meta_learner(
     import mlflow
     from mlflow import MlflowClient
 
+    from raymeta import __version__
+
     info = mlflow.pytorch.log_model(
         model,
         name=name,
         serialization_format="pickle",
-        pip_requirements=PIP_REQUIREMENTS,
+        pip_requirements=pip_requirements(),
         registered_model_name=registered_model,
-        metadata={**_registry_metadata(model), **(metadata or {})},
+        metadata={**_registry_metadata(model), "raymeta_version": __version__, **(metadata or {})},
     )
     version = str(info.registered_model_version)
-    MlflowClient().set_registered_model_alias(registered_model, alias, version)
+    client = MlflowClient()
+    client.set_registered_model_alias(registered_model, alias, version)
+    client.set_model_version_tag(registered_model, version, "raymeta_version", __version__)
+    mlflow.set_tag("raymeta_version", __version__)
     return version
 
 

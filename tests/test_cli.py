@@ -1,5 +1,6 @@
 """The command line as a user meets it: fast help, one-line errors for bad configs."""
 
+import os
 import subprocess
 import sys
 import time
@@ -59,9 +60,26 @@ def test_bad_config_is_one_line_error(tmp_path, patch, expected):
     )
 
 
-def test_missing_pipeline_file(tmp_path):
+def test_missing_pipeline_file_lists_the_shipped_pipelines(tmp_path):
     res = run("run", "nope.yaml", cwd=tmp_path)
-    assert (
-        res.returncode == 2
-        and res.stderr.strip() == "raymeta: error: config file nope.yaml not found"
+    assert res.returncode == 2 and res.stderr.strip() == (
+        "raymeta: error: pipeline file nope.yaml not found, and raymeta ships no pipeline of "
+        "that name; shipped: compare_fashion.yaml, mfm_cifar_lt.yaml, mfm_fashion_lt.yaml, "
+        "mfm_fashion_lt_reference.yaml, mlrsnet_paper.yaml, quickstart.yaml, "
+        "transfer_study.yaml, transfer_study_paper.yaml"
+    )
+
+
+def test_shipped_pipeline_runs_by_name_from_any_folder(tmp_path):
+    """``raymeta run NAME.yaml`` in a folder without it reads the shipped pipeline: here the
+    CIFAR-10 one, which stops at its first data check (no CIFAR files in the test's cache)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAYMETA_DATA_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    res = subprocess.run(
+        [*RAYMETA, "run", "mlrsnet_paper.yaml"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.startswith(
+        f"raymeta: error: cifar10 not found under {tmp_path}/cache/raymeta/cifar "
     )

@@ -7,8 +7,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import io
+import json
 import os
+import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -24,6 +26,7 @@ import yaml
 
 from raymeta import jobs
 from raymeta.errors import ConfigError, RaymetaError
+from raymeta.pipelines import packaged_pipelines
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -84,9 +87,11 @@ def test_cluster_launcher_yaml_passes_ray_validation():
     assert all(f'"{pin}"' in setup for pin in PINS) and "pip install --no-cache-dir -e" in setup
     for command in raw["head_start_ray_commands"][1:] + raw["worker_start_ray_commands"][1:]:
         assert "RAY_AUTH_MODE=token" in command
-    # every file mount's local source exists, relative to the repository root (`ray up` cwd)
+    # every file mount's local source exists, relative to the repository root (`ray up` cwd),
+    # but the user's token folder, made by `ray get-auth-token --generate` before `ray up`
+    assert raw["file_mounts"].pop("/home/ray/.ray") == "~/.ray"
     for remote, local in raw["file_mounts"].items():
-        assert (ROOT / Path(local).expanduser()).exists(), f"{remote}: {local} missing"
+        assert (ROOT / local).exists(), f"{remote}: {local} missing"
 
 
 def test_ray_validation_rejects_a_typo():
@@ -145,7 +150,7 @@ def test_kuberay_rayjob_runs_a_study_with_the_runtime_env():
     assert set(spec) <= RAYJOB_SPEC, set(spec) - RAYJOB_SPEC
     words = spec["entrypoint"].split()
     assert words[:3] == ["python", "-m", "raymeta.cli"] and words[3] in jobs.SUBCOMMANDS
-    assert words[4].startswith("pipelines/") and words[4].endswith(".yaml")
+    assert words[4] in packaged_pipelines()  # a pipeline shipped in the image's raymeta
     env = yaml.safe_load(spec["runtimeEnvYAML"])
     RuntimeEnv(**env)  # Ray's own runtime_env validation
     assert pins_of(env["pip"]["packages"]) == PINS
@@ -183,7 +188,7 @@ def test_runtime_env_yaml_and_dockerfile_match_the_project_pins():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert pins_of(env["pip"]["packages"]) == pins_of(project) == PINS
     assert set(env["pip"]["packages"]) == set(project)
-    assert env["working_dir"] == "." and ".venv" in env["excludes"]
+    assert env["working_dir"] == "." and env["excludes"] == jobs.DEFAULT_EXCLUDES
     docker = (CLUSTER / "Dockerfile").read_text()
     assert "FROM rayproject/ray:2.60.0-py311-gpu" in docker
     assert all(f'"{pin}"' in docker for pin in PINS)
@@ -205,44 +210,184 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def test_address_precedence(monkeypatch):
-    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+def cli_error(capsys, argv: list[str]) -> str:
+    """Run ``raymeta ARGV``; assert exit 2 and one stderr line; return that line."""
+    from raymeta.cli import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raymeta: error: "), lines
+    return lines[0].removeprefix("raymeta: error: ")
+
+
+def test_address_precedence_and_scheme(monkeypatch, capsys):
+    for var in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
     assert jobs.resolve_address() == "http://127.0.0.1:8265"
     monkeypatch.setenv("RAY_ADDRESS", "http://a:8265")
     assert jobs.resolve_address() == "http://a:8265"
-    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://b:8265/")
-    assert jobs.resolve_address() == "http://b:8265"
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "https://b:8265/")
+    assert jobs.resolve_address() == "https://b:8265"
     assert jobs.resolve_address("http://c:8265") == "http://c:8265"
+    accepted = "accepted: http://HOST:PORT or https://HOST:PORT"
+    # checked before the file is read or anything is sent
+    assert cli_error(capsys, ["submit", "nofile.yaml", "--address", "127.0.0.1:8265"]) == (
+        f"--address '127.0.0.1:8265' needs a scheme; {accepted}"
+    )
+    assert cli_error(capsys, ["jobs", "list", "--address", "localhost:8265"]) == (
+        f"--address 'localhost:8265' needs a scheme; {accepted}"
+    )
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "ray://head:10001")
+    assert cli_error(capsys, ["jobs", "status", "raysubmit_1"]) == (
+        f"$RAY_API_SERVER_ADDRESS 'ray://head:10001' needs a scheme; {accepted}"
+    )
 
 
-def test_unreachable_address_is_one_line_error():
-    (port,) = free_ports(1)
+def test_unreachable_address_is_one_line_error_within_the_timeout(monkeypatch, capsys):
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "t" * 64)
+    (port,) = free_ports(1)  # nothing listens: refused at once
+    message = cli_error(capsys, ["jobs", "status", "raysubmit_x", "--address", f"http://127.0.0.1:{port}"])  # fmt: skip
+    assert message.startswith(f"cannot reach the Ray dashboard at http://127.0.0.1:{port} (")
+    # a TEST-NET-1 address (RFC 5737): dropped or unroutable, never answered
     t0 = time.perf_counter()
     with pytest.raises(
-        RaymetaError, match=rf"cannot reach the Ray dashboard at http://127.0.0.1:{port}"
-    ) as err:
-        jobs.status("raysubmit_x", f"http://127.0.0.1:{port}")
-    assert "\n" not in str(err.value) and time.perf_counter() - t0 < 5
+        RaymetaError, match=r"cannot reach the Ray dashboard at http://192.0.2.1:8265"
+    ):
+        jobs.client("http://192.0.2.1:8265")
+    assert time.perf_counter() - t0 < jobs.CONNECT_TIMEOUT_S + 2
+    # the token would have gone unencrypted to a host that is not this one: one warning line
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "raymeta: warning: the Ray token goes unencrypted over plain http to "
+        "http://192.0.2.1:8265; use https:// or a tunnel to 127.0.0.1 (`ray dashboard "
+        "CLUSTER.yaml`, `kubectl port-forward`)"
+    ]
 
 
-def test_submit_checks_before_contacting_the_cluster(tmp_path, monkeypatch):
+def test_token_in_clear():
+    exposed = {
+        "http://10.0.12.34:8265": True,
+        "http://head.example.com:8265": True,
+        "http://[2001:db8::1]:8265": True,
+        "http://127.0.0.1:8265": False,
+        "http://127.3.2.1:8265": False,
+        "http://localhost:8265": False,
+        "http://[::1]:8265": False,
+        "https://10.0.12.34:8265": False,
+    }
+    assert {url: jobs.token_in_clear(url) for url in exposed} == exposed
+
+
+def test_token_sources_in_rays_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(Path, "home", lambda: tmp_path)  # ~/.ray/auth_token under tmp_path
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    assert jobs._token() is None
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("home-token\n")
+    assert jobs._token() == "home-token"
+    (tmp_path / "t").write_text("path-token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "t"))
+    assert jobs._token() == "path-token"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "env-token")
+    assert jobs._token() == "env-token"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert jobs._token() is None
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(RaymetaError, match=r"RAY_AUTH_TOKEN_PATH .*missing: No such file"):
+        jobs._token()
+
+
+def git_ignored(patterns: list[str], paths: list[str], tmp_path: Path) -> set[str]:
+    """Which of ``paths`` the gitignore ``patterns`` exclude, as git itself matches them (Ray
+    matches runtime_env ``excludes`` with the same gitwildmatch rules)."""
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / ".git" / "info" / "exclude").write_text("\n".join(patterns) + "\n")
+    out = subprocess.run(
+        ["git", "check-ignore", "--no-index", "--stdin"],
+        cwd=repo, input="\n".join(paths), capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    return set(out.split())
+
+
+def test_default_excludes_keep_secrets_and_outputs_out(tmp_path):
+    secrets_and_outputs = [
+        ".env", ".env.local", "cluster/.env.prod", "id_rsa", "id_rsa.pub", "keys/id_ed25519",
+        "tls/server.pem", "tls/server.key", "cert.p12", ".git", ".git/config", ".venv/bin/python",
+        "venv/lib/x.py", "raymeta/__pycache__/jobs.cpython-311.pyc", "raymeta.egg-info",
+        "outputs", "outputs/quickstart/results.parquet", "ray_results/run/x", "mlflow.db",
+        "mlartifacts/1/a", "mlruns/0/meta.yaml",
+    ]  # fmt: skip
+    needed = [
+        "raymeta/pipelines/quickstart.yaml", "raymeta/jobs.py", "raymeta/keys.py", "environment.yml",
+        ".envrc", ".gitignore", "docs/outputs.md", "cluster/runtime_env.yaml", "README.md",
+    ]  # fmt: skip
+    env = jobs.load_runtime_env(None)
+    assert env == {"working_dir": ".", "excludes": jobs.DEFAULT_EXCLUDES}
+    assert git_ignored(env["excludes"], secrets_and_outputs + needed, tmp_path) == set(
+        secrets_and_outputs
+    )
+    # a runtime_env's own excludes come after the defaults: they add, and `!` re-includes
+    env = jobs.load_runtime_env({"working_dir": ".", "excludes": ["data", "!outputs"]})
+    assert env["excludes"] == [*jobs.DEFAULT_EXCLUDES, "data", "!outputs"]
+    ignored = git_ignored(env["excludes"], ["data/x.npz", "outputs", ".env"], tmp_path / "b")
+    assert ignored == {"data/x.npz", ".env"}
+    # a remote working_dir is not uploaded from here: nothing to filter
+    remote = jobs.load_runtime_env({"working_dir": "s3://bucket/project.zip"})
+    assert "excludes" not in remote
+    with pytest.raises(ConfigError, match="excludes must be a list of gitignore patterns"):
+        jobs.load_runtime_env({"working_dir": ".", "excludes": "outputs"})
+
+
+def test_submit_checks_before_contacting_the_cluster(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     (port,) = free_ports(1)  # nothing listens: every check below must fail before connecting
     address = f"http://127.0.0.1:{port}"
+    quickstart = "raymeta/pipelines/quickstart.yaml"
     with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI is still the placeholder") as err:
-        jobs.submit("pipelines/quickstart.yaml", address, runtime_env=CLUSTER / "runtime_env.yaml")
+        jobs.job_request(quickstart, runtime_env=CLUSTER / "runtime_env.yaml")
     assert "\n" not in str(err.value)
     outside = tmp_path / "p.yaml"
-    shutil.copy(ROOT / "pipelines" / "quickstart.yaml", outside)
+    shutil.copy(ROOT / quickstart, outside)
     with pytest.raises(ConfigError, match="is outside the runtime_env working_dir"):
-        jobs.submit(outside, address)
-    bad = ROOT / "pipelines" / "quickstart.yaml"
+        jobs.job_request(outside)
     with pytest.raises(ConfigError, match="unknown subcommand 'train'"):
-        jobs.submit(bad, address, subcommand="train")
+        jobs.job_request(quickstart, subcommand="train")
     with pytest.raises(ConfigError, match="runtime_env"):
         jobs.load_runtime_env({"pip": 3})
-    assert jobs.guess_subcommand(ROOT / "pipelines" / "quickstart.yaml") == "run"
+    # through the CLI: one line, exit 2, before any connection (the port is closed)
+    monkeypatch.chdir(tmp_path)
+    Path("bad.yaml").write_text((ROOT / quickstart).read_text() + "\nnot_a_section: 1\n")
+    message = cli_error(capsys, ["submit", "bad.yaml", "--address", address])
+    assert message == "bad.yaml: not_a_section: unknown key"
+    assert cli_error(capsys, ["submit", "nope.yaml", "--address", address]).startswith(
+        "pipeline file nope.yaml not found, and raymeta ships no pipeline of that name; shipped: "
+    )
+    # a shipped pipeline by name, from any folder: checked here, read by the job's raymeta
+    shipped = jobs.job_request("transfer_study.yaml")
+    assert shipped["entrypoint"] == "python -m raymeta.cli study transfer_study.yaml"
+    assert shipped["metadata"] == {
+        "raymeta.file": "transfer_study.yaml",
+        "raymeta.subcommand": "study",
+    }
+    monkeypatch.chdir(ROOT)
+    request = jobs.job_request(quickstart, extra_args=["--output-dir", "/x"], tracking_uri="http://m:5000")  # fmt: skip
+    assert request["entrypoint"] == (
+        "python -m raymeta.cli run raymeta/pipelines/quickstart.yaml --output-dir /x"
+    )
+    assert request["runtime_env"] == {
+        "working_dir": ".",
+        "excludes": jobs.DEFAULT_EXCLUDES,
+        "env_vars": {"MLFLOW_TRACKING_URI": "http://m:5000"},
+    }
+    assert jobs.job_request("tests/data/tiny_study.yaml")["metadata"] == {
+        "raymeta.file": "tests/data/tiny_study.yaml",
+        "raymeta.subcommand": "study",
+    }
     assert jobs.entrypoint_for("pipelines/a b.yaml", "study", ["--output-dir", "/x"]) == (
         "python -m raymeta.cli study 'pipelines/a b.yaml' --output-dir /x"
     )
@@ -265,12 +410,6 @@ def test_job_commands_parse():
 # --- a real local two-node cluster -------------------------------------------------------
 
 
-def _ray_token_available() -> bool:
-    from ray._raylet import AuthenticationTokenLoader
-
-    return AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True)
-
-
 def _kill_group(proc: subprocess.Popen, marker: str) -> None:
     """Stop one `ray start --block` process and everything it started (its process group), then
     any stray process whose command line names this cluster's private temp dir."""
@@ -290,22 +429,19 @@ def _kill_group(proc: subprocess.Popen, marker: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_node_cluster():
-    """A head and a worker node, 1 CPU each, all ports free ones on 127.0.0.1 and a private
-    temp dir (so no other Ray on this host sees them). Yields the dashboard URL."""
-    if not _ray_token_available():
-        from ray._private.authentication.authentication_token_setup import (
-            generate_and_save_token,
-        )
-
-        generate_and_save_token()  # what a first local `ray.init()` does
+    """A head and a worker node, 1 CPU each, all ports free ones on 127.0.0.1, a private temp
+    dir (so no other Ray on this host sees them) and token authentication with a fresh token
+    in that dir. Yields ``(dashboard URL, token file)``."""
     tmp = tempfile.mkdtemp(prefix="rmjob", dir="/tmp")  # short: Unix socket paths <= 107 chars
+    token_file = Path(tmp) / "auth_token"
+    token_file.write_text(secrets.token_hex(32))  # what `ray get-auth-token --generate` makes
     ports = free_ports(16)
     gcs, dash = ports[0], ports[1]
     ray_bin = str(Path(sys.executable).with_name("ray"))
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # `python` in jobs
-    env["RAY_AUTH_MODE"] = "token"
-    for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
+    for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN"):
         env.pop(var, None)
     common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats",
               "--object-store-memory=100000000"]  # fmt: skip
@@ -339,11 +475,21 @@ def two_node_cluster():
                 time.sleep(0.5)
         worker_log = open(Path(tmp) / "worker.out", "w")  # noqa: SIM115
         procs.append(subprocess.Popen(worker_cmd, env=env, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
-        yield url
+        yield url, token_file
     finally:
         for proc in reversed(procs):
             _kill_group(proc, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def use_cluster(monkeypatch, cluster) -> str:
+    """Point this process at the test cluster (address and token, nothing else); its URL."""
+    url, token_file = cluster
+    monkeypatch.setenv("RAY_ADDRESS", url)  # explicit, whatever other Ray runs on this host
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
+    for var in ("RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    return url
 
 
 PROBE = """
@@ -367,56 +513,112 @@ print("RAYMETA", sorted(set(files)))
 
 @pytest.mark.ray
 def test_jobs_on_a_local_two_node_cluster(two_node_cluster, tmp_path, monkeypatch, capsys):
-    url = two_node_cluster
-    monkeypatch.setenv("RAY_ADDRESS", url)  # explicit, whatever other Ray runs on this host
-    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    from raymeta.cli import main
+
+    url = use_cluster(monkeypatch, two_node_cluster)
     monkeypatch.chdir(ROOT)
     t0 = time.perf_counter()
+    c = jobs.client()  # address: $RAY_ADDRESS; the token from $RAY_AUTH_TOKEN_PATH
 
-    # 1. any entrypoint: two 1-CPU tasks land on the two nodes and import the uploaded raymeta
+    # 1. any entrypoint (Ray's client): two 1-CPU tasks land on the two nodes and import the
+    # uploaded raymeta
     (tmp_path / "probe.py").write_text(PROBE)
     env = {"working_dir": str(tmp_path), "py_modules": [str(ROOT / "raymeta")]}
-    probe = jobs.submit_entrypoint("python probe.py", url, runtime_env=env)
-    # 2. a raymeta command, the way users submit: the project as working_dir, the file in it
-    cli = jobs.submit("pipelines/quickstart.yaml", extra_args=["--help"])  # address: $RAY_ADDRESS
-    # 3. a long job to stop
-    sleeper = jobs.submit_entrypoint("sleep 120", url)
+    probe = c.submit_job(entrypoint="python probe.py", runtime_env=env)
+    # 2. a long job to stop
+    sleeper = c.submit_job(entrypoint="sleep 120")
+    # 3. a raymeta command, the way users submit: the project as working_dir, the file in it
+    capsys.readouterr()
+    assert main(["submit", "quickstart.yaml", "--job-args=--help", "--follow"]) == 0
+    out = capsys.readouterr().out
+    cli = out.split()[1]  # "submitted raysubmit_... to URL"
+    assert out.startswith(f"submitted {cli} to {url}\n") and out.endswith(f"{cli}: SUCCEEDED\n")
+    assert "usage: raymeta run [-h]" in out  # the job's logs, streamed by tail_job_logs
+    detail = c.get_job_info(cli)
+    assert detail.entrypoint == "python -m raymeta.cli run quickstart.yaml --help"
+    assert detail.metadata["raymeta.subcommand"] == "run"
+    assert main(["jobs", "status", cli, "--address", url]) == 0
+    assert f"{cli}  SUCCEEDED" in capsys.readouterr().out
+    assert main(["jobs", "logs", cli]) == 0
+    assert "usage: raymeta run [-h]" in capsys.readouterr().out
 
-    assert jobs.wait(probe, url, timeout=60) == "SUCCEEDED", jobs.logs(probe, url)
-    out = jobs.logs(probe, url)
+    assert jobs.wait(c, probe, timeout=60) == "SUCCEEDED", c.get_job_logs(probe)
+    out = c.get_job_logs(probe)
     assert "NODES 2 CPU 2.0" in out
     assert "runtime_resources" in out  # raymeta was imported from the uploaded py_module
 
-    assert jobs.wait(cli, url, timeout=60) == "SUCCEEDED", jobs.logs(cli, url)
-    assert "usage: raymeta run [-h]" in jobs.logs(cli, url)
-    detail = jobs.info(cli, url)
-    assert detail.entrypoint == "python -m raymeta.cli run pipelines/quickstart.yaml --help"
-    assert detail.metadata["raymeta.subcommand"] == "run"
-    streamed = io.StringIO()  # `raymeta jobs logs ID --follow`: the websocket tail
-    assert jobs.follow_logs(cli, url, out=streamed) == "SUCCEEDED"
-    assert "usage: raymeta run [-h]" in streamed.getvalue()
-    parser = argparse.ArgumentParser(prog="raymeta")  # the CLI layer, as cli.py will wire it
-    jobs.add_job_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["jobs", "status", cli, "--address", url])
-    args.func(args)
-    assert f"{cli}  SUCCEEDED" in capsys.readouterr().out
-
-    while jobs.status(sleeper, url) == "PENDING":
+    while c.get_job_status(sleeper).value == "PENDING":
         time.sleep(0.5)
-    assert jobs.stop(sleeper, url) is True
-    assert jobs.wait(sleeper, url, timeout=30) == "STOPPED"
+    assert main(["jobs", "stop", sleeper, "--wait"]) == 0
+    assert capsys.readouterr().out == f"{sleeper}: stop requested\n{sleeper}: STOPPED\n"
+    assert cli_error(capsys, ["jobs", "wait", sleeper]) == f"job {sleeper} ended STOPPED: " + (
+        c.get_job_info(sleeper).message
+    )
 
-    ids = {d.submission_id for d in jobs.list_jobs(url)}
-    assert {probe, cli, sleeper} <= ids
-    with pytest.raises(RaymetaError, match="no job 'raysubmit_nope' on the Ray cluster") as err:
-        jobs.status("raysubmit_nope", url)
-    assert "\n" not in str(err.value)
-    # token authentication is on: a wrong token is refused, on one line
-    monkeypatch.setattr(jobs, "_auth_headers", lambda: {"authorization": "Bearer wrong"})
-    with pytest.raises(RaymetaError, match="cannot use the Ray Jobs API") as err:
-        jobs.list_jobs(url)
-    assert "\n" not in str(err.value)
-    assert time.perf_counter() - t0 < 60
+    assert main(["jobs", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(job in listed for job in (probe, cli, sleeper))
+    assert cli_error(capsys, ["jobs", "status", "raysubmit_nope"]) == (
+        f"no job 'raysubmit_nope' on the Ray cluster at {url} (list them with `raymeta jobs list`)"
+    )
+    # token authentication is on: a wrong token or none is refused, on one line
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "wrong")
+    assert cli_error(capsys, ["jobs", "list"]).startswith(
+        f"cannot use the Ray Jobs API at {url}: Authentication failed"
+    )
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert cli_error(capsys, ["jobs", "list"]).startswith(
+        f"cannot use the Ray Jobs API at {url}: Authentication required"
+    )
+    assert time.perf_counter() - t0 < 90
+
+
+LIST_FILES = (
+    "import json, os; print('FILES', json.dumps(sorted(os.path.relpath(os.path.join(d, f)) "
+    "for d, _, fs in os.walk('.') for f in fs)))"
+)
+
+
+@pytest.mark.ray
+def test_submit_uploads_only_what_the_job_needs(two_node_cluster, tmp_path, monkeypatch):
+    """A project holding secrets, a .gitignore'd file, outputs and an MLflow store is submitted
+    to the cluster; the job lists its working directory: only the pipeline, the notes and the
+    .gitignore arrived, even with Ray's switch to upload .gitignore'd files set."""
+    url = use_cluster(monkeypatch, two_node_cluster)
+    project = tmp_path / "project"
+    files = {
+        "pipelines/tiny_study.yaml": (ROOT / "tests" / "data" / "tiny_study.yaml").read_text(),
+        "notes.md": "kept",
+        ".gitignore": "private_notes.txt\n",
+        "private_notes.txt": "gitignored",
+        ".env": "MLFLOW_TRACKING_PASSWORD=secret",
+        ".env.local": "secret",
+        "id_rsa": "-----BEGIN OPENSSH PRIVATE KEY-----",
+        "id_rsa.pub": "ssh-ed25519 AAAA",
+        "tls/server.pem": "cert",
+        ".git/config": "[core]",
+        "outputs/tiny_study/results.parquet": "rows",
+        "mlflow.db": "sqlite",
+        "scratch/big.bin": "excluded by the runtime_env's own excludes",
+    }
+    for name, text in files.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(text)
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "1")
+    request = jobs.job_request(
+        "pipelines/tiny_study.yaml",
+        runtime_env={"working_dir": ".", "excludes": ["scratch"]},
+        extra_args=["--help"],
+    )
+    request["entrypoint"] = f"{shlex.join(['python', '-c', LIST_FILES])} && {request['entrypoint']}"
+    job = jobs.submit(request)
+    c = jobs.client(url)
+    assert jobs.wait(c, job, timeout=60) == "SUCCEEDED", c.get_job_logs(job)
+    out = c.get_job_logs(job)
+    listed = json.loads(next(line for line in out.splitlines() if line.startswith("FILES "))[6:])
+    assert listed == [".gitignore", "notes.md", "pipelines/tiny_study.yaml"]
+    assert "usage: raymeta study [-h]" in out  # the raymeta entrypoint ran in that directory
 
 
 @pytest.mark.ray
@@ -425,21 +627,20 @@ def test_study_submitted_as_a_job_to_a_two_node_cluster(two_node_cluster, tmp_pa
     across both nodes; its Parquet rows are read back here."""
     from raymeta.tune.study import read_results
 
-    url = two_node_cluster
-    monkeypatch.setenv("RAY_ADDRESS", url)
-    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    url = use_cluster(monkeypatch, two_node_cluster)
     monkeypatch.chdir(ROOT)
     out = tmp_path / "study"
-    job = jobs.submit(
+    request = jobs.job_request(
         "tests/data/tiny_study.yaml",
-        url,
         extra_args=["--output-dir", str(out)],
         tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
     )
-    assert jobs.info(job, url).entrypoint.startswith(
+    job = jobs.submit(request, url)
+    c = jobs.client(url)
+    assert c.get_job_info(job).entrypoint.startswith(
         "python -m raymeta.cli study tests/data/tiny_study.yaml"
     )
-    assert jobs.wait(job, url, timeout=240) == "SUCCEEDED", jobs.logs(job, url)[-3000:]
+    assert jobs.wait(c, job, timeout=240) == "SUCCEEDED", c.get_job_logs(job)[-3000:]
     table = read_results(str(out / "results"))
     assert len(table) == 3 and (table["test_acc"] > 0.5).all()
     assert sorted(zip(table["batch_size"], table["method"], strict=True)) == [

@@ -39,17 +39,57 @@ def test_meta_set_larger_than_class_is_one_line_error():
     assert "\n" not in str(err.value)
 
 
-def test_missing_fashion_mnist_names_searched_paths(monkeypatch, tmp_path):
-    monkeypatch.setenv("RAYMETA_DATA_DIR", str(tmp_path))
-    monkeypatch.setenv("HOME", str(tmp_path))
+def _no_local_fashion_mnist(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAYMETA_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
     monkeypatch.setattr(datasets, "_CACHE", {})
+
+
+def test_missing_fashion_mnist_names_searched_paths_and_the_failed_download(
+    monkeypatch, tmp_path, http_folder
+):
+    import torchvision
+
+    _no_local_fashion_mnist(monkeypatch, tmp_path)
+    _, url = http_folder  # an empty folder: every file is a 404
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors", [f"{url}/"])
     with pytest.raises(DataNotFoundError) as err:
         load_dataset("fashion_mnist")
     msg = str(err.value)
-    assert (
-        "\n" not in msg and str(tmp_path) in msg and "apt-get install dataset-fashion-mnist" in msg
-    )
+    assert "\n" not in msg and "apt-get install dataset-fashion-mnist" in msg
+    for folder in ("data/fashion-mnist", "data", "nowhere", "cache/raymeta/FashionMNIST/raw"):
+        assert str(tmp_path / folder) in msg
+    assert f"download into {tmp_path / 'cache' / 'raymeta'} failed" in msg and "404" in msg
+
+
+def test_fashion_mnist_is_downloaded_with_torchvision_into_the_cache(
+    monkeypatch, tmp_path, http_folder
+):
+    """No local copy: torchvision fetches the files (here from a local mirror holding Debian's
+    copies, whose MD5 sums replace torchvision's) into <cache>/FashionMNIST/raw, and they load
+    exactly like the Debian files."""
+    import hashlib
+
+    import torchvision
+
+    src, debian = datasets.DEBIAN_FASHION_MNIST, load_dataset("fashion_mnist")
+    _no_local_fashion_mnist(monkeypatch, tmp_path)
+    served, url = http_folder
+    resources = []
+    for stem, _ in datasets._FASHION_FILES.values():
+        (served / f"{stem}.gz").symlink_to(src / f"{stem}.gz")
+        md5 = hashlib.md5((src / f"{stem}.gz").read_bytes()).hexdigest()
+        resources.append((f"{stem}.gz", md5))
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors", [f"{url}/"])
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "resources", resources)
+    ds = load_dataset("fashion_mnist")
+    raw = tmp_path / "cache" / "raymeta" / "FashionMNIST" / "raw"
+    assert (raw / "train-images-idx3-ubyte").is_file()
+    assert torch.equal(ds.train_x, debian.train_x) and torch.equal(ds.test_y, debian.test_y)
+    monkeypatch.setattr(datasets, "_CACHE", {})
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors", [])  # no second download
+    assert torch.equal(load_dataset("fashion_mnist").train_x, ds.train_x)
 
 
 def test_truncated_idx_file_is_reported(monkeypatch, tmp_path):

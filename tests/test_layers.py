@@ -9,8 +9,9 @@ The floors, lowest first; a module may import its own floor and the floors below
 1   data, models            datasets and splits, backbones (plain PyTorch)
 2   schedules               LR schedules: hand-designed families, MLR-SNet
 3   meta                    meta-learning: look-ahead, MLR-SNet meta-training, MFM, MWN
-4   config                  the validated pipeline sections (pydantic; reads the registries
-                            of the floors below: schedule families, long-tail methods)
+4   config, pipelines       the validated pipeline sections (pydantic; reads the registries
+                            of the floors below: schedule families, long-tail methods), the
+                            shipped pipeline files
 5   spec                    the run spec (what one run is)
 6   tracking, report        MLflow store, runs and registry; tables and plots
 7   train                   the loop, update rules, run assembly, devices, Ray Train glue
@@ -37,7 +38,7 @@ FLOORS = [
     {"data", "models"},
     {"schedules"},
     {"meta"},
-    {"config"},
+    {"config", "pipelines"},
     {"spec"},
     {"tracking", "report"},
     {"train"},

@@ -3,13 +3,16 @@ the long-tail baselines (losses, re-sampling, Meta-Weight-Net) on real Fashion-M
 
 from __future__ import annotations
 
+import inspect
 import math
+import re
 import threading
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from raymeta.data import load_dataset
 from raymeta.data.batches import epoch_batches
@@ -20,17 +23,17 @@ from raymeta.data.longtail import (
     shot_groups,
 )
 from raymeta.errors import ConfigError
-from raymeta.meta.longtail_losses import (
+from raymeta.meta.losses import (
     ClassBalancedLoss,
     FocalLoss,
     LDAMLoss,
     LogitAdjustedLoss,
-    MetaWeightNetTrainer,
-    WeightNet,
-    build_longtail_method,
     class_balanced_indices,
     effective_number_weights,
 )
+from raymeta.meta.methods import METHODS, build_method, check_params
+from raymeta.meta.mwn import MetaWeightNetTrainer, WeightNet
+from raymeta.models.modulation import ModulatorNet
 from raymeta.models.small import SmallCNN
 
 CIFAR_LIKE = torch.arange(50_000) % 10  # 5000 images per class, like CIFAR-10
@@ -246,13 +249,13 @@ def test_short_baseline_and_mwn_runs_on_fashion_mnist_lt():
     for name, steps in (("logit_adjust", 40), ("mwn", 20)):
         torch.manual_seed(0)
         model = SmallCNN(1, 10, 28)
-        method = build_longtail_method(name, split.counts, model, epochs=2)
+        method = build_method(name, split.counts, model, epochs=2)
         losses = _run(method, model, ds, split, steps)
         assert np.mean(losses[-5:]) < np.mean(losses[:5]), (name, losses)
         metrics = longtail_metrics(_accuracy(model, test_x, test_y), test_y, split.counts)
         assert metrics.top1 > 0.3, (name, metrics)
         if name == "mwn":
-            assert len(method.meta_losses) == steps
+            assert method.meta_steps == steps
 
 
 class _ThreadMean:
@@ -304,3 +307,113 @@ def test_mwn_meta_gradient_of_two_workers_matches_one_worker():
     assert torch.allclose((results[0][0] + results[1][0]) / 2, ref_loss)
     for k, g in enumerate(ref):
         assert torch.allclose((results[0][1][k] + results[1][1][k]) / 2, g, rtol=1e-9, atol=1e-12)
+
+
+COUNTS = [5, 3, 2]
+
+
+def _tiny_cnn():
+    torch.manual_seed(0)
+    return SmallCNN(1, 3, 8, width=4)
+
+
+def test_method_registry_accepts_exactly_the_constructors_keywords():
+    meta = ["meta_every", "meta_lr", "meta_lr_follows_lr", "meta_optimizer", "meta_weight_decay"]
+    assert METHODS["ce"].params == METHODS["cb_resample"].params == []
+    assert METHODS["focal"].params == ["class_weight", "gamma", "reduction"]
+    assert METHODS["ldam_drw"].params == ["beta", "drw_epoch", "max_m", "reduction", "s"]
+    assert METHODS["logit_adjust"].params == ["tau"]
+    assert METHODS["mwn"].params == sorted(["hidden", "normalise", *meta])
+    assert METHODS["mfm_direct"].params == sorted(["lookahead", "sites", *meta])
+    assert METHODS["mfm_network"].params == sorted(["eps", "hidden", "lookahead", "sites", *meta])
+    assert [n for n, m in METHODS.items() if m.needs_meta_set] == [
+        "mwn",
+        "mfm_direct",
+        "mfm_network",
+    ]
+    assert METHODS["mfm_network"].label == "MFM (network)"
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_accepted_parameter_reaches_its_constructor(name):
+    info = METHODS[name]
+    defaults = {
+        p.name: p.default
+        for fn in info.takes
+        for p in inspect.signature(fn).parameters.values()
+        if p.default is not p.empty
+    }
+    for key in info.params:
+        method = build_method(
+            name, COUNTS, _tiny_cnn(), input_shape=(1, 8, 8), epochs=2, **{key: defaults[key]}
+        )
+        assert method.needs_meta == info.needs_meta_set
+    assert build_method("mwn", COUNTS, _tiny_cnn(), hidden=7).wnet.net[0].out_features == 7
+    net = build_method("mfm_network", COUNTS, _tiny_cnn(), input_shape=(1, 8, 8), hidden=5)
+    assert net.modulation.mlp[0].out_features == 5 and net.optimizer.param_groups[0]["lr"] == 1e-4
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        (
+            "ldam_drw",
+            {"max_margin": 0.5},
+            "method 'ldam_drw' has no parameter 'max_margin'; "
+            "accepted: beta, drw_epoch, max_m, reduction, s",
+        ),
+        ("ce", {"reduction": "mean"}, "method 'ce' has no parameter 'reduction'; accepted: none"),
+        (
+            "mfm_direct",
+            {"hidden": 8, "frozen": True},
+            "method 'mfm_direct' has no parameter 'hidden', 'frozen'; accepted: lookahead, "
+            "meta_every, meta_lr, meta_lr_follows_lr, meta_optimizer, meta_weight_decay, sites",
+        ),
+        ("svm", {}, "unknown long-tail method 'svm'; accepted: ce, cb_reweight, cb_resample"),
+    ],
+)
+def test_bad_method_parameters_are_refused_on_one_line_before_building(name, params, message):
+    with pytest.raises(ConfigError) as err:
+        check_params(name, params)
+    assert "\n" not in str(err.value) and str(err.value).startswith(message), str(err.value)
+    model = _tiny_cnn()
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        build_method(name, COUNTS, model, input_shape=(1, 8, 8), **params)
+    assert isinstance(model.classifier[-1], nn.Linear)  # ldam_drw: nothing built, no NormedLinear
+    assert not any(m._forward_hooks for m in model.modules())  # mfm: no modulation hooks
+
+
+def test_transfer_refuses_the_registered_network_s_own_parameters():
+    with pytest.raises(ConfigError, match="^hidden: set by the registered modulator network"):
+        build_method("mfm_network", COUNTS, _tiny_cnn(), modulation=ModulatorNet(), hidden=8)
+    method = build_method("mfm_network", COUNTS, _tiny_cnn(), modulation=ModulatorNet(4))
+    assert method.frozen and not method.needs_meta and method.optimizer is None
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        (
+            "cb_reweight",
+            {"beta": "0.9"},
+            "parameter beta='0.9' has the wrong type; accepted: a float",
+        ),
+        ("ldam_drw", {"s": True}, "parameter s=True has the wrong type; accepted: a float"),
+    ],
+)
+def test_wrongly_typed_method_parameters_are_one_line_errors(name, params, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        build_method(name, COUNTS, _tiny_cnn(), **params)
+    assert "\n" not in str(err.value)
+
+
+def test_a_type_error_inside_a_constructor_propagates_unchanged(monkeypatch):
+    import raymeta.meta.losses as losses
+
+    def broken(counts, beta):
+        raise TypeError("raised inside the constructor")
+
+    monkeypatch.setattr(losses, "effective_number_weights", broken)
+    with pytest.raises(TypeError, match="raised inside the constructor") as err:
+        build_method("cb_reweight", COUNTS, _tiny_cnn(), beta=0.9)
+    assert not isinstance(err.value, ConfigError)

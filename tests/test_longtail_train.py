@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from raymeta.config import LongTailStudyConfig, LongTailTaskConfig, PipelineConfig, parse
 from raymeta.data.longtail import longtail_metrics
 from raymeta.errors import ConfigError
-from raymeta.meta.longtail_losses import build_longtail_method
 from raymeta.meta.lookahead import averaged_gradients, trainable_params
+from raymeta.meta.methods import build_method
 from raymeta.meta.mfm import MFMTrainer
 from raymeta.models.modulation import build_modulation, parameters_after
 from raymeta.models.small import SmallCNN
@@ -145,7 +145,7 @@ def test_fast_step_is_the_sgd_step_with_the_current_modulation_then_updates_it()
     out = trainer.train_step(model, opt, x, y, lr=LR, step=0, meta_x=mx, meta_y=my)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), expected[n], rtol=1e-12, atol=1e-14)
-    assert out.meta_loss == trainer.meta_losses[0]
+    assert out.meta_loss == trainer.last_meta_loss and trainer.meta_steps == 1
     assert any(not torch.equal(a, b) for a, b in zip(before, mod.parameters(), strict=True))
     with pytest.raises(ConfigError, match="unknown lookahead 'slow'"):
         MFMTrainer(mod, lookahead="slow")
@@ -158,7 +158,7 @@ def _tiny_task(**kw):
 
 def _run(task, data, name, *, state=None, optimizer_state=None, method_state=None, **params):
     model = build_task_model(task, data, "cpu")
-    method = build_longtail_method(
+    method = build_method(
         name, data.class_counts, model, input_shape=(1, 8, 8), epochs=task.epochs, **params
     )
     rule = MethodRule(method, meta_batch_size=50)
@@ -209,7 +209,7 @@ def test_loop_reports_longtail_metrics_that_match_the_predictions():
     for c in range(10):
         assert last[f"test_acc_class_{c}"] == pytest.approx(ref.per_class[c])
     steps = 2 * (sum(data.class_counts) // 50)
-    assert len(method.meta_losses) == steps and "meta_loss" in last
+    assert method.meta_steps == steps and "meta_loss" in last
 
 
 class _W:
@@ -251,7 +251,7 @@ def test_class_balanced_resampling_in_the_loop_draws_balanced_batches():
     data = load_task_data(task)
     seen = []
     model = build_task_model(task, data, "cpu")
-    rule = MethodRule(build_longtail_method("cb_resample", data.class_counts, model))
+    rule = MethodRule(build_method("cb_resample", data.class_counts, model))
     original = rule.step
 
     def spy(model, optimizer, x, y, **kw):
@@ -273,7 +273,7 @@ def test_learned_lr_schedule_is_refused_for_longtail_steps():
     task = _tiny_task(epochs=1)
     data = load_task_data(task)
     model = build_task_model(task, data, "cpu")
-    rule = MethodRule(build_longtail_method("ce", data.class_counts, model))
+    rule = MethodRule(build_method("ce", data.class_counts, model))
     bundle = MLRSNetBundle([MLRSNet().state_dict()], [1])
     with pytest.raises(ConfigError, match="hand-designed schedule") as err:
         train(task, data, model, MLRSNetSchedule(bundle, 10, 1, fixed_gamma=0.1), rule=rule)

@@ -1,4 +1,5 @@
 import copy
+import io
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from raymeta.config import TaskConfig
-from raymeta.errors import NonFiniteLossError
+from raymeta.errors import DeadRunError, NonFiniteLossError
 from raymeta.meta.lookahead import lookahead_loss, sgd_direction
 from raymeta.meta.mlrsnet import MLRSNetMetaTrainer
 from raymeta.models import build_model
@@ -101,7 +102,7 @@ def test_same_seed_same_metrics_and_meta_learner():
 
     def run():
         torch.manual_seed(123)
-        meta = MLRSNetMetaTrainer(MLRSNet(), data.num_classes, t_val=3, meta_batch_size=20)
+        meta = MLRSNetMetaTrainer(MLRSNet(), data.num_classes, meta_every=3, meta_batch_size=20)
         state = train(task, data, build_task_model(task, data, "cpu"), meta)
         return state, meta
 
@@ -111,17 +112,129 @@ def test_same_seed_same_metrics_and_meta_learner():
         assert {k: v for k, v in a.items() if not k.endswith("_time_s")} == {
             k: v for k, v in b.items() if not k.endswith("_time_s")
         }
-    assert s1.lrs == s2.lrs and len(m1.meta_losses) == (2 * len(s1.lrs) // 2) // 3
+    assert s1.lrs == s2.lrs and m1.meta_steps == (2 * len(s1.lrs) // 2) // 3
     for p, q in zip(m1.cell.parameters(), m2.cell.parameters(), strict=True):
         assert torch.equal(p, q)
 
 
 def test_diverging_run_stops_with_one_line_error():
+    """A huge LR: with the guard off the loss becomes non-finite; with it on (the default) the
+    loss's growth past 3 x L0 stops the run first. One line either way."""
     task = TaskConfig(
         dataset="digits", model="mlp", batch_size=64, epochs=2, val_size=0, meta_per_class=0
     )
     data = load_task_data(task)
-    model = build_task_model(task, data, "cpu")
-    with pytest.raises(NonFiniteLossError, match="training diverged") as err:
-        train(task, data, model, HandSchedule("fixed", 1e12, 40, 20))
-    assert "\n" not in str(err.value)
+    off = task.model_copy(update={"guard": task.guard.model_copy(update={"enabled": False})})
+    for cfg, error in ((off, NonFiniteLossError), (task, DeadRunError)):
+        model = build_task_model(cfg, data, "cpu")
+        with pytest.raises(error, match="training diverged") as err:
+            train(cfg, data, model, HandSchedule("fixed", 1e12, 40, 20))
+        assert "\n" not in str(err.value)
+    assert "LR 1e+12" in str(err.value)  # the guard names the LR in use
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_direction_is_the_step_torch_takes(nesterov):
+    """The virtual step at LR lr equals the real torch.optim.SGD step at momentum 0.9."""
+    model, opt, *_ = setup_problem()
+    opt = torch.optim.SGD(
+        model.parameters(), lr=0.05, momentum=0.9, nesterov=nesterov, weight_decay=5e-4
+    )
+    x, y = torch.randn(32, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (32,))
+    for _ in range(3):  # the last iteration compares with momentum buffers filled
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        d = sgd_direction(model, opt)
+        opt.step()
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), before[n] - 0.05 * d[n])
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_scaled_meta_gradient_matches_finite_differences(nesterov):
+    """The trainer's look-ahead at momentum 0.9 (LR scaled by 1 - beta) has the exact
+    hypergradient: central finite differences of its own meta loss."""
+    model, _, cell, _, (x, y), meta = setup_problem()
+    opt = torch.optim.SGD(
+        model.parameters(), lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=5e-4
+    )
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    trainer = MLRSNetMetaTrainer(cell, 10, momentum=0.9)
+    trainer.gamma = 0.5
+    assert trainer.lr_scale == pytest.approx(0.1)
+
+    params = dict(model.named_parameters())
+    d = sgd_direction(model, opt)
+
+    def meta_loss_and_grads():
+        lr = trainer.virtual_lr(loss.item())
+        return trainer.lookahead_meta_grads(model, params, d, lr, *meta)
+
+    def meta_loss():
+        return meta_loss_and_grads()[0]
+
+    grads = meta_loss_and_grads()[1]
+    torch.manual_seed(1)
+    direction = [torch.randn_like(p) for p in cell.parameters()]
+    analytic = float(sum((g * v).sum() for g, v in zip(grads, direction, strict=True)))
+    eps = 1e-6
+
+    def shifted(sign):
+        with torch.no_grad():
+            for p, v in zip(cell.parameters(), direction, strict=True):
+                p += sign * eps * v
+        value = meta_loss().item()
+        with torch.no_grad():
+            for p, v in zip(cell.parameters(), direction, strict=True):
+                p -= sign * eps * v
+        return value
+
+    numeric = (shifted(1) - shifted(-1)) / (2 * eps)
+    assert abs(analytic) > 1e-6
+    assert analytic == pytest.approx(numeric, rel=1e-5)
+
+
+def test_learned_lr_is_scaled_by_one_minus_momentum():
+    """MLR-SNet's output is the effective step: at momentum beta the applied LR is (1 - beta)
+    times the output, in meta-training and at meta-test, for the same cell and loss."""
+    torch.manual_seed(0)
+    cell = MLRSNet()
+    lrs = {}
+    for beta in (0.0, 0.9):
+        trainer = MLRSNetMetaTrainer(copy.deepcopy(cell), 10, momentum=beta)
+        trainer.start_epoch(0, lambda: 2.3)
+        lrs[beta] = trainer.lr(0, 0, 2.3)
+    assert lrs[0.9] == pytest.approx(0.1 * lrs[0.0], rel=1e-6)
+    with pytest.raises(ValueError, match="momentum must be in"):
+        MLRSNetMetaTrainer(cell, 10, momentum=1.0)
+
+
+def _checkpoint_bytes(state: dict) -> int:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getbuffer().nbytes
+
+
+def test_meta_trainer_checkpoint_does_not_grow_with_meta_steps():
+    model, opt, cell, loss, _, meta = setup_problem()
+    trainer = MLRSNetMetaTrainer(cell, 10, meta_every=1)
+    trainer.gamma = 0.5
+    sizes = []
+    for n in range(1, 13):
+        value = trainer.meta_step(model, opt, loss, *meta)
+        if n in (2, 12):
+            sizes.append(_checkpoint_bytes(trainer.state_dict()))
+    assert sizes[0] == sizes[1]
+    assert trainer.meta_steps == 12 and trainer.last_meta_loss == value
+    restored = MLRSNetMetaTrainer(MLRSNet().double(), 10)
+    restored.load_state_dict(trainer.state_dict())
+    assert (restored.meta_steps, restored.last_meta_loss, restored.gamma) == (12, value, 0.5)
+    for p, q in zip(restored.cell.parameters(), cell.parameters(), strict=True):
+        assert torch.equal(p, q)

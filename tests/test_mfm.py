@@ -3,6 +3,7 @@ short real run on Fashion-MNIST-LT."""
 
 from __future__ import annotations
 
+import io
 import threading
 
 import numpy as np
@@ -270,7 +271,7 @@ def test_short_mfm_run_on_fashion_mnist_lt():
             )
             losses.append(float(out.loss))
             step += 1
-    assert len(trainer.meta_losses) == 18
+    assert trainer.meta_steps == 18
     assert np.mean(losses[-6:]) < np.mean(losses[:6])
     assert any(not torch.equal(a, b) for a, b in zip(before, mod.parameters(), strict=True))
     test_idx = torch.arange(0, 10_000, 5)
@@ -279,3 +280,23 @@ def test_short_mfm_run_on_fashion_mnist_lt():
         preds = model(ds.test_x[test_idx]).argmax(1)
     metrics = longtail_metrics(preds, ds.test_y[test_idx], split.counts)
     assert metrics.top1 > 0.3, metrics
+
+
+def test_checkpoint_does_not_grow_with_meta_steps():
+    torch.manual_seed(0)
+    model = SmallCNN(1, 3, 8, width=4)
+    mod = build_modulation("network", model, (1, 8, 8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    trainer = MFMTrainer(mod)
+    sizes = []
+    for step in range(12):
+        out = trainer.train_step(model, opt, x, y, lr=0.1, step=step, meta_x=x, meta_y=y)
+        if step in (1, 11):
+            buf = io.BytesIO()
+            torch.save(trainer.state_dict(), buf)
+            sizes.append(buf.getbuffer().nbytes)
+    assert sizes[0] == sizes[1]
+    assert trainer.meta_steps == 12 and trainer.last_meta_loss == out.meta_loss
+    state = trainer.state_dict()
+    assert (state["meta_steps"], state["last_meta_loss"]) == (12, out.meta_loss)

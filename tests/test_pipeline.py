@@ -1,8 +1,6 @@
 """The quickstart pipeline end to end on a reduced preset: real Fashion-MNIST, real Ray Train
 (2 workers for meta-training), real MLflow registry, Parquet table read back."""
 
-from pathlib import Path
-
 import mlflow
 import pandas as pd
 import pytest
@@ -10,13 +8,14 @@ import yaml
 
 from raymeta.config import PipelineConfig, parse
 from raymeta.pipeline import run_pipeline
+from raymeta.pipelines import find_pipeline
 
 pytestmark = pytest.mark.ray
-QUICKSTART = Path(__file__).resolve().parents[1] / "pipelines" / "quickstart.yaml"
+QUICKSTART = find_pipeline("quickstart.yaml")
 
 
 def reduced_quickstart(tmp_path) -> PipelineConfig:
-    """pipelines/quickstart.yaml with small data and budgets, plus a TorchTrainer transfer run."""
+    """The shipped quickstart.yaml with small data and budgets, plus a TorchTrainer transfer run."""
     data = yaml.safe_load(QUICKSTART.read_text())
     small = {"train_subset": 1536, "val_size": 500, "epochs": 2}
     data["meta_train"]["task"].update(small, meta_per_class=20)

@@ -1,8 +1,14 @@
 """The released MLR-SNet meta-learners, imported into the canonical cell, reproduce a direct
-evaluation of the reference layouts (written here from design.md section 3, not from raymeta)."""
+evaluation of the reference layouts (written here from docs/design.md section 3, not from raymeta)."""
 
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
 import torch
 
+from raymeta.errors import DataNotFoundError
 from raymeta.schedules.reference import REFERENCE_DIR, load_reference, to_canonical
 
 LOSSES = torch.tensor([2.30, 2.1, 1.7, 1.2, 0.9, 0.7, 0.5, 0.45, 0.3, 0.2, 0.25, 0.1])
@@ -60,3 +66,25 @@ def test_meta_train_layout_is_permuted_and_offset_folded():
     torch.testing.assert_close(torch.stack(got), expected, rtol=1e-6, atol=1e-6)
     # reading it with the wrong layout gives different outputs
     assert not torch.allclose(direct(raw, LOSSES, "ifgo", 0.0), expected, atol=1e-3)
+
+
+def test_checkpoints_ship_with_their_notice_and_a_folder_overrides_them(tmp_path):
+    """The released files are package data (checksums as in NOTICE); ``directory`` reads
+    another copy, and a missing file is a one-line error naming it."""
+    notice = (REFERENCE_DIR / "NOTICE").read_text()
+    assert "MIT License" in notice and "github.com/xjtushujun/MLR-SNet" in notice
+    for epoch in (1, 100, 200):
+        data = (REFERENCE_DIR / f"mlr_snet_{epoch}.pth").read_bytes()
+        assert len(data) == 49_000
+        assert f"{hashlib.sha256(data).hexdigest()}  mlr_snet_{epoch}.pth" in notice
+    for epoch in (1, 100):
+        shutil.copy(Path(str(REFERENCE_DIR)) / f"mlr_snet_{epoch}.pth", tmp_path)
+    shutil.copy(Path(str(REFERENCE_DIR)) / "mlr_snet_1.pth", tmp_path / "mlr_snet_200.pth")
+    copy = load_reference(str(tmp_path))
+    packaged = load_reference()
+    assert torch.equal(copy(LOSSES, 1), packaged(LOSSES, 1))
+    assert torch.equal(copy(LOSSES, 2), packaged(LOSSES, 0))  # epoch-1 file under the 200 name
+    (tmp_path / "mlr_snet_100.pth").unlink()
+    with pytest.raises(DataNotFoundError, match=r"mlr_snet_100\.pth not found") as err:
+        load_reference(tmp_path)
+    assert "\n" not in str(err.value)

@@ -10,6 +10,7 @@ import torch
 
 from raymeta.config import (
     SECTIONS,
+    GuardConfig,
     LongTailTaskConfig,
     MetaTrainConfig,
     MethodConfig,
@@ -121,7 +122,9 @@ def test_build_run_assembles_every_kind_on_cpu():
     run = build_run(hand, "cpu", Workers(0, 2))  # batch 64 split across 2 workers
     assert isinstance(run.schedule, HandSchedule) and run.rule.meta_batch_size == 0
     assert run.steps_per_epoch == (1437 - 200 - 100) // 64 == len(run.data.train_y) // 64
-    state = build_run(hand).train()  # one process: one epoch of cosine from 0.1 in 17 steps
+    # one process: one epoch of cosine from 0.1 in 17 steps (too short for the dead-run guard)
+    unguarded = hand.task.model_copy(update={"guard": GuardConfig(enabled=False)})
+    state = build_run(hand.model_copy(update={"task": unguarded})).train()
     assert state.epoch == 1 and len(state.lrs) == 17 and state.lrs[0] == pytest.approx(0.1)
     assert state.lrs[-1] == pytest.approx(0.05 * (1 + math.cos(math.pi * 16 / 17)))
 

@@ -1,5 +1,6 @@
-"""Tiny Shakespeare and the char-LSTM: corpus, windows, sharding, training, MLR-SNet on text."""
+"""Tiny Shakespeare and the char-LSTM: corpus, download, windows, training, MLR-SNet on text."""
 
+import hashlib
 import math
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from raymeta.data import text
+from raymeta.data.batches import epoch_batches
 from raymeta.data.text import (
     bits_per_char,
     find_tinyshakespeare,
@@ -16,7 +18,6 @@ from raymeta.data.text import (
     make_sequences,
     mlrsnet_loss_scale,
     perplexity,
-    text_batches,
 )
 from raymeta.errors import ConfigError, DataNotFoundError
 from raymeta.meta.lookahead import functional_loss
@@ -76,16 +77,6 @@ def test_text_task_splits(task):
     assert torch.equal(task.test_x, task.val_x)  # the corpus has no separate test split
 
 
-def test_batches_shard_like_image_batches(task):
-    one = list(text_batches(task.train_x, task.train_y, 16, seed=3, epoch=1))
-    w0 = list(text_batches(task.train_x, task.train_y, 8, seed=3, epoch=1, rank=0, world_size=2))
-    w1 = list(text_batches(task.train_x, task.train_y, 8, seed=3, epoch=1, rank=1, world_size=2))
-    assert len(one) == len(w0) == len(w1) == len(task.train_x) // 16
-    for (x, y), (x0, y0), (x1, y1) in zip(one[:5], w0[:5], w1[:5], strict=True):
-        assert x.shape == (16, T) and x.dtype == torch.int64
-        assert torch.equal(x, torch.cat([x0, x1])) and torch.equal(y, torch.cat([y0, y1]))
-
-
 def test_metrics():
     assert perplexity(math.log(65)) == pytest.approx(65)
     assert bits_per_char(math.log(2)) == pytest.approx(1)
@@ -121,8 +112,9 @@ def _train(task, optimizer_fn, steps=40, schedule=None):
     if schedule is not None:
         schedule.start_epoch(0, lambda: _val_ce(model, task, "train"))  # L0
     lrs = []
-    batches = text_batches(task.train_x, task.train_y, 32, seed=0, epoch=0)
-    for step, (x, y) in zip(range(steps), batches, strict=False):
+    batches = epoch_batches(len(task.train_x), 32, seed=0, epoch=0)
+    for step, idx in zip(range(steps), batches, strict=False):
+        x, y = task.train_x[idx], task.train_y[idx]
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
@@ -176,30 +168,79 @@ def test_mlrsnet_meta_step_runs_on_the_language_model(task):
     assert 0 < trainer.lr(0, 0, loss.item()) < trainer.gamma
 
 
-def test_missing_corpus_lists_searched_folders(monkeypatch, tmp_path):
-    monkeypatch.setenv("RAYMETA_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(text, "SHARED_TINYSHAKESPEARE", tmp_path / "shared")
+@pytest.fixture
+def fresh_cache(monkeypatch, tmp_path):
+    """No RAYMETA_DATA_DIR copy and an empty download cache; yields the cache's input.txt."""
+    monkeypatch.delenv("RAYMETA_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(text, "_CACHE", {})
+    return tmp_path / "cache" / "raymeta" / "tinyshakespeare" / "input.txt"
+
+
+@pytest.fixture(scope="module")
+def corpus_bytes():
+    return find_tinyshakespeare().read_bytes()  # the test copy, via RAYMETA_DATA_DIR
+
+
+def test_corpus_is_downloaded_once_into_the_cache(
+    monkeypatch, http_folder, corpus_bytes, fresh_cache
+):
+    """A real HTTP download (from a local server holding a copy): checked, stored in the cache
+    with no temporary file left, then read from the cache without the network."""
+    served, url = http_folder
+    (served / "input.txt").write_bytes(corpus_bytes)
+    monkeypatch.setattr(text, "TINYSHAKESPEARE_URL", f"{url}/input.txt")
+    corpus = load_tinyshakespeare()
+    assert len(corpus.train_ids) == 1_003_854 and corpus.vocab.size == 65
+    assert fresh_cache.read_bytes() == corpus_bytes
+    assert [p.name for p in fresh_cache.parent.iterdir()] == ["input.txt"]
+    monkeypatch.setattr(text, "TINYSHAKESPEARE_URL", f"{url}/gone.txt")  # would be a 404
+    monkeypatch.setattr(text, "_CACHE", {})
+    assert torch.equal(load_tinyshakespeare().val_ids, corpus.val_ids)
+
+
+def test_bad_download_is_one_line_error_and_saves_nothing(monkeypatch, http_folder, fresh_cache):
+    served, url = http_folder
+    corrupted = b"First Citizen:\nBefore we proceed any further, hear me speak.\n" * 100
+    (served / "input.txt").write_bytes(corrupted)
+    monkeypatch.setattr(text, "TINYSHAKESPEARE_URL", f"{url}/input.txt")
     with pytest.raises(DataNotFoundError) as err:
         load_tinyshakespeare()
     msg = str(err.value)
-    assert "\n" not in msg and "Tiny Shakespeare input.txt not found in" in msg
-    for folder in ("data/tinyshakespeare", "shared", "home/.cache/raymeta/tinyshakespeare"):
-        assert str(tmp_path / folder) in msg
+    assert "\n" not in msg and f"downloaded from {url}/input.txt" in msg
+    assert f"sha256 {hashlib.sha256(corrupted).hexdigest()} ({len(corrupted)} bytes)" in msg
+    assert f"expected {text.TINYSHAKESPEARE_SHA256} (1115394 bytes)" in msg
+    assert "RAYMETA_DATA_DIR" in msg and not fresh_cache.parent.exists()
+    monkeypatch.setattr(text, "TINYSHAKESPEARE_URL", f"{url}/missing.txt")
+    with pytest.raises(DataNotFoundError) as err:
+        load_tinyshakespeare()
+    assert str(err.value).startswith(
+        f"cannot download Tiny Shakespeare from {url}/missing.txt (File not found); put a copy"
+    )
 
 
-def test_truncated_corpus_is_reported(monkeypatch, tmp_path):
+def test_data_dir_copy_wins_and_is_checked(monkeypatch, tmp_path, corpus_bytes):
+    """``$RAYMETA_DATA_DIR/tinyshakespeare/input.txt`` is used before the cache, and checked."""
     (tmp_path / "tinyshakespeare").mkdir()
-    data = find_tinyshakespeare().read_bytes()
-    (tmp_path / "tinyshakespeare" / "input.txt").write_bytes(data[:5000])
+    (tmp_path / "tinyshakespeare" / "input.txt").write_bytes(corpus_bytes[:5000])
     monkeypatch.setenv("RAYMETA_DATA_DIR", str(tmp_path))
     monkeypatch.setattr(text, "_CACHE", {})
     with pytest.raises(
-        DataNotFoundError, match=r"truncated .* \(5000 bytes, expected 1115394"
+        DataNotFoundError, match=r"truncated .*: sha256 [0-9a-f]{64} \(5000 bytes\), expected"
     ) as err:
         load_tinyshakespeare()
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and text.TINYSHAKESPEARE_URL in str(err.value)
+    assert "delete it" not in str(err.value)  # not the cache: it would not be downloaded again
+
+
+def test_cache_follows_xdg_cache_home(monkeypatch, tmp_path):
+    from raymeta.data.datasets import cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert cache_dir() == tmp_path / "home" / ".cache" / "raymeta"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "raymeta"
 
 
 @pytest.mark.parametrize(
@@ -239,6 +280,6 @@ def test_mlrsnet_meta_trains_on_the_text_task_itself():
     assert meta.loss_scale == pytest.approx(math.log(65))
     before = copy.deepcopy(meta.cell.state_dict())
     state = run.train()
-    assert len(meta.meta_losses) == 10
+    assert meta.meta_steps == 10
     assert any(not torch.equal(before[k], v) for k, v in meta.cell.state_dict().items())
     assert state.history[-1]["val_ppl"] < 40  # from about 65 (uniform over 65 characters)

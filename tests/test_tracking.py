@@ -51,6 +51,25 @@ def test_register_and_load_by_alias_gives_identical_lrs(store):
     assert load_meta_learner("models:/mlrsnet-test/1")[1] == "1"  # by version, recorded too
 
 
+def test_registered_model_pins_the_installed_packages_and_tags_raymeta(store):
+    """requirements.txt pins what is installed (no hard-coded versions); raymeta itself, on no
+    package index, is a tag of the run and of the model version instead of a requirement."""
+    from importlib.metadata import version
+    from pathlib import Path
+
+    import raymeta
+
+    with mlflow.start_run(experiment_id=store[1]) as run:
+        v = log_meta_learner(MLRSNetBundle([MLRSNet().state_dict()], [1]), "pins", "champion")
+    requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/pins@champion"))
+    lines = set(requirements.read_text().split())
+    assert {f"{p}=={version(p)}" for p in ("torch", "cloudpickle", "mlflow")} <= lines
+    assert not any(line.startswith("raymeta") for line in lines)
+    client = mlflow.MlflowClient()
+    assert client.get_model_version("pins", v).tags["raymeta_version"] == raymeta.__version__
+    assert client.get_run(run.info.run_id).data.tags["raymeta_version"] == raymeta.__version__
+
+
 def test_missing_alias_and_wrong_model_are_one_line_errors(store):
     with mlflow.start_run(experiment_id=store[1]):
         mlflow.pytorch.log_model(

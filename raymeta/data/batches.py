@@ -2,7 +2,7 @@
 
 Worker ``r`` of ``W`` takes the ``r``-th contiguous chunk of every global batch of
 ``W * batch_size`` indices, so a run with ``W`` workers and per-worker batch ``b`` sees exactly
-the batches of a one-worker run with batch ``W * b`` (design.md section 5).
+the batches of a one-worker run with batch ``W * b`` (docs/design.md section 5).
 """
 
 from __future__ import annotations

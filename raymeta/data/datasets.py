@@ -1,19 +1,21 @@
 """Datasets loaded whole into memory as normalised float tensors.
 
 On a 2-core machine, in-memory tensors are several times faster than ``DataLoader`` worker
-processes for images this small (design.md section 8), and they make batches exactly
+processes for images this small (docs/design.md section 8), and they make batches exactly
 reproducible across Ray Train workers.
 
 Sources:
 
-- ``fashion_mnist``: the four IDX files (``.gz`` or uncompressed) that Debian's
-  ``dataset-fashion-mnist`` installs under ``/usr/share/datasets/fashion-mnist``. Searched in
-  ``$RAYMETA_DATA_DIR/fashion-mnist``, ``$RAYMETA_DATA_DIR``, the Debian path and
-  ``~/.cache/raymeta/fashion-mnist``. The files are parsed directly (their gzip differs from the
-  one torchvision checksums, so torchvision must not be asked to verify them).
+- ``fashion_mnist``: the four IDX files (``.gz`` or uncompressed), searched in
+  ``$RAYMETA_DATA_DIR/fashion-mnist``, ``$RAYMETA_DATA_DIR``, Debian's
+  ``/usr/share/datasets/fashion-mnist`` (package ``dataset-fashion-mnist``) and torchvision's
+  layout in the download cache (``<cache>/FashionMNIST/raw``, :func:`cache_dir`). If none holds
+  them, torchvision downloads them there (checking its own MD5 sums). The files are parsed
+  directly: Debian's gzip differs from the one torchvision checksums, so torchvision is never
+  asked to verify files it did not download.
 - ``digits``: scikit-learn's bundled 8x8 digits (1797 images); a fixed stratified 20 % test split.
 - ``cifar10`` / ``cifar100``: through torchvision with ``download=False`` from
-  ``$RAYMETA_DATA_DIR`` or ``~/.cache/raymeta`` (this machine cannot download them).
+  ``$RAYMETA_DATA_DIR/cifar``, ``$RAYMETA_DATA_DIR`` or ``<cache>/cifar``.
 """
 
 from __future__ import annotations
@@ -81,15 +83,15 @@ class Dataset:
         return int(self.train_x.shape[-1])
 
 
-def _data_dirs(subdir: str) -> list[Path]:
-    dirs = []
+def cache_dir() -> Path:
+    """raymeta's download cache: ``$XDG_CACHE_HOME/raymeta``, by default ``~/.cache/raymeta``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "raymeta"
+
+
+def _env_dirs(subdir: str) -> list[Path]:
+    """``$RAYMETA_DATA_DIR/subdir`` and ``$RAYMETA_DATA_DIR`` (empty when the variable is unset)."""
     env = os.environ.get("RAYMETA_DATA_DIR")
-    if env:
-        dirs += [Path(env) / subdir, Path(env)]
-    if subdir == "fashion-mnist":
-        dirs.append(DEBIAN_FASHION_MNIST)
-    dirs.append(Path.home() / ".cache" / "raymeta" / subdir)
-    return dirs
+    return [Path(env) / subdir, Path(env)] if env else []
 
 
 def _read_idx(path: Path, expected_items: int) -> np.ndarray:
@@ -114,19 +116,43 @@ def _read_idx(path: Path, expected_items: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def _find_fashion_mnist() -> Path:
-    searched = _data_dirs("fashion-mnist")
-    for d in searched:
-        if all(
-            (d / f"{stem}.gz").exists() or (d / stem).exists()
-            for stem, _ in _FASHION_FILES.values()
-        ):
-            return d
-    raise DataNotFoundError(
-        "Fashion-MNIST IDX files not found in "
-        + ", ".join(str(d) for d in searched)
-        + "; install them with `sudo apt-get install dataset-fashion-mnist` or set RAYMETA_DATA_DIR"
+def _has_fashion_mnist(folder: Path) -> bool:
+    return all(
+        (folder / f"{stem}.gz").exists() or (folder / stem).exists()
+        for stem, _ in _FASHION_FILES.values()
     )
+
+
+def _find_fashion_mnist() -> Path:
+    """The first folder holding the four IDX files; downloads them with torchvision if none does.
+
+    Raises:
+        DataNotFoundError: not found and the download failed (the message lists the folders
+            searched and how to provide the files).
+    """
+    download_root = cache_dir()
+    downloaded = download_root / "FashionMNIST" / "raw"  # torchvision's layout under its root
+    searched = [*_env_dirs("fashion-mnist"), DEBIAN_FASHION_MNIST, downloaded]
+    found = next((d for d in searched if _has_fashion_mnist(d)), None)
+    if found is not None:
+        return found
+    import torchvision
+    from filelock import FileLock
+
+    download_root.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(download_root / "FashionMNIST.lock"):  # one download per machine
+            torchvision.datasets.FashionMNIST(str(download_root), train=False, download=True)
+    except (RuntimeError, OSError) as exc:
+        reason = " ".join(str(exc).split())
+        raise DataNotFoundError(
+            "Fashion-MNIST IDX files not found in "
+            + ", ".join(str(d) for d in searched)
+            + f", and the torchvision download into {download_root} failed ({reason}); install "
+            "them with `sudo apt-get install dataset-fashion-mnist`, or put the four IDX files "
+            "in a folder DIR/fashion-mnist and set RAYMETA_DATA_DIR=DIR"
+        ) from None
+    return downloaded
 
 
 def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,7 +203,7 @@ def _cifar(name: str) -> Dataset:
     import torchvision
 
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    searched = _data_dirs("cifar")
+    searched = [*_env_dirs("cifar"), cache_dir() / "cifar"]
     for root in searched:
         try:
             train = cls(str(root), train=True, download=False)
@@ -199,7 +225,7 @@ def _cifar(name: str) -> Dataset:
         f"{name} not found under "
         + ", ".join(str(d) for d in searched)
         + f" (torchvision layout, e.g. {searched[0]}/cifar-10-batches-py); copy the files there "
-        "or set RAYMETA_DATA_DIR — this machine cannot download them"
+        "or set RAYMETA_DATA_DIR (raymeta does not download CIFAR)"
     )
 
 

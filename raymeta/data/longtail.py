@@ -18,7 +18,7 @@ balanced and is the evaluation set.
 
 Which class gets which rank is the natural class order (class 0 is the head) or a seeded
 permutation: on Fashion-MNIST the natural order puts the easy classes (sneaker, bag, ankle
-boot) in the tail, so results should be checked over permutations (design.md section 4).
+boot) in the tail, so results should be checked over permutations (docs/design.md section 4).
 
 Shot groups follow OLTR (Liu et al., CVPR 2019) and LDAM (Cao et al. 2019): many-shot classes
 have more than 100 training images, few-shot fewer than 20, medium-shot the rest. Those

@@ -1,10 +1,11 @@
 """Character-level language modelling on Tiny Shakespeare (the data-modality transfer task).
 
-Corpus: ``tinyshakespeare/input.txt`` of Karpathy's char-rnn repository (1,115,394 ASCII
-characters, 65 distinct; see ``../shared/data/README.md``). Searched in
-``$RAYMETA_DATA_DIR/tinyshakespeare``, ``<repo>/../shared/data/tinyshakespeare`` (next to the
-project, as shipped here) and ``~/.cache/raymeta/tinyshakespeare``; the file's SHA-256 is
-checked so that every result is on the same text.
+Corpus: ``data/tinyshakespeare/input.txt`` of Karpathy's char-rnn repository (1,115,394 ASCII
+characters, 65 distinct). Read from ``$RAYMETA_DATA_DIR/tinyshakespeare/input.txt`` if that file
+exists, else from the download cache (``<cache>/tinyshakespeare/input.txt``, see
+:func:`raymeta.data.datasets.cache_dir`), where it is fetched from :data:`TINYSHAKESPEARE_URL`
+on first use. Whichever copy is used, its SHA-256 is checked, so that every result is on the
+same text.
 
 Conventions (char-rnn, nanoGPT): the vocabulary is the sorted set of characters of the whole
 file; the first 90 % of the characters are the training stream, the last 10 % the validation
@@ -24,7 +25,7 @@ batches independent and data-parallel runs exact.
 Metrics: mean cross-entropy ``L`` in nats per character; perplexity ``exp(L)``; bits per
 character ``L / ln 2``. A uniform predictor over 65 characters has perplexity 65 and
 ``log2(65) = 6.02`` bits per character. MLR-SNet is fed ``L / ln(V)`` for a language model
-(Shu et al., TPAMI 2022; design.md section 3): :func:`mlrsnet_loss_scale`.
+(Shu et al., TPAMI 2022; docs/design.md section 3): :func:`mlrsnet_loss_scale`.
 """
 
 from __future__ import annotations
@@ -32,52 +33,76 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Iterator
+import tempfile
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from raymeta.data.batches import epoch_batches
+from raymeta.data.datasets import cache_dir
 from raymeta.data.task import TaskData
 from raymeta.errors import ConfigError, DataNotFoundError
 
-TINYSHAKESPEARE_FILE = "input.txt"
+TINYSHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
 TINYSHAKESPEARE_CHARS = 1_115_394
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-SHARED_TINYSHAKESPEARE = (
-    Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare"
-)
 VAL_FRACTION = 0.1
 
 
-def tinyshakespeare_dirs() -> list[Path]:
-    """Folders searched for ``input.txt``, in order."""
-    dirs = []
-    env = os.environ.get("RAYMETA_DATA_DIR")
-    if env:
-        dirs.append(Path(env) / "tinyshakespeare")
-    dirs.append(SHARED_TINYSHAKESPEARE)
-    dirs.append(Path.home() / ".cache" / "raymeta" / "tinyshakespeare")
-    return dirs
+def _mismatch(data: bytes) -> str:
+    return (
+        f"sha256 {hashlib.sha256(data).hexdigest()} ({len(data)} bytes), expected "
+        f"{TINYSHAKESPEARE_SHA256} ({TINYSHAKESPEARE_CHARS} bytes)"
+    )
+
+
+def _download(path: Path) -> None:
+    """Fetch :data:`TINYSHAKESPEARE_URL` to ``path``: checked, then written to a temporary file
+    in the same folder and renamed, so ``path`` is never partial (concurrent workers are safe).
+
+    Raises:
+        DataNotFoundError: the download failed or gave a different file (nothing is written).
+    """
+    fix = (
+        f"put a copy of char-rnn's data/tinyshakespeare/input.txt at {path}, or at "
+        "DIR/tinyshakespeare/input.txt and set RAYMETA_DATA_DIR=DIR"
+    )
+    try:
+        with urllib.request.urlopen(TINYSHAKESPEARE_URL, timeout=60) as response:
+            data = response.read()
+    except OSError as exc:  # URLError, HTTPError, timeouts
+        reason = " ".join(str(getattr(exc, "reason", exc)).split())
+        raise DataNotFoundError(
+            f"cannot download Tiny Shakespeare from {TINYSHAKESPEARE_URL} ({reason}); {fix}"
+        ) from None
+    if hashlib.sha256(data).hexdigest() != TINYSHAKESPEARE_SHA256:
+        raise DataNotFoundError(
+            f"the file downloaded from {TINYSHAKESPEARE_URL} has {_mismatch(data)}; nothing "
+            f"was saved; {fix}"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".input.", delete=False) as tmp:
+        tmp.write(data)
+    os.replace(tmp.name, path)
 
 
 def find_tinyshakespeare() -> Path:
-    """Path of the first ``input.txt`` found in :func:`tinyshakespeare_dirs`.
+    """Path of ``input.txt``: ``$RAYMETA_DATA_DIR/tinyshakespeare/input.txt`` if it exists, else
+    the download cache's copy, fetched from :data:`TINYSHAKESPEARE_URL` if missing.
 
     Raises:
-        DataNotFoundError: none found (the message lists every folder searched).
+        DataNotFoundError: the download failed or gave a different file.
     """
-    searched = tinyshakespeare_dirs()
-    for d in searched:
-        if (d / TINYSHAKESPEARE_FILE).is_file():
-            return d / TINYSHAKESPEARE_FILE
-    raise DataNotFoundError(
-        "Tiny Shakespeare input.txt not found in "
-        + ", ".join(str(d) for d in searched)
-        + "; copy ../shared/data/tinyshakespeare/input.txt (char-rnn's data/tinyshakespeare) "
-        "into one of them or set RAYMETA_DATA_DIR"
-    )
+    env = os.environ.get("RAYMETA_DATA_DIR")
+    if env and (Path(env) / "tinyshakespeare" / "input.txt").is_file():
+        return Path(env) / "tinyshakespeare" / "input.txt"
+    cached = cache_dir() / "tinyshakespeare" / "input.txt"
+    if not cached.is_file():
+        _download(cached)
+    return cached
 
 
 @dataclass(frozen=True)
@@ -131,7 +156,8 @@ def load_tinyshakespeare(val_fraction: float = VAL_FRACTION) -> TextCorpus:
 
     Raises:
         ConfigError: ``val_fraction`` outside ``(0, 1)``.
-        DataNotFoundError: the file is missing, unreadable, truncated or a different text.
+        DataNotFoundError: the file cannot be downloaded, or is unreadable, truncated or a
+            different text.
     """
     if not 0 < val_fraction < 1:
         raise ConfigError(f"val_fraction must be in (0, 1) (got {val_fraction!r})")
@@ -145,9 +171,9 @@ def load_tinyshakespeare(val_fraction: float = VAL_FRACTION) -> TextCorpus:
         raise DataNotFoundError(f"cannot read {path}: {exc}") from None
     if hashlib.sha256(raw).hexdigest() != TINYSHAKESPEARE_SHA256:
         raise DataNotFoundError(
-            f"{path} is truncated or not the standard Tiny Shakespeare file ({len(raw)} bytes, "
-            f"expected {TINYSHAKESPEARE_CHARS} with sha256 {TINYSHAKESPEARE_SHA256[:12]}...); "
-            "copy it again from ../shared/data/tinyshakespeare"
+            f"{path} is truncated or not the standard Tiny Shakespeare file: {_mismatch(raw)}; "
+            f"replace it with a copy of {TINYSHAKESPEARE_URL}"
+            + (", or delete it to download it again" if path.parent.parent == cache_dir() else "")
         )
     text = raw.decode("ascii")
     vocab = CharVocab("".join(sorted(set(text))))
@@ -183,29 +209,6 @@ def make_sequences(ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch
     x = ids[: n * seq_len].view(n, seq_len)
     y = ids[1 : n * seq_len + 1].view(n, seq_len)
     return x, y
-
-
-def text_batches(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    batch_size: int,
-    *,
-    seed: int,
-    epoch: int,
-    rank: int = 0,
-    world_size: int = 1,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield this worker's ``(batch_size, T)`` input and target windows for one epoch.
-
-    The window order is :func:`raymeta.data.batches.epoch_batches`'s permutation of
-    ``range(N)`` for ``(seed, epoch)``; worker ``rank`` of ``world_size`` takes its chunk of
-    every global batch of ``world_size * batch_size`` windows; the incomplete last global batch
-    is dropped.
-    """
-    for idx in epoch_batches(
-        len(x), batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size
-    ):
-        yield x[idx], y[idx]
 
 
 def load_text_task(

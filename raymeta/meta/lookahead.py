@@ -1,4 +1,4 @@
-"""The one-step look-ahead shared by MLR-SNet, MFM and Meta-Weight-Net (design.md section 5).
+"""The one-step look-ahead shared by MLR-SNet, MFM and Meta-Weight-Net (docs/design.md section 5).
 
 Every method needs the gradient of a meta loss through one virtual SGD step ``w' = w - lr * d``:
 the meta loss is the loss of the virtually updated model on a batch of the meta set. It is
@@ -108,9 +108,9 @@ def sgd_direction(
 ) -> dict[str, torch.Tensor]:
     """The direction ``d`` of the SGD step that ``optimizer.step()`` takes at LR 1.
 
-    ``d = g + wd * w`` without momentum; with momentum ``mu`` it is the next momentum buffer
-    ``mu * buf + g + wd * w`` (``g + wd * w`` on the first step), exactly as
-    ``torch.optim.SGD`` computes it (dampening 0, no Nesterov).
+    With ``g' = g + wd * w``: ``d = g'`` without momentum; with momentum ``mu`` the next
+    momentum buffer is ``b = mu * buf + g'`` (``g'`` on the first step) and ``d = b``, or
+    ``d = g' + mu * b`` with Nesterov, exactly as ``torch.optim.SGD`` computes it (dampening 0).
 
     Args:
         model: the model (possibly DDP-wrapped).
@@ -123,14 +123,15 @@ def sgd_direction(
         ``name -> (same shape as the parameter)``.
 
     Raises:
-        ValueError: the optimiser uses dampening or Nesterov momentum (not supported here).
+        ValueError: the optimiser uses dampening (not supported here).
     """
     mu = wd = 0.0
+    nesterov = False
     if optimizer is not None:
         group = optimizer.param_groups[0]
-        if group.get("dampening", 0) or group.get("nesterov", False):
-            raise ValueError("the look-ahead supports SGD without dampening and without Nesterov")
-        mu, wd = group["momentum"], group["weight_decay"]
+        if group.get("dampening", 0):
+            raise ValueError("the look-ahead supports SGD without dampening")
+        mu, wd, nesterov = group["momentum"], group["weight_decay"], group.get("nesterov", False)
     out = {}
     for name, p in unwrap(model).named_parameters():
         if grads is None:
@@ -141,9 +142,10 @@ def sgd_direction(
             continue
         if wd:
             d = d + wd * p.detach()
-        buf = optimizer.state.get(p, {}).get("momentum_buffer") if mu else None
-        if buf is not None:
-            d = mu * buf + d
+        if mu:
+            buf = optimizer.state.get(p, {}).get("momentum_buffer")
+            b = d if buf is None else mu * buf + d
+            d = d + mu * b if nesterov else b
         out[name] = d
     return out
 

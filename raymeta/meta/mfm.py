@@ -2,13 +2,13 @@
 one-step look-ahead (Wang et al., "Meta Feature Modulator for Long-tailed Recognition",
 arXiv 2008.03428).
 
-The paper's internals are not public; this is raymeta's reading of its abstract (design.md
+The paper's internals are not public; this is raymeta's reading of its abstract (docs/design.md
 section 4), and every choice below is ours. The modulation (:mod:`raymeta.models.modulation`:
 direct per-channel parameters or a shared modulator network) acts on the classifier's features
 and is a hyper-parameter of the classifier: it is never trained on the long-tailed training
 loss. Two look-ahead variants, chosen by ``lookahead``:
 
-``"exact"`` (design.md section 4, step by step). Every ``meta_every`` steps:
+``"exact"`` (docs/design.md section 4, step by step). Every ``meta_every`` steps:
 
 1. the training loss ``L_train(w, phi)`` (mean cross-entropy of the long-tailed batch, with the
    current modulation ``phi``) gives the direction ``d(phi) = dL_train/dw + mu * buf + wd * w``
@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymeta.errors import ConfigError
+from raymeta.meta.base import LookaheadMethod, StepOutput, sgd_step
 from raymeta.meta.lookahead import (
     Average,
     averaged_gradients,
@@ -61,7 +62,6 @@ from raymeta.meta.lookahead import (
     sgd_direction,
     trainable_params,
 )
-from raymeta.meta.method import LookaheadMethod, StepOutput, sgd_step
 from raymeta.models.modulation import Modulation, parameters_after
 
 LOOKAHEADS = ("fast", "exact")
@@ -78,7 +78,7 @@ class MFMTrainer(LookaheadMethod):
         meta_weight_decay: its weight decay (default 0: decay would pull direct scales towards
             0, not towards the identity 1).
         meta_every: a look-ahead meta step every ``meta_every`` optimisation steps (global
-            count, as MLR-SNet's ``t_val``; 1 = every step).
+            count, as :class:`~raymeta.meta.mlrsnet.MLRSNetMetaTrainer`'s; 1 = every step).
         meta_optimizer: ``"adam"`` (default), ``"sgd"`` or a factory ``params -> Optimizer``.
         lookahead: ``"fast"`` (default) or ``"exact"`` (module docstring).
         frozen: transfer mode — the modulation is applied but never updated; no meta set.
@@ -230,7 +230,8 @@ class MFMTrainer(LookaheadMethod):
             for name, p in trainable_params(model).items():
                 p.grad = grads[name]
             optimizer.step()
-            return StepOutput(loss, self.apply_meta_gradient(meta_loss, meta_grads, lr))
+            self.follow_lr(lr)
+            return StepOutput(loss, self.apply_meta_gradient(meta_loss, meta_grads))
         meta_loss = self.meta_step(model, optimizer, x, y, meta_x, meta_y, lr) if due else None
         with self.modulation.no_meta_grad():
             loss = F.cross_entropy(model(x), y)

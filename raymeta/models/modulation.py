@@ -1,7 +1,7 @@
 """Per-channel feature modulation for MFM (Meta Feature Modulator, Wang et al., arXiv 2008.03428).
 
 The paper's internals are not public: this module implements raymeta's reading of its abstract
-(design.md section 4), not a reproduction of the authors' code.
+(docs/design.md section 4), not a reproduction of the authors' code.
 
 A modulation rescales and shifts every channel of the feature maps that chosen submodules
 (**sites**) of a classifier output: ``f -> scale * f + shift`` with ``scale``/``shift``
@@ -300,7 +300,7 @@ def build_modulation(
     input_shape: Sequence[int],
     *,
     sites: Sequence[str] | None = None,
-    hidden: int = 16,
+    **network,
 ) -> Modulation:
     """Build a modulation of ``kind`` (``"direct"`` or ``"network"``) and attach it to ``model``.
 
@@ -309,21 +309,27 @@ def build_modulation(
             dtype.
         input_shape: ``(in_channels, S, S)`` of one input, used to find the sites' channels.
         sites: submodule names (default :func:`default_sites`).
-        hidden: hidden width of :class:`ModulatorNet`.
+        network: keyword arguments of :class:`ModulatorNet` (``hidden``, ``eps``); ``"network"``
+            only.
 
     Raises:
-        ConfigError: unknown ``kind`` or site.
+        ConfigError: unknown ``kind`` or site, or ``network`` arguments for ``"direct"``.
     """
     inner = _unwrap(model)
     sites = list(default_sites(inner) if sites is None else sites)
     ref = next(inner.parameters())
     if kind == "direct":
+        if network:
+            raise ConfigError(
+                f"{', '.join(network)}: not a parameter of the direct modulation (its only "
+                "parameter is sites)"
+            )
         for name in sites:  # a clear error before the probe forward
             _site(inner, name)
         example = torch.zeros(2, *input_shape, device=ref.device, dtype=ref.dtype)
         mod: Modulation = DirectModulation(site_channels(inner, sites, example))
     elif kind == "network":
-        mod = ModulatorNet(hidden)
+        mod = ModulatorNet(**network)
     else:
         raise ConfigError(f"unknown modulation {kind!r}; accepted: {', '.join(MODULATION_KINDS)}")
     return mod.to(device=ref.device, dtype=ref.dtype).attach(inner, sites)

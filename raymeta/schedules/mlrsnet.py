@@ -79,6 +79,25 @@ def require_loss(loss: float | None) -> None:
         )
 
 
+def momentum_lr_scale(momentum: float) -> float:
+    """The factor ``1 - beta`` that turns MLR-SNet's output into the LR of SGD with momentum.
+
+    MLR-SNet's output is the *effective* step size: the paper meta-trains and tests with plain
+    SGD (momentum 0), and gamma's scale assumes it. PyTorch's SGD with momentum ``beta``
+    (dampening 0, plain or Nesterov) moves the weights by ``lr * v`` with ``v = beta * v + g``,
+    whose steady state is ``g / (1 - beta)``: the effective step is ``lr / (1 - beta)``, ten
+    times the LR at ``beta = 0.9``. Applying ``lr = (1 - beta) * output`` keeps the effective
+    step equal to MLR-SNet's output at any momentum, so a meta-learner trained at one momentum
+    transfers to another (docs/mlrsnet.md).
+
+    Raises:
+        ValueError: ``momentum`` is not in ``[0, 1)``.
+    """
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    return 1.0 - momentum
+
+
 def gamma_scale(initial_loss: float, num_classes: int) -> float:
     """The MLR-SNet output scale ``gamma = sqrt(L0) * |ln(L0 * C)| / (4 * C**0.25)``.
 
@@ -159,7 +178,7 @@ class MLRSNetBundle(nn.Module):
 
 class MLRSNetSchedule(Schedule):
     """The learned schedule at meta-test time (paper Sec. 4.2): a frozen meta-learner maps the
-    current batch loss to ``lr = gamma * MLRSNet(loss)``.
+    current batch loss to ``lr = (1 - momentum) * gamma * MLRSNet(loss)``.
 
     With ``K`` checkpoints the run is cut into ``K`` equal phases by epoch (K=3: at 1/3 and 2/3
     of the run); at the start of each phase the next checkpoint is swapped in, the LSTM state is
@@ -174,6 +193,8 @@ class MLRSNetSchedule(Schedule):
             classification; ``ln(V)`` for a language model, as in the paper).
         fixed_gamma: use this gamma instead of the rule.
         checkpoints: which checkpoints to use, in order (default: all of the bundle's).
+        momentum: the target task's SGD momentum ``beta``; the applied LR is
+            ``(1 - beta) * gamma * MLRSNet(loss)`` (:func:`momentum_lr_scale`).
 
     Raises:
         ConfigError: bad epochs, gamma or checkpoint indices.
@@ -187,6 +208,7 @@ class MLRSNetSchedule(Schedule):
         loss_scale: float = 1.0,
         fixed_gamma: float | None = None,
         checkpoints: list[int] | None = None,
+        momentum: float = 0.0,
     ):
         checkpoints = list(range(len(bundle.cells))) if checkpoints is None else checkpoints
         bad = [k for k in checkpoints if not -len(bundle.cells) <= k < len(bundle.cells)]
@@ -203,6 +225,7 @@ class MLRSNetSchedule(Schedule):
         self.loss_scale, self.fixed_gamma, self.checkpoints = loss_scale, fixed_gamma, checkpoints
         self.phase, self.gamma, self._state = -1, fixed_gamma, None
         self.gammas: list[float] = []
+        self.lr_scale = momentum_lr_scale(momentum)
 
     def phase_of(self, epoch: int) -> int:
         """Phase index (0..K-1) of a 0-based epoch."""
@@ -245,4 +268,4 @@ class MLRSNetSchedule(Schedule):
         if self._state is None:
             raise RuntimeError("MLRSNetSchedule.start_epoch must be called before lr()")
         unit, self._state = self._cell(torch.tensor(loss / self.loss_scale), self._state)
-        return float(self.gamma * unit)
+        return float(self.lr_scale * self.gamma * unit)

@@ -2,7 +2,9 @@
 
 The released files (``mlr_snet_{1,100,200}.pth``: epochs 1, 100, 200 of meta-training ResNet-18
 on CIFAR-10) are plain state dicts with keys ``layer1.fc_i2h.{0,2}.*``, ``layer1.fc_h2h.{0,2}.*``
-and ``layer3.*``. Two gate layouts exist in the reference code (design.md section 3):
+and ``layer3.*``. They ship with raymeta as package data (``reference_checkpoints/``, MIT
+licence, origin and checksums in its ``NOTICE``). Two gate layouts exist in the reference code
+(docs/design.md section 3):
 
 - ``meta-test`` (the released files): gate blocks input, forget, candidate, output; no offset.
 - ``meta-train``: gate blocks input, forget, output, candidate; the forget gate is
@@ -14,6 +16,8 @@ canonical order (input, forget, candidate, output) and folds any forget offset i
 
 from __future__ import annotations
 
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import torch
@@ -26,7 +30,7 @@ LAYOUTS = {
     "meta-test": {"order": ("input", "forget", "candidate", "output"), "forget_offset": 0.0},
     "meta-train": {"order": ("input", "forget", "output", "candidate"), "forget_offset": -1.0},
 }
-REFERENCE_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mlrsnet-reference"
+REFERENCE_DIR: Traversable = files("raymeta.schedules") / "reference_checkpoints"
 REFERENCE_EPOCHS = (1, 100, 200)
 
 
@@ -62,20 +66,29 @@ def to_canonical(
 
 
 def load_reference(
-    directory: str | Path = REFERENCE_DIR, layout: str = "meta-test"
+    directory: str | Path | Traversable | None = None, layout: str = "meta-test"
 ) -> MLRSNetBundle:
-    """Load ``mlr_snet_{1,100,200}.pth`` from ``directory`` into one three-checkpoint bundle.
+    """Load ``mlr_snet_{1,100,200}.pth`` into one three-checkpoint bundle.
+
+    Args:
+        directory: folder holding the three files; None reads the copies shipped with raymeta
+            (:data:`REFERENCE_DIR`).
+        layout: ``meta-test`` (the released files) or ``meta-train`` (see :data:`LAYOUTS`).
 
     Raises:
         DataNotFoundError: a file is missing (the message names it).
+        ConfigError: unknown layout, or a file that is not a reference MLR-SNet state dict.
     """
-    directory = Path(directory)
+    directory = REFERENCE_DIR if directory is None else directory
+    if isinstance(directory, str):
+        directory = Path(directory)
     cells = []
     for epoch in REFERENCE_EPOCHS:
         path = directory / f"mlr_snet_{epoch}.pth"
-        if not path.exists():
+        if not path.is_file():
             raise DataNotFoundError(f"reference meta-learner {path} not found")
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        with path.open("rb") as f:
+            raw = torch.load(f, map_location="cpu", weights_only=True)
         cells.append(to_canonical(raw, layout))
     hidden, mlp_hidden = cells[0]["head.weight"].shape[1], cells[0]["fc_i2h.0.weight"].shape[0]
     return MLRSNetBundle(

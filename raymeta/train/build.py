@@ -126,12 +126,13 @@ def _schedule(spec: RunSpec, data: TaskData, n_steps: int, workers: Workers, met
         return MLRSNetMetaTrainer(
             cell.to(data.train_x.device),
             data.num_classes,
-            t_val=meta.meta_every,
+            meta_every=meta.meta_every,
             meta_batch_size=meta.meta_batch_size,
             meta_lr=meta.meta_lr,
             meta_weight_decay=meta.meta_weight_decay,
             loss_scale=scale,
             average=workers.mean,
+            momentum=task.momentum,
         )
     if isinstance(spec, LearnedRun):
         return MLRSNetSchedule(
@@ -140,6 +141,7 @@ def _schedule(spec: RunSpec, data: TaskData, n_steps: int, workers: Workers, met
             task.epochs,
             loss_scale=scale,
             fixed_gamma=spec.gamma,
+            momentum=task.momentum,
         )
     assert isinstance(spec, HandRun | LongTailRun)
     s = spec.schedule
@@ -149,7 +151,7 @@ def _schedule(spec: RunSpec, data: TaskData, n_steps: int, workers: Workers, met
 def _rule(spec: RunSpec, data: TaskData, model: nn.Module, schedule, workers, meta_learner):
     """The loop's update rule; a long-tailed method is built here, on the bare model, before
     the optimiser and before DDP (LDAM-DRW swaps the last layer, MFM attaches hooks)."""
-    from raymeta.meta.longtail_losses import build_longtail_method
+    from raymeta.meta.methods import build_method
     from raymeta.train.rules import MethodRule, rule_for_task
 
     if not isinstance(spec, LongTailRun):
@@ -157,7 +159,7 @@ def _rule(spec: RunSpec, data: TaskData, model: nn.Module, schedule, workers, me
     modulation = None
     if spec.model_uri is not None:  # transfer: a registered modulator network, frozen
         modulation = copy.deepcopy(_registered(spec, meta_learner))
-    method = build_longtail_method(
+    method = build_method(
         spec.method,
         data.class_counts,
         model,

@@ -32,6 +32,7 @@ from raymeta.errors import ConfigError
 from raymeta.meta.lookahead import functional_loss, unwrap
 from raymeta.models import build_model
 from raymeta.schedules.base import Schedule
+from raymeta.train.guard import ProgressGuard
 from raymeta.train.rules import SGDRule, UpdateRule
 
 L0_SAMPLES = 10_000  # mean training loss (gamma's L0) is estimated on this many training images
@@ -198,6 +199,14 @@ def evaluate(
     return acc, loss
 
 
+def majority_fraction(labels: torch.Tensor) -> float:
+    """Accuracy of always predicting the commonest label (chance level): ``labels`` ``(N,)``
+    class indices, or ``(N, T)`` target tokens of a language model."""
+    if labels.numel() == 0:
+        return math.nan
+    return float(torch.bincount(labels.reshape(-1)).max()) / labels.numel()
+
+
 @torch.no_grad()
 def mean_train_loss(model: nn.Module, data: TaskData, workers: Workers) -> float:
     """Mean per-sample training loss (train-mode forward, BN buffers untouched) over a fixed
@@ -216,13 +225,17 @@ def mean_train_loss(model: nn.Module, data: TaskData, workers: Workers) -> float
 
 def build_optimizer(task: TaskConfig, model: nn.Module) -> torch.optim.Optimizer:
     """The task's inner-loop optimiser at LR 0 (the schedule sets the LR every step): SGD
-    (``momentum``, ``weight_decay``; also for ``sgd_hd``) or Adam (``betas``, ``weight_decay``)."""
+    (``momentum``, ``nesterov``, ``weight_decay``; also for ``sgd_hd``) or Adam (``betas``, ``weight_decay``)."""
     if getattr(task, "optimizer", "sgd") == "adam":
         return torch.optim.Adam(
             model.parameters(), lr=0.0, betas=task.betas, weight_decay=task.weight_decay
         )
     return torch.optim.SGD(
-        model.parameters(), lr=0.0, momentum=task.momentum, weight_decay=task.weight_decay
+        model.parameters(),
+        lr=0.0,
+        momentum=task.momentum,
+        nesterov=task.nesterov,
+        weight_decay=task.weight_decay,
     )
 
 
@@ -270,6 +283,7 @@ class RunState:
     step: int = 0  # completed optimisation steps (global count)
     history: list[dict] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)  # LR of every step so far
+    initial_loss: float | None = None  # L0 of the dead-run guard (first step's batch loss)
 
 
 def build_task_model(task: TaskConfig | LongTailTaskConfig, data: TaskData, device) -> nn.Module:
@@ -315,6 +329,7 @@ def train(
         ConfigError: ``task.batch_size`` is not divisible by the number of workers, or the
             training split is smaller than one global batch.
         NonFiniteLossError: the loss became NaN or infinite.
+        DeadRunError: the run makes no progress (``task.guard``, :mod:`raymeta.train.guard`).
     """
     workers = workers or Workers.current()
     state = state or RunState()
@@ -345,6 +360,15 @@ def train(
         return data.meta_x[midx], data.meta_y[midx]
 
     num_classes = data.num_classes if data.class_counts is not None else 0
+    guard = ProgressGuard(
+        task.guard.patience_steps or n_steps,
+        min_progress=task.guard.min_progress,
+        max_loss_ratio=task.guard.max_loss_ratio,
+        window=task.guard.window,
+        initial_loss=state.initial_loss,
+        enabled=task.guard.enabled,
+    )
+    chance_acc = majority_fraction(data.test_y)
     model.train()
     for epoch in range(state.epoch, task.epochs):
         t0 = time.perf_counter()
@@ -377,6 +401,8 @@ def train(
             if out.meta_loss is not None:
                 meta_sum += out.meta_loss
                 n_meta += 1
+            guard.check(state.step, out.loss, out.lr)
+            state.initial_loss = guard.initial_loss
             state.lrs.append(out.lr)
             loss_sum += out.loss
             lr_sum += out.lr
@@ -394,6 +420,7 @@ def train(
             "test_acc": test_acc,
             "test_loss": test_loss,
             "lr": lr_sum / n_steps,
+            "chance_acc": chance_acc,
             "train_time_s": train_time,
             "epoch_time_s": time.perf_counter() - t0,
         }

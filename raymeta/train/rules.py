@@ -8,7 +8,7 @@ hook that reports and checkpoints — and delegates the step itself to an :class
   look-ahead meta step (when the schedule is a trainable
   :class:`~raymeta.meta.mlrsnet.MLRSNetMetaTrainer`), the LR from the schedule (which may
   depend on the loss), the SGD step.
-- :class:`MethodRule`: a long-tailed method's ``train_step`` (:mod:`raymeta.meta.method`):
+- :class:`MethodRule`: a long-tailed method's ``train_step`` (:mod:`raymeta.meta.base`):
   a loss (cross-entropy, class-balanced, focal, LDAM-DRW, logit-adjusted), optionally on
   class-balanced re-sampled batches, or a meta-learned method (MFM, Meta-Weight-Net) whose
   look-ahead takes a meta batch. The LR comes from the schedule *before* the step (the
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymeta.meta.lookahead import set_lr
+from raymeta.meta.losses import class_balanced_indices
 from raymeta.meta.mlrsnet import MLRSNetMetaTrainer
 from raymeta.schedules.base import Schedule
 
@@ -132,7 +133,7 @@ class SGDRule(UpdateRule):
 
 
 class MethodRule(UpdateRule):
-    """A long-tailed method's step (:func:`raymeta.meta.longtail_losses.build_longtail_method`).
+    """A long-tailed method's step (:func:`raymeta.meta.methods.build_method`).
 
     Args:
         method: the method, built on the (not yet DDP-wrapped) model before the optimiser,
@@ -151,10 +152,8 @@ class MethodRule(UpdateRule):
         self.method.start_epoch(epoch)
 
     def epoch_pool(self, train_y, seed, epoch):
-        if not getattr(self.method, "resample", False):
+        if not self.method.resample:
             return None
-        from raymeta.meta.longtail_losses import class_balanced_indices
-
         return class_balanced_indices(train_y, seed=seed, epoch=epoch).to(train_y.device)
 
     def step(self, model, optimizer, x, y, *, step, epoch, schedule, next_meta, workers):

@@ -1,6 +1,6 @@
 """Compare learned and hand-designed LR schedules fairly (``raymeta compare FILE [--resume]``).
 
-Protocol (design.md section 6):
+Protocol (docs/design.md section 6):
 
 1. **Search**, per hand-designed family: a Ray Tune ``Tuner`` with ``OptunaSearch`` (TPE,
    seeded, define-by-run space with the family's conditional hyper-parameters,

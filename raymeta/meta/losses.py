@@ -1,4 +1,5 @@
-"""Long-tailed recognition baselines under one training-step interface (plain PyTorch).
+"""Long-tailed recognition losses and re-sampling under one training-step interface (plain
+PyTorch).
 
 Losses (``forward(logits (B, K), targets (B,) int64) -> () loss``):
 
@@ -8,21 +9,17 @@ Losses (``forward(logits (B, K), targets (B,) int64) -> () loss``):
 - :class:`FocalLoss` — softmax focal loss (Lin et al., "Focal Loss for Dense Object
   Detection", ICCV 2017; ``torchvision.ops.sigmoid_focal_loss`` is the binary form).
 - :class:`LDAMLoss` — label-distribution-aware margins with deferred re-weighting (Cao et al.,
-  "Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss", NeurIPS 2019).
+  "Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss", NeurIPS 2019), with
+  the cosine classifier :class:`NormedLinear` (:func:`use_normed_classifier`).
 - :class:`LogitAdjustedLoss` — logit-adjusted softmax cross-entropy (Menon et al., "Long-tail
   learning via logit adjustment", ICLR 2021; ``tau = 1`` is the balanced softmax of Ren et al.,
-  NeurIPS 2020), and :func:`posthoc_logit_adjustment`.
+  NeurIPS 2020).
 
 Re-sampling: :func:`class_balanced_indices` / :func:`class_balanced_weights` (class-balanced
 sampling, e.g. Kang et al., "Decoupling Representation and Classifier", ICLR 2020).
 
-Meta-learned re-weighting: :class:`WeightNet` and :class:`MetaWeightNetTrainer` (Shu et al.,
-"Meta-Weight-Net: Learning an Explicit Mapping For Sample Weighting", NeurIPS 2019), with the
-shared one-step look-ahead of :mod:`raymeta.meta.lookahead`.
-
-Every method has the step interface of :class:`raymeta.meta.mfm.MFMTrainer`
-(``train_step``, ``is_meta_step``, ``needs_meta``, ``start_epoch``); plain losses are wrapped by
-:class:`LossStep`. :func:`build_longtail_method` builds any of them by name.
+A loss takes training steps through :class:`LossStep` (the step interface of
+:mod:`raymeta.meta.base`); :mod:`raymeta.meta.methods` builds every method by name.
 
 Weighted losses support two reductions: ``"weighted_mean"`` (``sum_i w_i l_i / sum_i w_i``,
 as ``F.cross_entropy(weight=...)`` and the LDAM-DRW code) and ``"mean"``
@@ -33,23 +30,15 @@ workers with batch b match one worker with batch N*b.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from raymeta.errors import ConfigError
-from raymeta.meta.lookahead import (
-    Average,
-    functional_logits,
-    identity_average,
-    second_order_direction,
-    set_lr,
-    trainable_params,
-    worker_mean,
-)
-from raymeta.meta.method import LookaheadMethod, StepOutput, sgd_step
+from raymeta.meta.base import StepOutput, sgd_step
+from raymeta.meta.lookahead import Average, identity_average, set_lr
 
 REDUCTIONS = ("weighted_mean", "mean")
 
@@ -103,7 +92,11 @@ class LongTailLoss(nn.Module):
 
 
 class CrossEntropyLoss(LongTailLoss):
-    """Mean softmax cross-entropy (the baseline every long-tail paper reports)."""
+    """Mean softmax cross-entropy (the baseline every long-tail paper reports); no parameters
+    (no weights, so no reduction to choose)."""
+
+    def __init__(self):
+        super().__init__()
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, targets)
@@ -276,14 +269,6 @@ class LogitAdjustedLoss(LongTailLoss):
         return F.cross_entropy(logits + self.adjustment.to(logits.dtype), targets)
 
 
-def posthoc_logit_adjustment(
-    logits: torch.Tensor, counts: Sequence[int], tau: float = 1.0
-) -> torch.Tensor:
-    """Post-hoc logit adjustment ``logits - tau * log prior`` (Menon et al., ICLR 2021, Eq. 9)
-    for a model trained with plain cross-entropy. ``(B, C) -> (B, C)``."""
-    return logits - tau * log_prior(counts).to(logits.device, logits.dtype)
-
-
 def class_balanced_weights(labels: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
     """``(N,)`` float64 per-sample weights ``1 / n_{y_i}``: every class equally likely under
     ``torch.utils.data.WeightedRandomSampler(weights, N)``."""
@@ -351,215 +336,3 @@ class LossStep:
 
     def load_state_dict(self, sd: dict) -> None:
         pass
-
-
-class WeightNet(nn.Module):
-    """Meta-Weight-Net's weighting function: an MLP ``1 -> hidden -> 1`` (ReLU, sigmoid output)
-    from a sample's loss to its weight in ``(0, 1)`` (Shu et al., NeurIPS 2019, Sec. 3; hidden
-    100 in the reference). Input ``(B, 1)`` losses (nats), output ``(B, 1)`` weights."""
-
-    def __init__(self, hidden: int = 100):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-
-    def forward(self, losses: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.net(losses))
-
-
-class MetaWeightNetTrainer(LookaheadMethod):
-    """Meta-Weight-Net (Shu et al., NeurIPS 2019, Algorithm 1) with the shared look-ahead.
-
-    Every ``meta_every`` steps: per-sample losses ``l_i(w)`` of the training batch (functional
-    forward, BN buffers untouched), weights ``v_i = V(l_i; theta)`` (losses detached, as in the
-    reference), weighted loss ``sum v_i l_i / sum v_i`` (``normalise``, the reference) or
-    ``/ B``; its gradient with ``create_graph=True`` gives the virtual step (plus SGD's
-    momentum and weight decay); the meta loss of the virtually updated classifier on a balanced
-    meta batch is differentiated w.r.t. ``theta`` and the weighting net takes an optimiser
-    step. The real step then uses the updated net's weights (detached).
-
-    Args:
-        wnet: the :class:`WeightNet`.
-        meta_lr, meta_weight_decay: optimiser of ``theta``. The reference's long-tail script
-            uses Adam with lr 1e-5, weight decay 1e-4; that lr leaves the weights nearly uniform
-            in short runs (design.md section 4), so the default lr here is 1e-3.
-        meta_every: meta step every ``meta_every`` optimisation steps.
-        normalise: divide the weighted loss by the sum of the weights (the reference).
-        meta_optimizer: ``"adam"``, ``"sgd"`` or a factory.
-        average: mean across data-parallel workers (identity for one).
-        meta_lr_follows_lr: scale the meta LR with the classifier's schedule (default False:
-            the reference keeps it constant; MFM's default is True).
-    """
-
-    label = "Meta-Weight-Net"
-    state_key = "wnet"
-
-    def __init__(
-        self,
-        wnet: WeightNet,
-        *,
-        meta_lr: float = 1e-3,
-        meta_weight_decay: float = 1e-4,
-        meta_every: int = 1,
-        normalise: bool = True,
-        meta_optimizer: str | Callable = "adam",
-        average: Average = identity_average,
-        meta_lr_follows_lr: bool = False,
-    ):
-        super().__init__(
-            wnet,
-            meta_lr=meta_lr,
-            meta_weight_decay=meta_weight_decay,
-            meta_every=meta_every,
-            meta_optimizer=meta_optimizer,
-            average=average,
-            meta_lr_follows_lr=meta_lr_follows_lr,
-        )
-        self.wnet, self.normalise = wnet, normalise
-
-    def weighted_loss(
-        self, per_sample: torch.Tensor, weights: torch.Tensor, differentiable: bool
-    ) -> torch.Tensor:
-        """``(B,)`` losses and weights -> this worker's share of the global weighted loss."""
-        total = (weights * per_sample).mean()
-        if not self.normalise:
-            return total
-        mean_w = weights.mean()
-        denom = (
-            worker_mean(mean_w, self.average) if differentiable else self.average(mean_w.detach())
-        )
-        return total / denom.clamp_min(1e-12)
-
-    def meta_gradient(self, model, optimizer, x, y, meta_x, meta_y, lr):
-        """This worker's meta loss and share of ``dL_meta/dtheta`` (arguments and averaging as
-        :meth:`raymeta.meta.mfm.MFMTrainer.meta_gradient`)."""
-        params = trainable_params(model)
-        per = F.cross_entropy(functional_logits(model, params, x), y, reduction="none")
-        weights = self.wnet(per.detach()[:, None]).squeeze(1)
-        loss = self.weighted_loss(per, weights, differentiable=True)
-        direction = second_order_direction(loss, model, params, optimizer, self.average)
-        meta_loss, grads = self.lookahead_meta_grads(model, params, direction, lr, meta_x, meta_y)
-        return meta_loss.detach(), grads
-
-    def train_step(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.SGD,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        *,
-        lr: float,
-        step: int,
-        meta_x: torch.Tensor | None = None,
-        meta_y: torch.Tensor | None = None,
-    ) -> StepOutput:
-        """The meta step if due, then the real weighted SGD step (see :class:`LossStep`).
-
-        Raises:
-            ConfigError: a meta step is due and no meta batch was given.
-        """
-        due = self.meta_due(step, meta_x, meta_y)
-        meta_loss = self.meta_step(model, optimizer, x, y, meta_x, meta_y, lr) if due else None
-        set_lr(optimizer, lr)
-        per = F.cross_entropy(model(x), y, reduction="none")
-        with torch.no_grad():
-            weights = self.wnet(per.detach()[:, None]).squeeze(1)
-        loss = self.weighted_loss(per, weights, differentiable=False)
-        sgd_step(optimizer, loss)
-        return StepOutput(loss.detach(), meta_loss)
-
-
-METHODS = (
-    "ce",
-    "cb_reweight",
-    "cb_resample",
-    "focal",
-    "ldam_drw",
-    "logit_adjust",
-    "mwn",
-    "mfm_direct",
-    "mfm_network",
-)
-
-
-def build_longtail_method(
-    name: str,
-    counts: Sequence[int],
-    model: nn.Module,
-    *,
-    input_shape: Sequence[int] | None = None,
-    epochs: int | None = None,
-    average: Average = identity_average,
-    modulation=None,
-    **params,
-):
-    """Build a long-tail method by name; returns an object with ``train_step``,
-    ``is_meta_step``, ``needs_meta`` and ``start_epoch`` (and ``resample`` for re-sampling).
-
-    Names (``params`` are passed to the class named): ``ce``; ``cb_reweight``
-    (:class:`ClassBalancedLoss`); ``cb_resample`` (cross-entropy on class-balanced batches);
-    ``focal`` (:class:`FocalLoss`); ``ldam_drw`` (:class:`LDAMLoss`; replaces the model's last
-    linear layer by a :class:`NormedLinear` in place, and ``drw_epoch`` defaults to
-    ``int(0.8 * epochs)`` when ``epochs`` is given, as the paper's 160 of 200); ``logit_adjust``
-    (:class:`LogitAdjustedLoss`); ``mwn`` (:class:`MetaWeightNetTrainer`; ``hidden`` for the
-    :class:`WeightNet`); ``mfm_direct`` / ``mfm_network`` (:class:`raymeta.meta.mfm.MFMTrainer`
-    with a modulation built and attached to ``model``; ``input_shape = (C, S, S)`` required,
-    ``sites``, ``hidden``, ``lookahead``, ``meta_every``, ``meta_lr`` optional; ``meta_lr``
-    defaults to 1e-3 for ``mfm_direct`` and 1e-4 for ``mfm_network``, whose shared network
-    moves every channel at once: at 1e-3 it lowered the top-1 accuracy of a 2-epoch
-    Fashion-MNIST-LT IF 100 pilot from 73% to 60-62%). With
-    ``modulation`` (a meta-trained :class:`~raymeta.models.modulation.Modulation`, e.g. a
-    registered modulator network) an ``mfm_*`` method attaches it to ``model`` (at ``sites``,
-    default the model's default sites) and trains the classifier with it frozen, with no meta
-    set (transfer).
-
-    Build the method before the classifier's optimiser (``ldam_drw`` changes the model).
-
-    Raises:
-        ConfigError: unknown name or a bad parameter.
-    """
-    losses: dict[str, Callable[[], LongTailLoss]] = {
-        "ce": lambda: CrossEntropyLoss(**params),
-        "cb_reweight": lambda: ClassBalancedLoss(counts, **params),
-        "cb_resample": lambda: CrossEntropyLoss(**params),
-        "focal": lambda: FocalLoss(**params),
-        "logit_adjust": lambda: LogitAdjustedLoss(counts, **params),
-    }
-    try:
-        if name in losses:
-            loss = losses[name]()
-            loss.average = average
-            return LossStep(loss, resample=name == "cb_resample")
-        if name == "ldam_drw":
-            if epochs is not None:
-                params.setdefault("drw_epoch", int(0.8 * epochs))
-            use_normed_classifier(model)
-            loss = LDAMLoss(counts, **params)
-            loss.average = average
-            return LossStep(loss)
-        if name == "mwn":
-            wnet = WeightNet(params.pop("hidden", 100))
-            ref = next(model.parameters())
-            return MetaWeightNetTrainer(wnet.to(ref.device, ref.dtype), average=average, **params)
-        if name in ("mfm_direct", "mfm_network"):
-            from raymeta.meta.mfm import MFMTrainer
-            from raymeta.models.modulation import build_modulation
-
-            if modulation is not None:  # transfer: a meta-trained modulation, frozen
-                ref = next(model.parameters())
-                modulation.to(ref.device, ref.dtype).attach(model, params.pop("sites", None))
-                return MFMTrainer(modulation, frozen=True, average=average, **params)
-            if input_shape is None:
-                raise ConfigError(f"method {name!r} needs input_shape=(channels, size, size)")
-            if name == "mfm_network":  # ours: 1e-3 degraded a 2-epoch Fashion-MNIST-LT pilot
-                params.setdefault("meta_lr", 1e-4)
-            mod = build_modulation(
-                name.removeprefix("mfm_"),
-                model,
-                input_shape,
-                sites=params.pop("sites", None),
-                hidden=params.pop("hidden", 16),
-            )
-            return MFMTrainer(mod, average=average, **params)
-    except TypeError as exc:  # an unexpected keyword in params
-        raise ConfigError(f"method {name!r}: {exc}") from None
-    raise ConfigError(f"unknown long-tail method {name!r}; accepted: {', '.join(METHODS)}")

@@ -1,0 +1,55 @@
+"""Schema holes a user can fall into: infinities, booleans or floats as integers, repeated keys."""
+
+import pytest
+
+from raymeta.config import load_pipeline
+from raymeta.errors import ConfigError
+
+BASE = "name: t\nmeta_train:\n  task:\n    dataset: digits\n"
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            BASE + "    weight_decay: .inf\n",
+            "meta_train.task.weight_decay: Input should be a finite number",
+        ),
+        (BASE + "  meta_lr: .inf\n", "meta_train.meta_lr: Input should be a finite number"),
+        (BASE + "  meta_lr: .nan\n", "meta_train.meta_lr: Input should be a finite number"),
+        (
+            BASE + "    epochs: true\n",
+            "meta_train.task.epochs: Input should be a valid integer (got True)",
+        ),
+        (
+            BASE + "    epochs: 2.5\n",
+            "meta_train.task.epochs: Input should be a valid integer (got 2.5)",
+        ),
+        (
+            BASE + "    seed: yes\n",
+            "meta_train.task.seed: Input should be a valid integer (got True)",
+        ),
+        (
+            BASE + "    epochs: 2\n    epochs: 5\n",
+            "line 6 is not valid YAML (duplicate key 'epochs')",
+        ),
+        ("name: t\nname: u\nmeta_train: {}\n", "line 2 is not valid YAML (duplicate key 'name')"),
+        (BASE + "    nesterov: true\n", "nesterov needs momentum > 0"),
+    ],
+)
+def test_schema_holes_are_refused_in_one_line(tmp_path, body, expected):
+    path = tmp_path / "p.yaml"
+    path.write_text(body)
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(path)
+    assert expected in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_valid_numbers_still_load(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        BASE + "    epochs: 2\n    weight_decay: 0\n    momentum: 0.9\n  meta_lr: 1e-3\n"
+    )
+    cfg = load_pipeline(path)
+    assert cfg.meta_train.task.epochs == 2 and cfg.meta_train.task.weight_decay == 0.0
+    assert cfg.meta_train.meta_lr == 1e-3
