@@ -83,3 +83,45 @@ def test_shipped_pipeline_runs_by_name_from_any_folder(tmp_path):
     assert res.stderr.startswith(
         f"raymeta: error: cifar10 not found under {tmp_path}/cache/raymeta/cifar "
     )
+
+
+def test_ui_runs_mlflow_with_this_interpreter_on_loopback(tmp_path):
+    """``raymeta ui`` as the README gives it (venv not activated: no ``mlflow`` on PATH) serves
+    the store on 127.0.0.1 with one worker (issue 12 item 10)."""
+    import signal
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PATH="/usr/bin:/bin")
+    db = tmp_path / "mlflow.db"
+    proc = subprocess.Popen(
+        [*RAYMETA, "ui", "--port", str(port), "--tracking-uri", f"sqlite:///{db}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        first = proc.stdout.readline().split()
+        assert first[:4] == [sys.executable, "-m", "mlflow", "ui"]
+        assert first[first.index("--host") + 1] == "127.0.0.1"
+        assert first[first.index("--workers") + 1] == "1"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    assert r.status == 200 and r.read() == b"OK"
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+                time.sleep(1)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_ui_refuses_zero_workers():
+    res = run("ui", "--workers", "0")
+    assert res.returncode == 2
+    assert res.stderr.strip() == "raymeta: error: --workers 0: expected an integer >= 1"
