@@ -8,10 +8,12 @@ one-line :class:`~raymeta.errors.ConfigError` naming the key, e.g.
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     BaseModel,
     ConfigDict,
@@ -29,6 +31,62 @@ PositiveInt = Annotated[int, Field(gt=0, strict=True)]
 NonNegInt = Annotated[int, Field(ge=0, strict=True)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
+
+
+def check_registered_model_name(name: str) -> str:
+    """Refuse a registered-model name that MLflow would refuse only after training: empty, with
+    ``/`` or ``:`` (MLflow's rules), or ``@`` (raymeta's ``models:/NAME@ALIAS``), starting
+    with ``.`` or changed by a path normalisation, or with surrounding spaces.
+
+    Raises:
+        ValueError: one line naming the value and what is accepted (a config error).
+    """
+    import posixpath
+
+    bad = [c for c in "/:@" if c in name]
+    norm = posixpath.normpath(name)
+    if not name.strip() or bad or name != name.strip() or norm != name or norm.startswith("."):
+        why = f"contains {' and '.join(map(repr, bad))}" if bad else "is empty or not a plain name"
+        raise ValueError(
+            f"registered model name {name!r} {why}; accepted: a non-empty name without "
+            "'/', ':' or '@' (e.g. mlrsnet-fashion)"
+        )
+    return name
+
+
+ALIAS_CHARACTERS = re.compile(r"^[\w-]{1,255}$")  # MLflow's alias rule (and its length limit)
+
+
+def check_alias(alias: str) -> str:
+    """Refuse a registry alias that MLflow would refuse when setting it, after training: empty,
+    other characters than letters, digits, ``_`` and ``-``, longer than 255, or reserved
+    (``latest``, and ``v<N>``, which names version N), case-insensitive as in MLflow.
+
+    Raises:
+        ValueError: one line naming the value and what is accepted (a config error).
+    """
+    reserved = alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias)
+    if reserved or not ALIAS_CHARACTERS.match(alias):
+        why = "is reserved by MLflow" if reserved else "is not a valid MLflow alias"
+        raise ValueError(
+            f"alias {alias[:60]!r} {why}; accepted: 1-255 letters, digits, '_' or '-', other than "
+            "'latest' and v<N> (e.g. champion)"
+        )
+    return alias
+
+
+RegisteredModelName = Annotated[str, AfterValidator(check_registered_model_name)]
+Alias = Annotated[str, AfterValidator(check_alias)]
+
+
+def _check_model_name(name: str) -> str:
+    from raymeta.models.registry import check_model_name
+
+    check_model_name(name)
+    return name
+
+
+ModelName = Annotated[str, AfterValidator(_check_model_name)]
 
 META_BATCH_SIZE = 100  # meta-set images per meta step (MLR-SNet's and Meta-Weight-Net's protocols)
 
@@ -132,7 +190,7 @@ class TaskConfig(Strict):
     dataset: Literal["fashion_mnist", "digits", "cifar10", "cifar100", "tinyshakespeare"] = (
         "fashion_mnist"
     )
-    model: str = "small_cnn"
+    model: ModelName = "small_cnn"
     batch_size: PositiveInt = 128
     epochs: PositiveInt = 3
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
@@ -256,8 +314,8 @@ class MetaTrainConfig(OuterLoopConfig, Section):
 
     task: TaskConfig = TaskConfig()
     checkpoint_epochs: list[PositiveInt] | None = None
-    registered_model: str = "mlrsnet"
-    alias: str = "champion"
+    registered_model: RegisteredModelName = "mlrsnet"
+    alias: Alias = "champion"
 
     @model_validator(mode="after")
     def _check(self):
@@ -305,7 +363,7 @@ class LongTailTaskConfig(Strict):
     """
 
     dataset: Literal["fashion_mnist", "digits", "cifar10", "cifar100"] = "fashion_mnist"
-    model: str = "small_cnn"
+    model: ModelName = "small_cnn"
     imbalance_factor: ImbalanceFactor = 100.0
     profile: Literal["exp", "step"] = "exp"
     meta_per_class: NonNegInt = 10
@@ -435,8 +493,8 @@ class LongTailStudyConfig(Section):
     methods: list[LongTailMethodConfig] = Field(default_factory=list)
     num_workers: PositiveInt | None = None
     max_concurrent: PositiveInt | None = None
-    registered_model: str = "mfm-modulator"
-    alias: str = "champion"
+    registered_model: RegisteredModelName = "mfm-modulator"
+    alias: Alias = "champion"
     register_imbalance_factor: ImbalanceFactor | None = None
     register_seed: Int | None = None
     transfer: list[LongTailTransferConfig] = Field(default_factory=list)
@@ -597,10 +655,13 @@ class RayConfig(Strict):
 
 
 class MlflowConfig(Strict):
-    """Tracking: None means ``$MLFLOW_TRACKING_URI`` or a local SQLite store in the cwd."""
+    """Tracking: None means ``$MLFLOW_TRACKING_URI`` or a local SQLite store in the cwd.
+    ``allow_pickle``: also load registered meta-learners that an older raymeta stored as
+    pickles (loading a pickle runs code from the store: only for stores you trust)."""
 
     tracking_uri: str | None = None
     experiment: str = "raymeta"
+    allow_pickle: bool = False
 
 
 class PipelineConfig(Strict):

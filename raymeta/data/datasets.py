@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,8 +101,10 @@ def _read_idx(path: Path, expected_items: int) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as exc:
-        raise DataNotFoundError(f"cannot read {path}: {exc} (reinstall the dataset)") from None
+    except (OSError, EOFError, zlib.error) as exc:  # missing, truncated or corrupt gzip
+        raise DataNotFoundError(
+            f"cannot read {path}: {exc} (the file is damaged; restore or reinstall the dataset)"
+        ) from None
     ndim = raw[3] if len(raw) >= 4 else 0
     header = 4 + 4 * ndim
     if len(raw) < header or raw[2] != 0x08:

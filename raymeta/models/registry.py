@@ -74,6 +74,21 @@ def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
                 return
 
 
+def check_model_name(name: str) -> None:
+    """Check that ``name`` names a model :func:`build_model` can build (in the driver, before
+    any worker starts).
+
+    Raises:
+        ConfigError: the name is unknown (one line with the accepted names).
+    """
+    if name in MODELS or name.removeprefix("tv:") in _torchvision_names():
+        return
+    raise ConfigError(
+        f"unknown model {name!r}; accepted: {', '.join(MODELS)}, or tv:NAME for a torchvision "
+        "classification model (e.g. tv:mobilenet_v2)"
+    )
+
+
 def build_model(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     """Build an untrained model by registry name.
 
@@ -86,16 +101,13 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int) 
     Raises:
         ConfigError: the name is unknown.
     """
+    check_model_name(name)
     if name in MODELS:
         return MODELS[name](in_channels, num_classes, image_size)
-    tv_name = name.removeprefix("tv:")
-    if tv_name in _torchvision_names():
-        import torchvision
+    import torchvision
 
-        model = torchvision.models.get_model(tv_name, weights=None, num_classes=num_classes)
-        _adapt_first_conv(model, in_channels)
-        return model
-    raise ConfigError(
-        f"unknown model {name!r}; accepted: {', '.join(MODELS)}, or tv:NAME for a torchvision "
-        "classification model (e.g. tv:mobilenet_v2)"
+    model = torchvision.models.get_model(
+        name.removeprefix("tv:"), weights=None, num_classes=num_classes
     )
+    _adapt_first_conv(model, in_channels)
+    return model

@@ -34,6 +34,24 @@ REFERENCE_DIR: Traversable = files("raymeta.schedules") / "reference_checkpoints
 REFERENCE_EPOCHS = (1, 100, 200)
 
 
+def _canonical_keys() -> list[str]:
+    from raymeta.schedules.mlrsnet import MLRSNet
+
+    return list(MLRSNet().state_dict())
+
+
+def _reference_name(key: str) -> str:
+    """A canonical key under its name in the reference code."""
+    for ours, theirs in (
+        ("fc_i2h.", "layer1.fc_i2h."),
+        ("fc_h2h.", "layer1.fc_h2h."),
+        ("head.", "layer3."),
+    ):
+        if key.startswith(ours):
+            return theirs + key[len(ours) :]
+    return key
+
+
 def to_canonical(
     state_dict: dict[str, torch.Tensor], layout: str = "meta-test"
 ) -> dict[str, torch.Tensor]:
@@ -52,6 +70,12 @@ def to_canonical(
         if prefix is None:
             raise ConfigError(f"unexpected key {key!r} in an MLR-SNet reference state dict")
         out[rename[prefix] + key[len(prefix) :]] = value.detach().clone().float()
+    missing = sorted(set(_canonical_keys()) - set(out))
+    if missing:
+        raise ConfigError(
+            f"the MLR-SNet reference state dict lacks {len(missing)} key(s), e.g. "
+            f"{_reference_name(missing[0])!r}; accepted: layer1.fc_i2h.*, layer1.fc_h2h.*, layer3.*"
+        )
     hidden = out["head.weight"].shape[1]
     perm = torch.cat(
         [torch.arange(hidden) + hidden * spec["order"].index(gate) for gate in CANONICAL]
@@ -77,7 +101,8 @@ def load_reference(
 
     Raises:
         DataNotFoundError: a file is missing (the message names it).
-        ConfigError: unknown layout, or a file that is not a reference MLR-SNet state dict.
+        ConfigError: unknown layout, or a file that is not a reference MLR-SNet state dict
+            (unreadable, not a dict of tensors, missing keys, wrong shapes; one line naming it).
     """
     directory = REFERENCE_DIR if directory is None else directory
     if isinstance(directory, str):
@@ -87,14 +112,33 @@ def load_reference(
         path = directory / f"mlr_snet_{epoch}.pth"
         if not path.is_file():
             raise DataNotFoundError(f"reference meta-learner {path} not found")
-        with path.open("rb") as f:
-            raw = torch.load(f, map_location="cpu", weights_only=True)
-        cells.append(to_canonical(raw, layout))
+        try:
+            with path.open("rb") as f:
+                raw = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as exc:  # random bytes, a truncated file, a pickle of other objects
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise ConfigError(
+                f"{path} is not a PyTorch state dict that loads with weights_only=True ({reason})"
+            ) from None
+        if not (isinstance(raw, dict) and all(isinstance(v, torch.Tensor) for v in raw.values())):
+            raise ConfigError(
+                f"{path} holds a {type(raw).__name__}, not a state dict (a dict of tensors)"
+            )
+        try:
+            cells.append(to_canonical(raw, layout))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     hidden, mlp_hidden = cells[0]["head.weight"].shape[1], cells[0]["fc_i2h.0.weight"].shape[0]
-    return MLRSNetBundle(
-        cells,
-        list(REFERENCE_EPOCHS),
-        hidden,
-        mlp_hidden,
-        source=f"reference release (ResNet-18 / CIFAR-10, {layout} layout) from {directory}",
-    )
+    try:
+        return MLRSNetBundle(
+            cells,
+            list(REFERENCE_EPOCHS),
+            hidden,
+            mlp_hidden,
+            source=f"reference release (ResNet-18 / CIFAR-10, {layout} layout) from {directory}",
+        )
+    except RuntimeError as exc:  # load_state_dict: shapes that do not make one cell
+        reason = " ".join(str(exc).split())[:200]
+        raise ConfigError(
+            f"the checkpoints in {directory} do not fit one MLR-SNet ({reason})"
+        ) from None
