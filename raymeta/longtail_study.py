@@ -42,7 +42,7 @@ from typing import Any
 import pandas as pd
 
 from raymeta.config import LongTailMethodConfig, LongTailStudyConfig, LongTailTaskConfig
-from raymeta.errors import ConfigError
+from raymeta.errors import ConfigError, RegistrationError
 from raymeta.session import Session
 from raymeta.spec import LongTailRun, longtail_run
 
@@ -246,13 +246,19 @@ def _finish_mlflow_runs(runs: list[PlannedRun], results) -> None:
         client.set_terminated(run.run_id)
 
 
-def _register(cfg: LongTailStudyConfig, runs: list[PlannedRun], results) -> tuple[str, str]:
-    """Log and register the modulator of the chosen ``mfm_network`` run; returns
-    ``(model_uri, version)``."""
+def _register(
+    cfg: LongTailStudyConfig, runs: list[PlannedRun], results, keep: Path
+) -> tuple[str, str]:
+    """Log and register the modulator of the chosen ``mfm_network`` run (a copy is kept in
+    ``keep``); returns ``(model_uri, version)``.
+
+    Raises:
+        RegistrationError: the store failed to register it.
+    """
     import mlflow
 
     from raymeta.models.modulation import ModulatorNet
-    from raymeta.tracking import log_meta_learner
+    from raymeta.tracking import register_meta_learner
 
     method = cfg.registered_method
     factor = cfg.register_imbalance_factor or cfg.factors[0]
@@ -269,13 +275,15 @@ def _register(cfg: LongTailStudyConfig, runs: list[PlannedRun], results) -> tupl
         f"{run.task.class_order}), {run.task.model}, seed {seed}, run {run.run_id}"
     )
     modulator.source = source
+    last = result.history[-1]
+    metadata = {
+        "task": f"{run.target} IF={factor:g} {run.task.model}",
+        "top1_acc": last["test_acc"],
+        "few_acc": last["test_few_acc"],
+    }
     with mlflow.start_run(run_id=run.run_id, nested=True):
-        version = log_meta_learner(
-            modulator,
-            cfg.registered_model,
-            cfg.alias,
-            name="modulator",
-            metadata={"source": source, "top1_acc": result.history[-1]["test_acc"]},
+        version = register_meta_learner(
+            modulator, cfg.registered_model, cfg.alias, keep, name="modulator", metadata=metadata
         )
     return cfg.model_uri, version
 
@@ -360,27 +368,32 @@ def run_longtail_study(cfg: LongTailStudyConfig, session: Session) -> pd.DataFra
         to_markdown,
         write_table,
     )
+    from raymeta.tracking import log_results
 
     num_workers = cfg.num_workers or session.ray.num_workers
     t0 = time.perf_counter()
     runs, plans = plan_runs(cfg, num_workers)
-    results = []
+    results, failure = [], None
     if runs:
         _start_mlflow_runs(runs, num_workers)
         results = _fit(runs, cfg, session, num_workers, "longtail-grid")
         _finish_mlflow_runs(runs, results)
-        if cfg.registered_method is not None:
-            uri, version = _register(cfg, runs, results)
-            mlflow.set_tag("registered_modulator", f"{uri} (version {version})")
-            exe = sys.argv[0] if Path(sys.argv[0]).name == "raymeta" else "raymeta"
-            print(
-                f"registered {cfg.registered_model} version {version} (alias {cfg.alias}); "
-                f"transfer it with: {exe} mfm transfer --model-uri {uri} "
-                "[--dataset digits --imbalance-factor 10 ...] (see --help for the defaults)"
-            )
-        else:
+        if cfg.registered_method is None:
             print("no mfm_network run in this study: no modulator registered")
-    t_runs = _transfer_runs(cfg, plans, session)
+        else:
+            try:
+                uri, version = _register(cfg, runs, results, session.output_dir / "modulator")
+            except RegistrationError as exc:  # report the trained runs first, then fail
+                failure = exc
+            else:
+                mlflow.set_tag("registered_modulator", f"{uri} (version {version})")
+                exe = sys.argv[0] if Path(sys.argv[0]).name == "raymeta" else "raymeta"
+                print(
+                    f"registered {cfg.registered_model} version {version} (alias {cfg.alias}); "
+                    f"transfer it with: {exe} mfm transfer --model-uri {uri} "
+                    "[--dataset digits --imbalance-factor 10 ...] (see --help for the defaults)"
+                )
+    t_runs = _transfer_runs(cfg, plans, session) if failure is None else []
     if t_runs:
         _start_mlflow_runs(t_runs, num_workers)
         t_results = _fit(t_runs, cfg, session, num_workers, "longtail-transfer")
@@ -401,9 +414,10 @@ def run_longtail_study(cfg: LongTailStudyConfig, session: Session) -> pd.DataFra
         *write_table(summary, out, "mfm_summary", markdown=md),
         plot_per_class(*_per_class_panels(df), out / "mfm_per_class.png"),
     ]
-    for path in paths:
-        mlflow.log_artifact(str(path))
-    mlflow.log_metric("longtail_study_wall_time_s", time.perf_counter() - t0)
+    log_results(paths)
     print("\n" + md + "\n")
     print(f"results: mfm_*.parquet, mfm_*.md and mfm_per_class.png in {out}")
+    if failure is not None:
+        raise failure
+    mlflow.log_metric("longtail_study_wall_time_s", time.perf_counter() - t0)
     return summary

@@ -41,15 +41,20 @@ def _result_row(stage_name: str, label: str, task: TaskConfig, fit, version: str
 
 def run_meta_train(cfg: MetaTrainConfig, session: Session, num_workers: int):
     """Meta-train MLR-SNet in a ``TorchTrainer``, log it to MLflow and register it under
-    ``cfg.registered_model`` with ``cfg.alias``. Must run inside an active MLflow run.
+    ``cfg.registered_model`` with ``cfg.alias`` (a copy is kept in ``output_dir/meta_learner``).
+    Must run inside an active MLflow run.
 
     Returns ``(bundle, version, fit_result)``.
+
+    Raises:
+        RegistrationError: the store failed to register it (its ``result`` is the fit result).
     """
     import mlflow
 
+    from raymeta.errors import RegistrationError
     from raymeta.schedules import MLRSNetBundle
     from raymeta.spec import meta_train_run
-    from raymeta.tracking import as_params, log_meta_learner
+    from raymeta.tracking import as_params, log_results, register_meta_learner
     from raymeta.train.ray_train import fit
 
     spec = meta_train_run(cfg, cfg.task, "meta-train", cfg.saved_epochs)
@@ -87,9 +92,22 @@ def run_meta_train(cfg: MetaTrainConfig, session: Session, num_workers: int):
         plot_lr_curves(
             {"MLR-SNet (meta-training)": (result.lrs, spe)}, png, "LR during meta-training"
         )
-        mlflow.log_artifact(str(png))
+        log_results([png])
         check_not_at_chance(result.history[-1], f"models:/{cfg.registered_model}")
-        version = log_meta_learner(bundle, cfg.registered_model, cfg.alias)
+        last = result.history[-1]
+        metadata = {
+            "task": f"{cfg.task.dataset}/{cfg.task.model}",
+            "test_acc": last["test_acc"],
+            "test_loss": last["test_loss"],
+        }
+        try:
+            version = register_meta_learner(
+                bundle, cfg.registered_model, cfg.alias, session.output_dir / "meta_learner",
+                metadata=metadata,
+            )  # fmt: skip
+        except RegistrationError as exc:
+            exc.result = result  # the pipeline still reports the trained run
+            raise
     return bundle, version, result
 
 
@@ -197,19 +215,25 @@ def _run_training_sections(
     run ``pipeline/{name}``; returns the table of the last of them."""
     import mlflow
 
+    from raymeta.errors import RegistrationError
     from raymeta.longtail_study import run_longtail_study
-    from raymeta.tracking import as_params
+    from raymeta.tracking import as_params, log_results
 
     t0 = time.perf_counter()
     rows, curves, histories = [], {}, {}
     table = pd.DataFrame()
+    failure = None  # a failed registration: reported after the results tables are written
     with session.parent_run("pipeline", params=as_params(cfg.model_dump(mode="json"))) as parent:
         if "meta_train" in sections:
-            _, version, result = run_meta_train(cfg.meta_train, session, _meta_train_workers(cfg))
+            workers = _meta_train_workers(cfg)
+            try:
+                _, version, result = run_meta_train(cfg.meta_train, session, workers)
+            except RegistrationError as exc:
+                failure, version, result = exc, None, exc.result
             label = "MLR-SNet (meta-training)"
             rows.append(_result_row("meta-train", label, cfg.meta_train.task, result, version))
             histories[label] = result.history
-        if "transfer" in sections:
+        if "transfer" in sections and failure is None:
             t_rows, curves, t_hist = run_transfer(cfg.transfer, session, cfg.ray.num_workers)
             rows += t_rows
             histories.update(t_hist)
@@ -220,10 +244,11 @@ def _run_training_sections(
             pngs = [plot_accuracy_curves(histories, out / "accuracy_curves.png")]
             if curves:
                 pngs.append(plot_lr_curves(curves, out / "lr_curves.png", "transfer: LR schedules"))
-            for path in (parquet, md, *pngs):
-                mlflow.log_artifact(str(path))
+            log_results([parquet, md, *pngs])
             print("\n" + to_markdown(table) + "\n")
             print(f"results: {parquet}, {md} and PNG plots in {out}")
+        if failure is not None:
+            raise failure
         if "longtail" in sections:
             table = run_longtail_study(cfg.longtail, session)
         mlflow.log_metric("pipeline_wall_time_s", time.perf_counter() - t0)
