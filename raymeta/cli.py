@@ -16,7 +16,7 @@ def _run(args) -> None:
     from raymeta.config import load_pipeline
     from raymeta.pipeline import run_pipeline
 
-    run_pipeline(_override(load_pipeline(find_pipeline(args.file)), args))
+    run_pipeline(_override(load_pipeline(find_pipeline(args.file)), args), resume=args.resume)
 
 
 def _section(args) -> None:
@@ -48,8 +48,9 @@ def _override(cfg, args):
     update = {}
     if getattr(args, "output_dir", None):
         update["output_dir"] = args.output_dir
-    if getattr(args, "tracking_uri", None):
-        update["mlflow"] = cfg.mlflow.model_copy(update={"tracking_uri": args.tracking_uri})
+    mlflow = _given(args, ["tracking_uri", "allow_pickle"])
+    if mlflow:
+        update["mlflow"] = cfg.mlflow.model_copy(update=mlflow)
     if getattr(args, "address", None):
         update["ray"] = cfg.ray.model_copy(update={"address": args.address})
     return cfg.model_copy(update=update)
@@ -113,9 +114,18 @@ def _import_reference(args) -> None:
     import mlflow
     import torch
 
+    from raymeta.config import check_alias, check_registered_model_name
     from raymeta.schedules.reference import load_reference
     from raymeta.tracking import log_meta_learner, setup
 
+    for flag, check, value in (
+        ("--registered-model", check_registered_model_name, args.registered_model),
+        ("--alias", check_alias, args.alias),
+    ):
+        try:
+            check(value)
+        except ValueError as exc:
+            raise RaymetaError(f"{flag}: {exc}") from None
     bundle = load_reference(args.dir, args.layout)
     source = args.dir or "the checkpoints shipped with raymeta"
     _, experiment_id = setup(args.tracking_uri, args.experiment)
@@ -352,6 +362,21 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--address", help="Ray address of an existing cluster (default: $RAY_ADDRESS or local)"
     )
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        default=None,
+        help="also load registered meta-learners stored as pickles by an older raymeta "
+        "(runs code from the store: only for stores you trust)",
+    )
+
+
+def _add_resume(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue {what}; the config may change only as the error line says",
+    )
 
 
 def _add_ray_flags(p: argparse.ArgumentParser) -> None:
@@ -395,11 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "quickstart", help="run the shipped quickstart.yaml pipeline (about 5 minutes on 2 CPUs)"
     )
+    _add_resume(p, "an interrupted quickstart: its comparison resumes, the other stages rerun")
     _add_common(p)
     p.set_defaults(func=_run, file="quickstart.yaml")
 
     p = sub.add_parser("run", help="run a pipeline YAML file")
     p.add_argument("file", help="pipeline file, or the name of a shipped one, e.g. quickstart.yaml")
+    _add_resume(p, "an interrupted pipeline: compare and study resume, the other sections rerun")
     _add_common(p)
     p.set_defaults(func=_run)
 
@@ -410,10 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "file", help="pipeline with a 'compare' section, e.g. compare_fashion.yaml (shipped)"
     )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue an interrupted comparison (finished trials are kept)",
+    _add_resume(
+        p,
+        "an interrupted comparison (finished trials are kept; a larger "
+        "search.trials_per_family runs only the missing trials)",
     )
     _add_common(p)
     p.set_defaults(func=_section, section="compare")
@@ -424,10 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "file", help="pipeline with a 'study' section, e.g. transfer_study.yaml (shipped)"
     )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue an interrupted study (finished tasks are kept)",
+    _add_resume(
+        p, "an interrupted study (finished tasks are kept; a grown grid runs only the new tasks)"
     )
     _add_common(p)
     p.set_defaults(func=_section, section="study")
@@ -516,14 +541,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INTERRUPTED = 130  # the exit status of a command stopped by Ctrl+C (128 + SIGINT) or SIGTERM
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit status: 0 done; 2 a one-line ``raymeta: error: ...`` (bad input,
+    nothing of earlier work lost); 130 interrupted by Ctrl+C or SIGTERM (the command stops
+    whole, its Ray shut down, its MLflow runs KILLED; ``--resume`` continues it where it has
+    the flag)."""
+    from raymeta.interrupts import sigterm_as_sigint
+
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no store-creation chatter
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        with sigterm_as_sigint():
+            args.func(args)
     except RaymetaError as exc:
         print(f"raymeta: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = "; resume with --resume" if hasattr(args, "resume") else ""
+        print(f"raymeta: interrupted{hint}", file=sys.stderr, flush=True)
+        return INTERRUPTED
     return 0
 
 

@@ -12,9 +12,18 @@
 4. the Ray session: a connection to ``ray.address`` / ``$RAY_ADDRESS``, or a local Ray
    (:func:`start_local_ray`), shut down on exit if started here.
 
+Before Ray starts it checks the output folder (a folder, creatable), the tracking store
+(:func:`raymeta.tracking.setup`), the sizes (:func:`check_resources`: Ray Train workers and
+trials against the local CPUs and GPUs; a remote cluster's resources right after connecting)
+and, with ``resume``, the saved state (:func:`resume_state`: present, readable, and saved with
+a config the new one may continue). Inside the session SIGTERM is handled as SIGINT
+(:mod:`raymeta.interrupts`): either stops the command with ``KeyboardInterrupt``.
+
 :meth:`Session.parent_run` opens a command's (or a stage's) parent MLflow run: resumed by id
 from its state file under ``output_dir`` when the session resumes, its params logged once, its
-status set on exit (``FINISHED``; ``FAILED`` on an error; ``KILLED`` on Ctrl+C). A command::
+status set on exit (``FINISHED``; ``FAILED`` on an error; ``KILLED`` on Ctrl+C, also for every
+run under it still RUNNING). A run that was FINISHED before a resume stays FINISHED whatever
+happens later. A command::
 
     with open_session(cfg, ["compare"], resume=resume) as session:
         with session.parent_run("compare", state_file="compare_state.json") as parent:
@@ -30,12 +39,14 @@ import contextlib
 import json
 import os
 import socket
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from raymeta.config import SECTIONS, PipelineConfig, RayConfig
+from raymeta.errors import ConfigError
 
 
 def start_local_ray(num_cpus: int | None = None, **kwargs) -> str:
@@ -86,6 +97,201 @@ def connect_ray(cfg: RayConfig) -> bool:
     else:
         start_local_ray(cfg.num_cpus)
     return True
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """``path`` made absolute and created.
+
+    Raises:
+        ConfigError: it, or a folder above it, is a file, or it cannot be created (one line).
+    """
+    out = Path(path).resolve()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next(p for p in [out, *out.parents] if p.exists() and not p.is_dir())
+        raise ConfigError(
+            f"output_dir {path}: {blocker} is a file, not a folder; accepted: a folder (created "
+            "if missing)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"output_dir {path} cannot be created ({exc.strerror})") from None
+    return out
+
+
+def resource_needs(cfg: PipelineConfig, sections: Sequence[str]) -> list[tuple[str, float, float]]:
+    """What each unit of work of ``sections`` reserves at once, as ``(setting, CPUs, GPUs)``: a
+    Ray Train worker group (one CPU, and one GPU with ``use_gpu``, per worker;
+    :func:`raymeta.train.device.worker_resources`) or one Ray Tune trial."""
+    from raymeta.train.device import worker_resources
+
+    per_worker = worker_resources(cfg.ray.use_gpu)
+    groups = []
+    if "meta_train" in sections:
+        key = "meta_train_workers" if cfg.meta_train_workers else "ray.num_workers"
+        groups.append((key, cfg.meta_train_workers or cfg.ray.num_workers))
+    if "transfer" in sections:
+        groups.append(("ray.num_workers", cfg.ray.num_workers))
+    if "longtail" in sections:
+        key = "longtail.num_workers" if cfg.longtail.num_workers else "ray.num_workers"
+        groups.append((key, cfg.longtail.num_workers or cfg.ray.num_workers))
+    needs = [
+        (f"{key}={n} (Ray Train workers)", n * per_worker["CPU"], n * per_worker.get("GPU", 0))
+        for key, n in dict(groups).items()
+    ]
+    if "compare" in sections:
+        s = cfg.compare.search
+        needs.append((f"compare.search.cpus_per_trial={s.cpus_per_trial:g}", s.cpus_per_trial, 0.0))
+        needs.append((f"compare.search.gpus_per_trial={s.gpus_per_trial:g}", 0.0, s.gpus_per_trial))
+    if "study" in sections:
+        r = cfg.study.resources
+        needs.append((f"study.resources.cpus_per_task={r.cpus_per_task:g}", r.cpus_per_task, 0.0))
+        needs.append((f"study.resources.gpus_per_task={r.gpus_per_task:g}", 0.0, r.gpus_per_task))
+    return needs
+
+
+def check_resources(
+    cfg: PipelineConfig, sections: Sequence[str], cpus: float, gpus: float, where: str
+) -> None:
+    """Refuse work that can never be scheduled: Ray would wait for it forever (Ray Train
+    retries its worker start-up every 60 s; a Tune trial stays pending).
+
+    Args:
+        cpus, gpus: what the Ray session has (``where`` names it in the message).
+
+    Raises:
+        ConfigError: one line naming the setting, what it needs and what there is.
+    """
+    for setting, need_cpus, need_gpus in resource_needs(cfg, sections):
+        for need, have, unit in ((need_cpus, cpus, "CPU"), (need_gpus, gpus, "GPU")):
+            if need > have:
+                raise ConfigError(
+                    f"{setting} needs {need:g} {unit}(s) at once but {where} has {have:g}; "
+                    f"accepted: at most {have:g} {unit}(s)"
+                    + (", or a larger ray.num_cpus" if unit == "CPU" and "local" in where else "")
+                )
+
+
+def local_resources(cfg: RayConfig) -> tuple[float, float, str]:
+    """``(CPUs, GPUs, description)`` of the local Ray that :func:`connect_ray` would start."""
+    import torch
+
+    cpus = cfg.num_cpus or os.cpu_count() or 1
+    where = (
+        f"the local Ray (ray.num_cpus={cfg.num_cpus})"
+        if cfg.num_cpus
+        else "the local Ray (this machine's CPUs; ray.num_cpus unset)"
+    )
+    return float(cpus), float(torch.cuda.device_count()), where
+
+
+@dataclass(frozen=True)
+class ResumeRule:
+    """How a resumable section (``compare``, ``study``) resumes.
+
+    Attributes:
+        state_file: its state under ``output_dir``.
+        may_grow: config keys whose value may grow on a resume (the missing work is done).
+        free: config keys (or key prefixes) that may change on a resume.
+        accepted: the accepted changes, as the error message states them.
+    """
+
+    state_file: str
+    may_grow: tuple[str, ...]
+    free: tuple[str, ...]
+    accepted: str
+
+
+RESUMABLE = {
+    "compare": ResumeRule(
+        "compare_state.json",
+        may_grow=("search.trials_per_family",),
+        free=("search.max_concurrent",),
+        accepted="a larger search.trials_per_family, another search.max_concurrent",
+    ),
+    "study": ResumeRule(
+        "study_state.json",
+        may_grow=(),
+        free=("axes", "extra_tasks", "methods", "exclude", "max_concurrent", "resources"),
+        accepted="more tasks (axes, extra_tasks, methods, exclude), another max_concurrent "
+        "or resources",
+    ),
+}
+
+
+def _changed_keys(saved: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (saved value, new value)}`` of the keys whose values differ."""
+    from raymeta.tracking import flatten
+
+    a, b = flatten(saved), flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+def resume_state(output_dir: Path, section: str, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The saved state of ``section`` under ``output_dir`` for ``--resume``, checked: None when
+    there is none; else readable, and saved with a config that ``config`` (the section's
+    config now, JSON form) may continue (:data:`RESUMABLE`).
+
+    Raises:
+        ConfigError: the state file is truncated or corrupt, or the config changed in a way
+            the saved work cannot continue (one line listing the keys that differ).
+    """
+    rule = RESUMABLE[section]
+    path = output_dir / rule.state_file
+    if not path.exists():
+        return None
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("parent_run_id"), str):
+            raise ValueError("no parent_run_id")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"--resume: the saved state {path} is unreadable (truncated or corrupt: "
+            f"{' '.join(str(exc).split())[:120]}); accepted: a state file written by raymeta; "
+            "run without --resume (or with another output_dir) to start again"
+        ) from None
+    saved = state.get("config")
+    if saved is None:  # saved by a raymeta that did not record the config
+        return state
+    changed = _changed_keys(saved, config)
+
+    def allowed(key: str, old: Any, new: Any) -> bool:
+        if key in rule.may_grow:
+            return isinstance(old, int) and isinstance(new, int) and new >= old
+        return any(key == f or key.startswith(f + ".") for f in rule.free)
+
+    bad = {k: v for k, v in changed.items() if not allowed(k, *v)}
+    if bad:
+        listed = ", ".join(f"{section}.{k} ({old!r} -> {new!r})" for k, (old, new) in bad.items())
+        raise ConfigError(
+            f"--resume: the {section} config differs from the saved one in {listed}; accepted "
+            f"changes: {rule.accepted}; run without --resume (or with another output_dir) to "
+            "start again"
+        )
+    return state
+
+
+def check_resume(cfg: PipelineConfig, sections: Sequence[str], output_dir: Path) -> None:
+    """``--resume`` needs saved work: the state of at least one resumable section of
+    ``sections`` (each checked with :func:`resume_state`).
+
+    Raises:
+        ConfigError: nothing is saved, or a state file is unreadable or does not fit.
+    """
+    resumable = [s for s in sections if s in RESUMABLE]
+    found = [
+        s
+        for s in resumable
+        if resume_state(output_dir, s, getattr(cfg, s).model_dump(mode="json")) is not None
+    ]
+    if not found:
+        files = (
+            " or ".join(RESUMABLE[s].state_file for s in resumable) or "a compare or study state"
+        )
+        raise ConfigError(
+            f"--resume: nothing to resume in {output_dir} (no {files}); run without --resume "
+            "to start"
+        )
 
 
 def registry_inputs(cfg: PipelineConfig, sections: Sequence[str]) -> dict[str, str]:
@@ -146,6 +352,7 @@ class Session:
     experiment_id: str
     ray: RayConfig
     resume: bool = False
+    allow_pickle: bool = False
     _loaded: dict[str, tuple[Any, str | None]] = field(default_factory=dict, repr=False)
 
     @property
@@ -169,12 +376,27 @@ class Session:
             from raymeta.tracking import check_registered, load_meta_learner
 
             check_registered(model_uri)
-            self._loaded[model_uri] = load_meta_learner(model_uri, kind)
+            self._loaded[model_uri] = load_meta_learner(
+                model_uri, kind, allow_pickle=self.allow_pickle
+            )
         return self._loaded[model_uri]
+
+    def saved_state(self, section: str) -> dict[str, Any] | None:
+        """The saved state of a resumable section when the session resumes (checked before
+        Ray started, :func:`check_resume`), else None."""
+        if not self.resume:
+            return None
+        path = self.output_dir / RESUMABLE[section].state_file
+        return json.loads(path.read_text()) if path.exists() else None
 
     @contextlib.contextmanager
     def parent_run(
-        self, stage: str, *, params: dict[str, Any] | None = None, state_file: str | None = None
+        self,
+        stage: str,
+        *,
+        params: dict[str, Any] | None = None,
+        state_file: str | None = None,
+        config: dict[str, Any] | None = None,
     ) -> Iterator[ParentRun]:
         """Open the parent MLflow run ``{stage}/{name}`` (module docstring).
 
@@ -182,21 +404,34 @@ class Session:
             stage: the command or stage (``pipeline``, ``compare``, ``study``).
             params: logged once, when the run is created (not again on resume).
             state_file: the resume state under ``output_dir`` (None: never resumed).
+            config: the section's config (JSON form), saved in the state for the next
+                ``--resume`` to compare (:func:`resume_state`).
         """
         import mlflow
 
         path = self.output_dir / state_file if state_file else None
         state: dict[str, Any] = {}
         if self.resume and path is not None and path.exists():
-            state = json.loads(path.read_text())
+            state = json.loads(path.read_text())  # checked by check_resume
         resumed = "parent_run_id" in state
+        was_finished = False
+        if resumed:
+            try:
+                saved_run = mlflow.MlflowClient().get_run(state["parent_run_id"])
+            except mlflow.exceptions.MlflowException:
+                raise ConfigError(
+                    f"--resume: the saved parent run {state['parent_run_id']} ({path}) is not in "
+                    f"the tracking store {self.tracking_uri}; accepted: the store it was "
+                    "created in (--tracking-uri)"
+                ) from None
+            was_finished = saved_run.info.status == "FINISHED"
         active = mlflow.start_run(
             run_id=state.get("parent_run_id"),
             experiment_id=self.experiment_id,
             run_name=None if resumed else f"{stage}/{self.name}",
         )
         parent = ParentRun(active.info.run_id, resumed, state, path)
-        parent.save(parent_run_id=parent.run_id)
+        parent.save(parent_run_id=parent.run_id, **({"config": config} if config else {}))
         status = "FAILED"
         try:
             if params and not resumed:
@@ -207,7 +442,47 @@ class Session:
             status = "KILLED"
             raise
         finally:
-            mlflow.end_run(status)
+            if status != "FINISHED":
+                end_running_children(self.experiment_id, parent.run_id, status)
+            outcome = "FINISHED" if was_finished else status  # a finished run stays finished
+            try:
+                while (active := mlflow.active_run()) and active.info.run_id != parent.run_id:
+                    mlflow.end_run(status)  # a nested run the failure left open
+                mlflow.end_run(outcome)
+            except Exception as exc:  # the store went away: say so, keep the real error
+                print(
+                    f"raymeta: warning: could not set MLflow run {parent.run_id} to {outcome} "
+                    f"({' '.join(str(exc).split())[:200]})",
+                    file=sys.stderr,
+                )
+
+
+def end_running_children(experiment_id: str, run_id: str, status: str) -> None:
+    """Set every run under ``run_id`` (nested at any depth, by ``mlflow.parentRunId``) that is
+    still RUNNING to ``status`` (``KILLED`` after Ctrl+C, ``FAILED`` after an error): trials
+    and Ray Train runs that an interrupt or a failure cut short. A store failure is a warning."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    try:
+        frontier = [run_id]
+        while frontier:
+            parent = frontier.pop()
+            children = client.search_runs(
+                [experiment_id],
+                filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+                max_results=50_000,
+            )
+            for child in children:
+                frontier.append(child.info.run_id)
+                if child.info.status == "RUNNING":
+                    client.set_terminated(child.info.run_id, status)
+    except Exception as exc:  # the store went away: the runs cannot be reached
+        print(
+            f"raymeta: warning: could not end the runs under {run_id} "
+            f"({' '.join(str(exc).split())[:200]})",
+            file=sys.stderr,
+        )
 
 
 @contextlib.contextmanager
@@ -222,22 +497,44 @@ def open_session(
         resume: reopen the parent runs and Ray Tune experiments of an interrupted command.
 
     Raises:
-        ConfigError: a registry input is missing or of the wrong kind (one line, before Ray
-            starts).
+        ConfigError: the output folder, the tracking store, a registry input, the sizes or the
+            saved state do not fit (one line, before Ray starts; a remote cluster's sizes right
+            after connecting).
+        KeyboardInterrupt: Ctrl+C or SIGTERM (the Ray started here is shut down).
     """
     import ray
 
+    from raymeta.interrupts import sigterm_as_sigint
     from raymeta.tracking import setup
 
-    out = Path(cfg.output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(cfg.output_dir)
+    if resume:
+        check_resume(cfg, sections, out)
     uri, experiment_id = setup(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
-    session = Session(cfg.name, out, uri, cfg.mlflow.experiment, experiment_id, cfg.ray, resume)
+    session = Session(
+        cfg.name,
+        out,
+        uri,
+        cfg.mlflow.experiment,
+        experiment_id,
+        cfg.ray,
+        resume,
+        cfg.mlflow.allow_pickle,
+    )
     for model_uri, kind in registry_inputs(cfg, sections).items():
         session.meta_learner(model_uri, kind)
+    local = not (ray.is_initialized() or cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    if local:
+        cpus, gpus, where = local_resources(cfg.ray)
+        check_resources(cfg, sections, cpus, gpus, where)
     started = connect_ray(cfg.ray)
     try:
-        yield session
+        with sigterm_as_sigint():  # after ray.init, which installs its own SIGTERM handler
+            if not local:
+                total = ray.cluster_resources()
+                where = f"the Ray cluster at {ray.get_runtime_context().gcs_address}"
+                check_resources(cfg, sections, total.get("CPU", 0.0), total.get("GPU", 0.0), where)
+            yield session
     finally:
         if started:
             ray.shutdown()

@@ -5,7 +5,8 @@ one. Every ``import`` counts, also those inside functions (raymeta imports lazil
 The floors, lowest first; a module may import its own floor and the floors below it:
 
 ==  ======================  ===============================================================
-0   errors, console         user-input errors, progress lines
+0   errors, console,        user-input errors, progress lines, Ctrl+C and SIGTERM
+    interrupts
 1   data, models            datasets and splits, backbones (plain PyTorch)
 2   schedules               LR schedules: hand-designed families, MLR-SNet
 3   meta                    meta-learning: look-ahead, MLR-SNet meta-training, MFM, MWN
@@ -34,7 +35,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "raymeta"
 FLOORS = [
-    {"errors", "console"},
+    {"errors", "console", "interrupts"},
     {"data", "models"},
     {"schedules"},
     {"meta"},

@@ -137,7 +137,7 @@ def _train_run(
     import ray.train
     import ray.train.torch
 
-    from raymeta.tracking import log_epoch_metrics
+    from raymeta.tracking import flush_metrics, log_epoch_metrics
     from raymeta.train.build import build_run
     from raymeta.train.device import resolve_device
     from raymeta.train.loop import RunState, Workers
@@ -199,6 +199,8 @@ def _train_run(
             )
 
     built.train(state=state, optimizer_state=optimizer_state, on_epoch_end=on_epoch_end)
+    if request.mlflow_run_id and workers.rank == 0:  # what an MLflow outage held back
+        flush_metrics(config["tracking_uri"], request.mlflow_run_id, final=True)
     result = _result_of(payload)
     if not request.keep_model:
         result["model_state"] = {}
@@ -319,6 +321,7 @@ def fit_runs(
     )
     from ray.train.torch import TorchTrainer
 
+    from raymeta.interrupts import call_off_main_thread
     from raymeta.train.device import torch_threads, worker_resources
 
     config = {
@@ -344,8 +347,8 @@ def fit_runs(
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-    try:
-        result = trainer.fit()
+    try:  # off the main thread: Train's own Ctrl+C handler would exit 0 (raymeta.interrupts)
+        result = call_off_main_thread(trainer.fit)
     except TrainingFailedError as exc:
         cause = _user_error(exc)
         if cause is None:

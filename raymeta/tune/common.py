@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -127,6 +128,8 @@ def saved_state_is_intact(path: Path) -> bool:
     if not states:
         return False
     try:
+        if (path / "tuner.pkl").stat().st_size == 0:  # the Tuner's own pickle, emptied
+            return False
         json.loads(states[-1].read_text())
         stamp = states[-1].stem.removeprefix("experiment_state-")
         # the searcher's and search generator's state of the same save (pickles)
@@ -167,15 +170,21 @@ def make_tuner(
     path = tune_dir / name
     trainable = tune.with_resources(trainable, resources)
     if resume and tune.Tuner.can_restore(str(path)):
-        if saved_state_is_intact(path):
-            return tune.Tuner.restore(
-                str(path), trainable, resume_unfinished=True, resume_errored=True
-            )
+        problem = None if saved_state_is_intact(path) else "is truncated"
+        if problem is None:
+            try:
+                return tune.Tuner.restore(
+                    str(path), trainable, resume_unfinished=True, resume_errored=True
+                )
+            except (EOFError, pickle.UnpicklingError, ValueError, TypeError, OSError) as exc:
+                problem = (
+                    f"cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:80]})"
+                )
         # seeded searchers suggest the same trials again: the rerun chooses what the lost
         # run would have chosen, at the cost of repeating its finished trials
         print(
-            f"{name}: the saved Tune state in {path} is truncated (the driver was killed while "
-            "writing it); running this stage again from the start",
+            f"{name}: the saved Tune state in {path} {problem} (a kill while writing it, or a "
+            "damaged file); running this stage again from the start",
             flush=True,
         )
         shutil.rmtree(path)

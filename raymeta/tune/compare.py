@@ -17,11 +17,18 @@ Protocol (docs/design.md section 6):
    and MLflow: one parent run, nested runs for every trial and every final run.
 
 Every Tuner keeps its state under ``output_dir/tune``: ``--resume`` restores them
-(``Tuner.restore``), so finished trials are never run again.
+(``Tuner.restore``), so finished trials are never run again. A family is recorded as searched
+(``compare_state.json``, key ``families``) only once its whole budget has run. A search is a
+sequence of rounds (Tune experiments ``search-FAMILY``, ``search-FAMILY-2``, ...): a resume
+with a larger ``trials_per_family`` adds a round with the missing trials, whose searcher is
+told every earlier trial and result (a pre-filled Optuna study; its seed is ``seed + round -
+1``, so it does not redraw the first round's random start-up points). Each round's wall time is
+saved when it ends (or is interrupted), so a resumed table reports the time really spent.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -33,13 +40,13 @@ from raymeta.config import MethodConfig, PipelineConfig, TaskConfig
 from raymeta.console import stage
 from raymeta.errors import ConfigError
 from raymeta.report import plot_accuracy_curves, plot_lr_curves, to_markdown, write_table
-from raymeta.session import Session
+from raymeta.session import RESUMABLE, Session
 from raymeta.spec import LearnedRun, RunSpec, meta_train_run, method_run, parse_run
 from raymeta.tune.common import make_tuner, train_trial, trial_dirname, working_dir
 from raymeta.tune.spaces import DefineByRun, resolve_ranges, to_method
 
 TRIAL_LOG = "trial_starts.jsonl"  # one line per trainable start: the resume test counts them
-STATE_FILE = "compare_state.json"
+STATE_FILE = RESUMABLE["compare"].state_file
 
 
 def _log_start(config: dict, entry: dict) -> None:
@@ -160,12 +167,30 @@ class Comparison:
             "log": str(session.output_dir / TRIAL_LOG),
         }
 
-    def search(self, family: str, session: Session, parent_run_id: str) -> dict[str, Any]:
-        """Run (or resume) the family's search; returns its best config and costs."""
+    def _search_round(
+        self,
+        family: str,
+        name: str,
+        trials: int,
+        round_index: int,
+        history: list[tuple[dict, float]],
+        session: Session,
+        parent_run_id: str,
+    ):
+        """One round of a family's search (a Tune experiment of ``trials`` trials; restored
+        when it exists), its searcher told the ``history`` of (sampled, val_acc) pairs of the
+        earlier rounds; returns its ``ResultGrid``.
+
+        Raises:
+            KeyboardInterrupt: interrupted before all its trials ended.
+            RuntimeError: a trial failed.
+        """
         import optuna
         from ray import tune
         from ray.tune.schedulers import ASHAScheduler
         from ray.tune.search.optuna import OptunaSearch
+
+        from raymeta.interrupts import fit_tuner
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -175,11 +200,25 @@ class Comparison:
             "task": self.cmp.task.model_dump(mode="json"),
             **self._constants(session),
         }
+        space = DefineByRun(family, self.ranges[family], {"trial": trial})
+        storage = None
+        if history:  # an Optuna study that already holds the earlier rounds' trials
+            storage = optuna.storages.InMemoryStorage()
+            study = optuna.create_study(storage=storage, study_name=name, direction="maximize")
+            distributions = space.distributions()
+            for sampled, value in history:
+                study.add_trial(
+                    optuna.trial.create_trial(
+                        params=sampled, distributions=distributions, value=value
+                    )
+                )
         searcher = OptunaSearch(
-            DefineByRun(family, self.ranges[family], {"trial": trial}),
+            space,
             metric="val_acc",
             mode="max",
-            seed=s.seed,
+            seed=s.seed + round_index - 1,
+            storage=storage,
+            study_name=name,
         )
         tune_config = tune.TuneConfig(
             reuse_actors=True,  # trials share resources: skip an actor start per trial
@@ -192,55 +231,122 @@ class Comparison:
                 grace_period=min(s.grace_period, self.cmp.task.epochs),
                 reduction_factor=s.reduction_factor,
             ),
-            num_samples=s.trials_per_family,
+            num_samples=trials,
             trial_dirname_creator=trial_dirname,
             max_concurrent_trials=s.max_concurrent,
         )
         tuner = self._tuner(
             session,
             parent_run_id,
-            f"search-{family}",
+            name,
             _search_trainable,
             param_space={},
             tune_config=tune_config,
-            total=s.trials_per_family,
+            total=trials,
         )
-        stage(
-            f"compare: searching {family} ({s.trials_per_family} trials, {s.max_concurrent} at once)"
-        )
-        t0 = time.perf_counter()
         with working_dir(session.output_dir):
-            grid = tuner.fit()
-        wall = time.perf_counter() - t0
+            grid = fit_tuner(tuner, trials)
         errors = [r.error for r in grid if r.error is not None]
         if errors:
             raise RuntimeError(f"{len(errors)} trial(s) of family {family} failed: {errors[0]}")
-        best = grid.get_best_result(metric="val_acc", mode="max", scope="all")
+        return grid
+
+    def search(self, family: str, session: Session, parent) -> dict[str, Any]:
+        """Run (or resume) the family's search up to ``trials_per_family`` trials, round by
+        round (module docstring); returns its best config and costs. ``parent``: the
+        comparison's :class:`~raymeta.session.ParentRun` (its state records the rounds).
+
+        Raises:
+            KeyboardInterrupt: interrupted (the round's time so far is saved).
+        """
+        s = self.cmp.search
+        rounds = list(parent.state.get("rounds", {}).get(family, []))  # finished rounds
+        grids = []
+        for info in rounds:  # restored: their trials are not run again
+            grids.append(
+                self._search_round(
+                    family, info["name"], info["trials"], len(grids) + 1, [], session,
+                    parent.run_id,
+                )
+            )  # fmt: skip
+        done = sum(info["trials"] for info in rounds)
+        while done < s.trials_per_family:
+            k = len(rounds) + 1
+            name = f"search-{family}" if k == 1 else f"search-{family}-{k}"
+            pending = parent.state.get("pending", {})
+            info = pending.get(name) or {
+                "name": name,
+                "trials": s.trials_per_family - done,
+                "wall_s": 0.0,
+            }
+            parent.save(pending=pending | {name: info})
+            history = [
+                ({k: v for k, v in r.config.items() if k != "trial"}, r.metrics["val_acc"])
+                for grid in grids
+                for r in grid
+                if "val_acc" in r.metrics
+            ]
+            stage(
+                f"compare: searching {family} ({info['trials']} trials, {s.max_concurrent} at "
+                f"once{f', round {k} after {done} trials' if k > 1 else ''})"
+            )
+            t0 = time.perf_counter()
+            try:
+                grid = self._search_round(
+                    family, name, info["trials"], k, history, session, parent.run_id
+                )
+            finally:  # also when interrupted: a resumed table reports the time really spent
+                info = info | {"wall_s": info["wall_s"] + time.perf_counter() - t0}
+                parent.save(pending=parent.state.get("pending", {}) | {name: info})
+            rounds.append(info)
+            done += info["trials"]
+            grids.append(grid)
+            pending = {n: v for n, v in parent.state["pending"].items() if n != name}
+            parent.save(pending=pending, rounds=parent.state.get("rounds", {}) | {family: rounds})
+        results = [r for grid in grids for r in grid]
+        best = max(
+            (r for r in results if "val_acc" in r.metrics),
+            key=lambda r: r.metrics_dataframe["val_acc"].max(),
+        )
         sampled = {k: v for k, v in best.config.items() if k != "trial"}
         device = "gpu" if s.gpus_per_trial else "cpu"
         per_trial = s.gpus_per_trial or s.cpus_per_trial
-        compute = sum(r.metrics.get("time_total_s", 0.0) for r in grid) * per_trial
+        compute = sum(r.metrics.get("time_total_s", 0.0) for r in results) * per_trial
         return {
             "method": to_method(family, sampled),
             "sampled": sampled,
             "best_val_acc": best.metrics_dataframe["val_acc"].max(),
-            "trials": len(grid),
+            "trials": len(results),
             f"search_{device}_s": compute,
-            "search_wall_s": wall,
+            "search_wall_s": sum(info["wall_s"] for info in rounds),
         }
 
-    def final_runs(
-        self, best: dict[str, dict], session: Session, parent_run_id: str
-    ) -> pd.DataFrame:
-        """Re-train every method with every seed; returns one row per (method, seed)."""
+    def final_runs(self, best: dict[str, dict], session: Session, parent) -> pd.DataFrame:
+        """Re-train every method with every seed; returns one row per (method, seed). The
+        Tune experiment is ``final`` (restored on resume); when a resume changed a family's
+        best configuration (a larger budget), a new one ``final-2``, ... trains the new set.
+
+        Raises:
+            KeyboardInterrupt: interrupted before every run ended.
+        """
         from ray import tune
 
+        from raymeta.interrupts import fit_tuner
+
         specs = self.final_specs(best)
+        key = hashlib.sha1(
+            json.dumps([spec.model_dump(mode="json") for spec in specs], sort_keys=True).encode()
+        ).hexdigest()[:12]
+        experiments = parent.state.get("finals", {})  # specs hash -> experiment name
+        name = experiments.get(key) or (
+            "final" if not experiments else f"final-{len(experiments) + 1}"
+        )
+        parent.save(finals=experiments | {key: name})
         learned = {m.model_uri: session.meta_learner(m.model_uri)[0] for m in self.cmp.learned}
         tuner = self._tuner(
             session,
-            parent_run_id,
-            "final",
+            parent.run_id,
+            name,
             tune.with_parameters(_final_trainable, meta_learners=learned),
             param_space={
                 "run": tune.grid_search([spec.model_dump(mode="json") for spec in specs]),
@@ -255,7 +361,7 @@ class Comparison:
         )
         stage(f"compare: final runs, {len(specs)} (method, seed) pairs on train + validation")
         with working_dir(session.output_dir):
-            grid = tuner.fit()
+            grid = fit_tuner(tuner, len(specs))
         rows = []
         for r in grid:
             if r.error is not None:
@@ -288,13 +394,17 @@ class Comparison:
             "seeds": self.cmp.seeds,
             "task": self.cmp.task.model_dump_json(),
         }
-        with session.parent_run("compare", params=params, state_file=STATE_FILE) as parent:
+        config = self.cmp.model_dump(mode="json")
+        with session.parent_run(
+            "compare", params=params, state_file=STATE_FILE, config=config
+        ) as parent:
             best = {}
             for family in self.cmp.search.families:
-                best[family] = self.search(family, session, parent.run_id)
+                best[family] = self.search(family, session, parent)
                 searched = parent.state.get("families", {})
-                parent.save(families=searched | {family: {"sampled": best[family]["sampled"]}})
-            finals = self.final_runs(best, session, parent.run_id)
+                done = {"sampled": best[family]["sampled"], "trials": best[family]["trials"]}
+                parent.save(families=searched | {family: done})
+            finals = self.final_runs(best, session, parent)
             table = self._table(best, finals, versions)
             self._artifacts(table, finals, session.output_dir)
         print("\n" + to_markdown(table) + "\n")
@@ -305,8 +415,11 @@ class Comparison:
         return table
 
     def _table(self, best, finals: pd.DataFrame, versions) -> pd.DataFrame:
+        """One row per method, in the config's order (searched families, then the learned
+        schedules), whatever order the trials ended in."""
         rows = []
-        for label, group in finals.groupby("method", sort=False):
+        for label in dict.fromkeys(spec.label for spec in self.final_specs(best)):
+            group = finals[finals["method"] == label]
             info = best.get(label, {})
             rows.append(
                 {
@@ -329,6 +442,8 @@ class Comparison:
     def _artifacts(self, table: pd.DataFrame, finals: pd.DataFrame, out: Path) -> None:
         import mlflow
 
+        from raymeta.tracking import log_results
+
         parquet, md = write_table(table, out, "comparison")
         seed0 = finals[finals["seed"] == finals["seed"].min()]
         curves = {r.method: (r.lrs, 1 / r.lr_stride_epochs) for r in seed0.itertuples()}
@@ -348,8 +463,7 @@ class Comparison:
             ),
             _plot_accuracy_vs_compute(table, out / "accuracy_vs_search_compute.png"),
         ]
-        for path in (parquet, md, *pngs):
-            mlflow.log_artifact(str(path))
+        log_results([parquet, md, *pngs])
         for row in table.itertuples():
             key = row.method.replace(" ", "_").replace("(", "").replace(")", "")
             mlflow.log_metric(f"test_acc_mean.{key}", row.test_acc_mean)

@@ -89,6 +89,20 @@ class DefineByRun:
     def __init__(self, family: str, ranges: dict[str, list[float]], constants: dict[str, Any]):
         self.family, self.ranges, self.constants = family, ranges, constants
 
+    def distributions(self) -> dict[str, Any]:
+        """The Optuna distributions this space samples, by name (to tell a new searcher about
+        trials that an earlier one ran)."""
+        import optuna
+
+        return {
+            name: optuna.distributions.IntDistribution(int(low), int(high))
+            if name in INTEGER
+            else optuna.distributions.FloatDistribution(
+                float(low), float(high), log=name in LOG_SCALE
+            )
+            for name, (low, high) in self.ranges.items()
+        }
+
     def __call__(self, trial) -> dict[str, Any]:
         for name, (low, high) in self.ranges.items():
             if name in INTEGER:

@@ -8,7 +8,11 @@ task), minus ``exclude`` rules. It runs as **one** Ray Tune experiment (a grid, 
 task, ``max_concurrent`` at once with per-task resources) and appends one Parquet row per
 finished task to a dataset at ``results`` (a local path or any pyarrow filesystem URI such as
 ``s3://bucket/study``). ``--resume`` restores the experiment: finished tasks are not run again
-(a task whose row exists is also skipped). MLflow: a parent run, a nested run per task.
+(a task whose row exists is also skipped; a row is written to a temporary file and renamed, and
+an unreadable one is trained again). A grid grown since the saved run (more axis values,
+methods or extra tasks) resumes too: the saved experiment finishes its own tasks and a new one
+(``study-2``, ...) runs only the new tasks; a grid that lost saved tasks is refused on one line.
+MLflow: a parent run, a nested run per task.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -23,12 +28,12 @@ from typing import Any
 import pandas as pd
 
 from raymeta.config import MethodConfig, PipelineConfig, TaskConfig, TransferStudyConfig, parse
-from raymeta.errors import ConfigError
-from raymeta.session import Session
+from raymeta.errors import ConfigError, RaymetaError
+from raymeta.session import RESUMABLE, Session
 from raymeta.spec import LearnedRun, method_run
 
 TASK_LOG = "task_starts.jsonl"
-STATE_FILE = "study_state.json"
+STATE_FILE = RESUMABLE["study"].state_file
 AXIS_COLUMNS = ("dataset", "model", "batch_size", "epochs", "noise_type", "noise_rate", "seed")
 
 
@@ -118,8 +123,42 @@ def read_results(uri: str) -> pd.DataFrame:
     )
     if not files:
         return pd.DataFrame()
-    tables = [pq.read_table(f, filesystem=filesystem) for f in files]
+    tables = []
+    for f in files:
+        try:
+            tables.append(pq.read_table(f, filesystem=filesystem))
+        except (OSError, pa.ArrowException) as exc:
+            raise RaymetaError(
+                f"study result {f} is unreadable ({' '.join(str(exc).split())[:120]}); delete "
+                "it and run the study again with --resume (only that task is trained again)"
+            ) from None
     return pa.concat_tables(tables, promote_options="permissive").to_pandas()
+
+
+def _read_row(filesystem, target: str) -> dict[str, Any] | None:
+    """The row a finished task wrote to ``target``; None when it has none or it is unreadable
+    (a kill during an older, non-atomic write), so that the task runs again."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if filesystem.get_file_info(target).type.name != "File":
+        return None
+    try:
+        rows = pq.read_table(target, filesystem=filesystem).to_pylist()
+    except (OSError, pa.ArrowException):
+        return None
+    return rows[0] if rows else None
+
+
+def _write_row(filesystem, target: str, row: dict[str, Any]) -> None:
+    """Write a task's row to a temporary file beside ``target`` and rename it: a kill leaves
+    either no row or the whole row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = f"{target}.{os.getpid()}.tmp"
+    pq.write_table(pa.Table.from_pylist([row]), tmp, filesystem=filesystem)
+    filesystem.move(tmp, target)
 
 
 def _row(entry: dict, metrics: dict, wall: float, version: str | None) -> dict[str, Any]:
@@ -149,8 +188,6 @@ def _study_trainable(config: dict, meta_learners: dict[str, tuple[Any, str | Non
 
     ``config["entry"]``: an entry of :func:`expand`; ``meta_learners``: the registered
     meta-learners of the study by URI, with their versions (loaded in the driver)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     import torch
     from ray import tune
 
@@ -160,8 +197,9 @@ def _study_trainable(config: dict, meta_learners: dict[str, tuple[Any, str | Non
     entry = config["entry"]
     filesystem, path = results_location(config["results"])
     target = f"{path}/{entry['id']}.parquet"
-    if filesystem.get_file_info(target).type.name == "File":  # finished before an interruption
-        tune.report(pq.read_table(target, filesystem=filesystem).to_pylist()[0])
+    saved = _read_row(filesystem, target)
+    if saved is not None:  # finished before an interruption
+        tune.report(saved)
         return
     with open(config["log"], "a") as f:  # one line per training start (the resume test reads it)
         f.write(json.dumps({"task": entry["id"]}) + "\n")
@@ -187,7 +225,7 @@ def _study_trainable(config: dict, meta_learners: dict[str, tuple[Any, str | Non
         row["noise_flipped_fraction"] = noisy_labels(task, ds.train_y[sp.train], ds.num_classes)[
             1
         ].flipped_fraction
-    pq.write_table(pa.Table.from_pylist([row]), target, filesystem=filesystem)
+    _write_row(filesystem, target, row)
     tune.report({**{k: v for k, v in last.items() if k != "lrs"}, **row})
 
 
@@ -205,57 +243,101 @@ def check_transfer_study(study: TransferStudyConfig) -> list[dict[str, Any]]:
     return tasks
 
 
+def _grid_rounds(
+    study: TransferStudyConfig, tasks: list[dict[str, Any]], saved: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """The study's rounds (Tune experiments) as ``{"name", "tasks": [task ids]}``: those of the
+    saved state, plus a new round with the tasks the saved ones do not have.
+
+    Raises:
+        ConfigError: the grid lost tasks of the saved study (one line naming one of them).
+    """
+    ids = [t["id"] for t in tasks]
+    rounds = list((saved or {}).get("rounds", []))
+    if saved and not rounds:  # saved by a raymeta without rounds: one experiment, this grid
+        rounds = [{"name": "study", "tasks": ids}]
+    before = {i for r in rounds for i in r["tasks"]}
+    lost = before - set(ids)
+    if lost:
+        raise ConfigError(
+            f"--resume: the study grid no longer has {len(lost)} task(s) of the saved study "
+            f"(changed: {', '.join(_changed(saved.get('config', {}), study))}); accepted "
+            "changes: more tasks (axis values, methods, extra tasks), not fewer; run without "
+            "--resume (or with another output_dir) to start again"
+        )
+    new = [i for i in ids if i not in before]
+    if new:
+        rounds.append({"name": "study" if not rounds else f"study-{len(rounds) + 1}", "tasks": new})
+    return rounds
+
+
+def _changed(saved: dict[str, Any], study: TransferStudyConfig) -> list[str]:
+    now = study.model_dump(mode="json")
+    return [f"study.{k}" for k in now if saved.get(k) != now[k]] or ["nothing"]
+
+
 def run_transfer_study(cfg: PipelineConfig, session: Session) -> pd.DataFrame:
     """Run (or, in a resumed session, resume) ``cfg.study`` in ``session`` under its parent run
-    ``study/{name}`` as one Ray Tune experiment; returns the results table (one row per task).
-    A resumed experiment does not run finished tasks again (a task whose row exists is also
-    skipped)."""
-    import mlflow
+    ``study/{name}``, one Ray Tune experiment per round (module docstring); returns the results
+    table (one row per task). A resumed experiment does not run finished tasks again (a task
+    whose row exists is also skipped).
+
+    Raises:
+        ConfigError: ``--resume`` with a grid that lost saved tasks (before any MLflow run).
+        KeyboardInterrupt: interrupted before every task ended.
+    """
     from ray import tune
 
+    from raymeta.interrupts import fit_tuner
+    from raymeta.tracking import log_results
     from raymeta.train.device import trial_resources, trial_uses_gpu
     from raymeta.tune.common import make_tuner, trial_dirname, working_dir
 
     study = cfg.study
     tasks = expand(study)
+    by_id = {t["id"]: t for t in tasks}
+    rounds = _grid_rounds(study, tasks, session.saved_state("study"))
     out = session.output_dir
     results = study.results or str(out / "results")
     results = results if "://" in results else str(Path(results).resolve())
     meta_learners = {uri: session.meta_learner(uri, kind) for uri, kind in study.loads().items()}
     params = {"tasks": len(tasks), "axes": json.dumps(study.axes), "results": results}
-    with session.parent_run("study", params=params, state_file=STATE_FILE) as parent:
+    config = study.model_dump(mode="json")
+    with session.parent_run("study", params=params, state_file=STATE_FILE, config=config) as parent:
+        parent.save(rounds=rounds)
         res = study.resources
-        tuner = make_tuner(
-            "study",
-            tune.with_parameters(_study_trainable, meta_learners=meta_learners),
-            tune_dir=session.tune_dir,
-            resume=session.resume,
-            param_space={
-                "entry": tune.grid_search(tasks),
-                "results": results,
-                "threads": max(1, int(res.cpus_per_task)),
-                "use_gpu": trial_uses_gpu(res.gpus_per_task),
-                "log": str(out / TASK_LOG),
-            },
-            tune_config=tune.TuneConfig(
-                reuse_actors=True,  # trials share resources: skip an actor start per trial
-                max_concurrent_trials=study.max_concurrent,
-                trial_dirname_creator=trial_dirname,
-            ),
-            resources=trial_resources(res.cpus_per_task, res.gpus_per_task),
-            tracking_uri=session.tracking_uri,
-            experiment=session.experiment,
-            parent_run_id=parent.run_id,
-            total=len(tasks),
-        )
-        with working_dir(out):
-            grid = tuner.fit()
-        errors = [r.error for r in grid if r.error is not None]
-        if errors:
-            raise RuntimeError(f"{len(errors)} study task(s) failed; first: {errors[0]}")
+        for round_ in rounds:
+            grid_tasks = [by_id[i] for i in round_["tasks"]]
+            tuner = make_tuner(
+                round_["name"],
+                tune.with_parameters(_study_trainable, meta_learners=meta_learners),
+                tune_dir=session.tune_dir,
+                resume=session.resume,
+                param_space={
+                    "entry": tune.grid_search(grid_tasks),
+                    "results": results,
+                    "threads": max(1, int(res.cpus_per_task)),
+                    "use_gpu": trial_uses_gpu(res.gpus_per_task),
+                    "log": str(out / TASK_LOG),
+                },
+                tune_config=tune.TuneConfig(
+                    reuse_actors=True,  # trials share resources: skip an actor start per trial
+                    max_concurrent_trials=study.max_concurrent,
+                    trial_dirname_creator=trial_dirname,
+                ),
+                resources=trial_resources(res.cpus_per_task, res.gpus_per_task),
+                tracking_uri=session.tracking_uri,
+                experiment=session.experiment,
+                parent_run_id=parent.run_id,
+                total=len(grid_tasks),
+            )
+            with working_dir(out):
+                grid = fit_tuner(tuner, len(grid_tasks))
+            errors = [r.error for r in grid if r.error is not None]
+            if errors:
+                raise RuntimeError(f"{len(errors)} study task(s) failed; first: {errors[0]}")
         table = read_results(results)
-        for path in write_report(table, out):
-            mlflow.log_artifact(str(path))
+        log_results(write_report(table, out))
     print(f"{len(table)} task rows in {results}; report: {out / 'report.md'}")
     return table
 

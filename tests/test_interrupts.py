@@ -1,0 +1,272 @@
+"""Ctrl+C and SIGTERM as a user sends them, to real commands with their own local Ray
+(issue 12 item 1), and ``--resume`` afterwards, also with a larger budget or grid (item 2):
+the command stops whole with exit 130 and one line, no Ray process it started survives, no
+MLflow run stays RUNNING, nothing partial is recorded as done, and the resume runs exactly the
+missing trials or tasks."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+
+from raymeta.tune.compare import TRIAL_LOG
+from raymeta.tune.study import TASK_LOG, read_results
+
+pytestmark = pytest.mark.ray
+RAYMETA = [sys.executable, "-m", "raymeta.cli"]
+INTERRUPTED = "raymeta: interrupted; resume with --resume"
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` now (Ray's GCS, raylet, workers of a local Ray)."""
+    tree, found, frontier = _children(), set(), [pid]
+    while frontier:
+        for child in tree.get(frontier.pop(), []):
+            found.add(child)
+            frontier.append(child)
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    out = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            out.add(pid)
+    return out
+
+
+def interrupt(cmd, env, ready, sig, timeout=300) -> tuple[subprocess.CompletedProcess, set[int]]:
+    """Start ``cmd`` in its own process group, wait until ``ready()``, send ``sig`` and wait for
+    the end; returns the result and the processes that ran below it just before the signal.
+
+    SIGINT goes to the whole group, as a terminal's Ctrl+C does (Ray's own processes block
+    it); SIGTERM to the command's process, as ``kill PID``, ``docker stop`` or Kubernetes send
+    it (to the whole group it would also end the local Ray's GCS and raylet, which do not block
+    SIGTERM: docs/reliability.md)."""
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "the command never got far enough to be interrupted"
+        time.sleep(0.3)
+    below = descendants(proc.pid)
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)
+    else:
+        os.kill(proc.pid, sig)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), below
+
+
+def no_survivors(pids: set[int]) -> set[int]:
+    deadline = time.time() + 30
+    while alive(pids) and time.time() < deadline:
+        time.sleep(0.5)
+    return alive(pids)
+
+
+def runs_by_status(uri: str) -> dict[str, int]:
+    client = mlflow.MlflowClient(uri)
+    counts: dict[str, int] = {}
+    for exp in client.search_experiments():
+        for run in client.search_runs([exp.experiment_id], max_results=1000):
+            counts[run.info.status] = counts.get(run.info.status, 0) + 1
+    return counts
+
+
+def starts(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def finished_trials(tune_dir: Path) -> int:
+    done = 0
+    for result in tune_dir.glob("*/trial_*/result.json"):
+        lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        done += bool(lines and lines[-1].get("done"))
+    return done
+
+
+def test_ctrl_c_mid_search_then_resume_and_a_larger_budget(tmp_path):
+    """Ctrl+C after the first trial of the first family: exit 130, the family is not recorded
+    as searched, the local Ray is gone and no run is left RUNNING; --resume finishes with the
+    right trial counts without rerunning finished trials; a second --resume with a larger
+    trials_per_family runs only the missing trials and keeps the saved search times."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    data = {
+        "name": "interrupted",
+        "output_dir": str(tmp_path / "out"),
+        "ray": {"num_cpus": 2},
+        "mlflow": {"experiment": "interrupts", "tracking_uri": uri},
+        "compare": {
+            "task": {"dataset": "digits", "model": "mlp", "batch_size": 32, "epochs": 2,
+                     "val_size": 300, "meta_per_class": 0},
+            "search": {"families": ["fixed", "cosine"], "trials_per_family": 3,
+                       "max_concurrent": 1, "seed": 3},
+            "seeds": 1,
+        },
+    }  # fmt: skip
+    cfg = tmp_path / "compare.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAYMETA_QUIET": "1"}
+    cmd = [*RAYMETA, "compare", str(cfg)]
+
+    res, below = interrupt(cmd, env, lambda: finished_trials(out / "tune") >= 1, signal.SIGINT)
+    assert res.returncode == 130, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1] == INTERRUPTED
+    assert below and not no_survivors(below)  # the GCS, raylet and workers it started
+    state = json.loads((out / "compare_state.json").read_text())
+    assert "families" not in state  # `fixed` ran 1 to 2 of its 3 trials: not searched
+    assert not (out / "comparison.parquet").exists()
+    statuses = runs_by_status(uri)
+    assert "RUNNING" not in statuses and statuses.get("KILLED", 0) >= 1, statuses
+    started_before = {s["trial"] for s in starts(out / TRIAL_LOG)}
+    finished_before = finished_trials(out / "tune")
+    assert finished_before >= 1
+
+    res = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    table = pd.read_parquet(out / "comparison.parquet")
+    assert list(table["method"]) == ["fixed", "cosine"]
+    assert list(table["search_trials"]) == [3, 3]
+    log = starts(out / TRIAL_LOG)
+    search_starts = [s for s in log if "family" in s]
+    finished = {t for t in started_before if sum(s["trial"] == t for s in log) == 1}
+    assert len({s["trial"] for s in search_starts}) == 6  # 3 per family, none lost
+    assert len(finished) >= finished_before  # trials finished before Ctrl+C did not rerun
+    walls = table.set_index("method")["search_wall_s"]
+    assert runs_by_status(uri).get("RUNNING", 0) == 0
+
+    data["compare"]["search"]["trials_per_family"] = 4
+    cfg.write_text(yaml.safe_dump(data))
+    res = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    grown = pd.read_parquet(out / "comparison.parquet").set_index("method")
+    assert list(grown.index) == ["fixed", "cosine"] and list(grown["search_trials"]) == [4, 4]
+    new = [s for s in starts(out / TRIAL_LOG)[len(log) :] if "family" in s]
+    assert sorted(s["family"] for s in new) == ["cosine", "fixed"]  # one new trial each
+    assert (grown["search_wall_s"] > walls).all()  # the saved times plus the new round's
+    state = json.loads((out / "compare_state.json").read_text())
+    assert [r["trials"] for r in state["rounds"]["fixed"]] == [3, 1]
+    assert state["families"]["fixed"]["trials"] == 4
+
+
+def test_sigterm_mid_study_then_resume_with_a_grown_grid(tmp_path):
+    """SIGTERM during a study ends it like Ctrl+C (exit 130, no RUNNING run, no row of an
+    unfinished task); --resume with one more batch size runs the unfinished and the new
+    tasks only, and the table has every task of the grown grid."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    data = {
+        "name": "sigterm",
+        "output_dir": str(tmp_path / "out"),
+        "ray": {"num_cpus": 2},
+        "mlflow": {"experiment": "interrupts", "tracking_uri": uri},
+        "study": {
+            "base_task": {"dataset": "digits", "model": "mlp", "batch_size": 32, "epochs": 2,
+                          "val_size": 300, "meta_per_class": 0},
+            "axes": {"batch_size": [32, 64]},
+            "methods": [{"schedule": "fixed", "lr": 0.1}],
+            "max_concurrent": 1,
+        },
+    }  # fmt: skip
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAYMETA_QUIET": "1"}
+    cmd = [*RAYMETA, "study", str(cfg)]
+
+    res, below = interrupt(cmd, env, lambda: len(starts(out / TASK_LOG)) >= 1, signal.SIGTERM)
+    assert res.returncode == 130, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1] == INTERRUPTED
+    assert below and not no_survivors(below)
+    assert runs_by_status(uri).get("RUNNING", 0) == 0
+    rows_before = {p.stem for p in (out / "results").glob("*.parquet")}
+    assert len(rows_before) < 2  # the study was cut short
+
+    data["study"]["axes"]["batch_size"] = [32, 64, 128]
+    cfg.write_text(yaml.safe_dump(data))
+    res = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    table = read_results(str(out / "results"))
+    assert sorted(table["batch_size"]) == [32, 64, 128]
+    trained = [s["task"] for s in starts(out / TASK_LOG)]
+    for task in rows_before:
+        assert trained.count(task) == 1, task  # finished before SIGTERM: not trained again
+    assert len(set(trained)) == 3
+    state = json.loads((out / "study_state.json").read_text())
+    assert [r["name"] for r in state["rounds"]] == ["study", "study-2"]
+    assert len(state["rounds"][1]["tasks"]) == 1
+    assert runs_by_status(uri).get("RUNNING", 0) == 0
+
+    data["study"]["axes"]["batch_size"] = [32, 64]  # a grid that lost a saved task
+    cfg.write_text(yaml.safe_dump(data))
+    res = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    assert (
+        res.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "raymeta: error: --resume: the study grid no longer has 1 task(s) of the saved study "
+            "(changed: study.axes); accepted changes: more tasks"
+        )
+    )
+
+
+def test_ctrl_c_during_a_ray_train_stage_stops_the_pipeline(tmp_path):
+    """Ctrl+C during a Ray Train run (a pipeline's transfer stage): Train's own handler would
+    abort and exit 0; raymeta stops with 130, no Ray process and no RUNNING run left."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    data = {
+        "name": "train-stage",
+        "output_dir": str(tmp_path / "out"),
+        "ray": {"num_cpus": 2},
+        "mlflow": {"experiment": "interrupts", "tracking_uri": uri},
+        "transfer": {
+            "task": {"dataset": "digits", "model": "mlp", "batch_size": 32, "epochs": 100,
+                     "val_size": 300, "meta_per_class": 0},
+            "methods": [{"schedule": "fixed", "lr": 0.05}],
+        },
+    }  # fmt: skip
+    cfg = tmp_path / "transfer.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAYMETA_QUIET")}
+    checkpoints = tmp_path / "out" / "ray_results"
+
+    def training():
+        return any(checkpoints.glob("*/checkpoint_*"))
+
+    res, below = interrupt([*RAYMETA, "run", str(cfg)], env, training, signal.SIGINT)
+    assert res.returncode == 130, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1] == INTERRUPTED
+    assert "epoch 100/100" not in res.stdout  # stopped, not trained to the end
+    assert below and not no_survivors(below)
+    statuses = runs_by_status(uri)
+    assert "RUNNING" not in statuses and statuses.get("KILLED", 0) >= 1, statuses
