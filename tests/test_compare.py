@@ -228,12 +228,14 @@ def test_bad_comparison_is_one_line_error_before_any_trial(tmp_path, patch, expe
     assert not (tmp_path / "out" / "tune").exists()
 
 
+@pytest.mark.parametrize("damaged", ["experiment_state", "tuner.pkl", "tuner.pkl bytes"])
 def test_a_state_truncated_by_a_kill_reruns_the_stage_instead_of_forgetting_trials(
-    first_run, tmp_path, capsys
+    first_run, tmp_path, capsys, damaged
 ):
     """Tune writes its state files in place: a driver killed mid-write leaves them empty, and
     a restore from them silently drops the finished trials (seen once under heavy load:
-    3 trials became 1). Such a stage is run again from the start instead."""
+    3 trials became 1), or fails with an EOFError traceback (an emptied tuner.pkl). Such a
+    stage is run again from the start instead, after one line."""
     from ray import tune
 
     from raymeta.tune.common import make_tuner, saved_state_is_intact
@@ -242,9 +244,15 @@ def test_a_state_truncated_by_a_kill_reruns_the_stage_instead_of_forgetting_tria
     saved = tmp_path / "tune" / "search-fixed"
     shutil.copytree(Path(cfg.output_dir) / "tune" / "search-fixed", saved)
     assert saved_state_is_intact(saved)
-    newest = sorted(saved.glob("experiment_state-*.json"))[-1]
-    newest.write_text("")  # what SIGKILL during json.dump leaves
-    assert not saved_state_is_intact(saved)
+    if damaged == "experiment_state":
+        newest = sorted(saved.glob("experiment_state-*.json"))[-1]
+        newest.write_text("")  # what SIGKILL during json.dump leaves
+        assert not saved_state_is_intact(saved)
+    elif damaged == "tuner.pkl":
+        (saved / "tuner.pkl").write_bytes(b"")  # the issue's case: EOFError on restore
+        assert not saved_state_is_intact(saved)
+    else:
+        (saved / "tuner.pkl").write_bytes(b"\x80\x05 not a pickle")  # passes the size check
     tuner = make_tuner(
         "search-fixed",
         lambda config: None,
@@ -260,4 +268,6 @@ def test_a_state_truncated_by_a_kill_reruns_the_stage_instead_of_forgetting_tria
     )
     assert isinstance(tuner, tune.Tuner)  # a new experiment: the old trials and state are gone
     assert not list(saved.glob("trial_*")) and not list(saved.glob("experiment_state-*"))
-    assert "search-fixed: the saved Tune state" in capsys.readouterr().out
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"search-fixed: the saved Tune state in {saved} ")
+    assert line.endswith("running this stage again from the start")

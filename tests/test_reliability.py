@@ -444,3 +444,69 @@ def test_a_failed_registration_keeps_the_trained_meta_learner(store, tmp_path):
     losses = torch.linspace(2.0, 0.2, 30)
     assert torch.equal(read_meta_learner(keep, str(keep))(losses), bundle(losses))
     assert mlflow.MlflowClient().search_registered_models() == []
+
+
+# -- with a running Ray (the cluster's sizes, outages inside workers, registration) -----------
+
+
+def _meta_train(tmp_path, **ray) -> PipelineConfig:
+    task = {"dataset": "digits", "model": "mlp", "batch_size": 32, "epochs": 2,
+            "val_size": 300, "meta_per_class": 10}  # fmt: skip
+    meta = {"task": task, "meta_every": 5, "meta_batch_size": 40, "registered_model": "rel"}
+    return parse(PipelineConfig, tiny(tmp_path, meta_train=meta) | {"ray": ray})
+
+
+@pytest.mark.ray
+def test_workers_beyond_a_running_clusters_cpus_are_refused(ray_local, tmp_path):
+    from raymeta.pipeline import run_pipeline
+
+    address = ray_local.get_runtime_context().gcs_address
+    with pytest.raises(ConfigError) as err:
+        run_pipeline(_meta_train(tmp_path, num_workers=4))
+    assert str(err.value) == (
+        f"ray.num_workers=4 (Ray Train workers) needs 4 CPU(s) at once but the Ray cluster at "
+        f"{address} has 2; accepted: at most 2 CPU(s)"
+    )
+
+
+@pytest.mark.ray
+def test_training_goes_on_when_the_store_fails(ray_local, tmp_path):
+    """Rank 0 cannot log a single epoch (the store's folder is gone): the run still trains
+    to the end and returns its results (before: the worker died, and its retry too)."""
+    from raymeta.config import MethodConfig, TaskConfig
+    from raymeta.spec import method_run
+    from raymeta.train.ray_train import fit
+
+    task = TaskConfig(dataset="digits", model="mlp", batch_size=32, epochs=2, val_size=300,
+                      meta_per_class=0)  # fmt: skip
+    result = fit(
+        method_run(MethodConfig(schedule="fixed", lr=0.05), task, "outage"),
+        mlflow_run_id="0" * 32,
+        tracking_uri=f"sqlite:///{tmp_path}/gone/mlflow.db",
+        storage_path=tmp_path / "ray",
+        max_failures=0,
+    )
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert result.history[-1]["test_acc"] > 0.5
+
+
+@pytest.mark.ray
+def test_a_failed_registration_still_writes_the_results_table(ray_local, tmp_path):
+    """The artifact store refuses the meta-learner after training: the command ends with one
+    line naming the local copy, and the results table holds the trained run."""
+    import pandas as pd
+
+    from raymeta.errors import RegistrationError
+    from raymeta.pipeline import run_pipeline
+    from raymeta.tracking import read_meta_learner
+
+    (tmp_path / "mlartifacts").write_text("a file where the artifact folder should be")
+    with pytest.raises(RegistrationError) as err:
+        run_pipeline(_meta_train(tmp_path))
+    keep = tmp_path / "out" / "meta_learner"
+    assert str(err.value).startswith("rel was not registered (")
+    assert str(err.value).endswith(f"the trained meta-learner is kept in {keep}")
+    table = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    assert list(table["stage"]) == ["meta-train"] and table["meta_learner_version"].isna().all()
+    assert table["test_acc"].iloc[0] > 0.2
+    assert read_meta_learner(keep, str(keep)).checkpoint_epochs == [1, 2]
