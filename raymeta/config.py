@@ -79,15 +79,6 @@ RegisteredModelName = Annotated[str, AfterValidator(check_registered_model_name)
 Alias = Annotated[str, AfterValidator(check_alias)]
 
 
-def _check_model_name(name: str) -> str:
-    from raymeta.models.registry import check_model_name
-
-    check_model_name(name)
-    return name
-
-
-ModelName = Annotated[str, AfterValidator(_check_model_name)]
-
 META_BATCH_SIZE = 100  # meta-set images per meta step (MLR-SNet's and Meta-Weight-Net's protocols)
 
 
@@ -190,7 +181,7 @@ class TaskConfig(Strict):
     dataset: Literal["fashion_mnist", "digits", "cifar10", "cifar100", "tinyshakespeare"] = (
         "fashion_mnist"
     )
-    model: ModelName = "small_cnn"
+    model: str = "small_cnn"
     batch_size: PositiveInt = 128
     epochs: PositiveInt = 3
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
@@ -363,7 +354,7 @@ class LongTailTaskConfig(Strict):
     """
 
     dataset: Literal["fashion_mnist", "digits", "cifar10", "cifar100"] = "fashion_mnist"
-    model: ModelName = "small_cnn"
+    model: str = "small_cnn"
     imbalance_factor: ImbalanceFactor = 100.0
     profile: Literal["exp", "step"] = "exp"
     meta_per_class: NonNegInt = 10

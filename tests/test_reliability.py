@@ -82,7 +82,7 @@ def write(tmp_path, data, name="p.yaml") -> str:
         ),
         (
             ["meta-train", "--model", "resnet9000"],
-            "meta-train: meta_train.task.model: unknown model 'resnet9000'; accepted: "
+            "unknown model 'resnet9000'; accepted: "
             "small_cnn, mlp, resnet8, resnet20, resnet32, resnet56, resnet18, char_lstm, or "
             "tv:NAME for a torchvision classification model (e.g. tv:mobilenet_v2)",
         ),

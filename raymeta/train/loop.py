@@ -31,6 +31,7 @@ from raymeta.data.task import TaskData
 from raymeta.errors import ConfigError
 from raymeta.meta.lookahead import functional_loss, unwrap
 from raymeta.models import build_model
+from raymeta.models.registry import check_model_name
 from raymeta.schedules.base import Schedule
 from raymeta.train.guard import ProgressGuard
 from raymeta.train.rules import SGDRule, UpdateRule
@@ -259,13 +260,14 @@ def check_batches(
 def check_task(
     task: TaskConfig | LongTailTaskConfig, num_workers: int = 1, meta_batch_size: int | None = None
 ) -> None:
-    """Validate everything about ``task`` that depends on the data, in the driver, before any
-    Ray worker starts (a missing dataset, a meta set larger than a class, an imbalance factor
-    that leaves the tail empty, batch sizes).
+    """Validate everything about ``task`` that depends on the data or on a registry, in the
+    driver, before any Ray worker starts (an unknown model, a missing dataset, a meta set
+    larger than a class, an imbalance factor that leaves the tail empty, batch sizes).
 
     Raises:
         ConfigError, DataNotFoundError: one line naming the value.
     """
+    check_model_name(task.model)  # here, not in the config: the registry imports torch
     if isinstance(task, LongTailTaskConfig):
         n_train = len(longtail_splits(task)[1].train)
     elif task.dataset == "tinyshakespeare":
