@@ -510,3 +510,23 @@ def test_a_failed_registration_still_writes_the_results_table(ray_local, tmp_pat
     assert list(table["stage"]) == ["meta-train"] and table["meta_learner_version"].isna().all()
     assert table["test_acc"].iloc[0] > 0.2
     assert read_meta_learner(keep, str(keep)).checkpoint_epochs == [1, 2]
+
+
+def test_the_reliability_table_names_tests_that_exist():
+    """docs/reliability.md cites its cases' tests as ``test_x.py::test_y`` (``::test_z`` for
+    another test of the same file): every one exists."""
+    import re
+
+    root = Path(__file__).resolve().parent
+    doc = (root.parent / "docs" / "reliability.md").read_text()
+    cited, current = [], None
+    for file, name in re.findall(r"`(test_\w+\.py)?::(test_\w+)", doc):
+        current = file or current
+        cited.append((current, name))
+    assert len(cited) >= 40
+    missing = [
+        f"{file}::{name}"
+        for file, name in cited
+        if not re.search(rf"^def {name}\(", (root / file).read_text(), re.MULTILINE)
+    ]
+    assert missing == []
