@@ -78,7 +78,14 @@ def test_quickstart_end_to_end(ray_local, tmp_path, monkeypatch):
     history = client.get_metric_history(by_name["meta-train"].info.run_id, "test_acc")
     assert [m.step for m in history] == [1, 2]
     assert by_name["transfer/MLR-SNet (frozen)"].data.tags["meta_learner_version"] == "1"
-    assert str(client.get_model_version_by_alias("mlrsnet-fashion", "champion").version) == "1"
+    version = client.get_model_version_by_alias("mlrsnet-fashion", "champion")
+    assert str(version.version) == "1"
+    # the registered model's story (issue 13 item 4): where it comes from and how good it was
+    assert version.tags["task"] == "fashion_mnist/small_cnn"
+    assert version.tags["source_run"] == by_name["meta-train"].info.run_id
+    assert float(version.tags["test_acc"]) == pytest.approx(rows.loc[0, "test_acc"])
+    assert version.description.startswith("meta-trained on fashion_mnist/small_cnn (run ")
+    assert (out / "meta_learner" / "weights.pt").is_file()  # the local copy
     assert {"results.parquet", "lr_curves.png"} <= {
         a.path for a in client.list_artifacts(pipeline.info.run_id)
     }
