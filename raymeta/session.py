@@ -528,16 +528,16 @@ def open_session(
         cpus, gpus, where = local_resources(cfg.ray)
         check_resources(cfg, sections, cpus, gpus, where)
     started = connect_ray(cfg.ray)
-    try:
-        with sigterm_as_sigint():  # after ray.init, which installs its own SIGTERM handler
+    with sigterm_as_sigint():  # after ray.init, which installs its own SIGTERM handler
+        try:
             if not local:
                 total = ray.cluster_resources()
                 where = f"the Ray cluster at {ray.get_runtime_context().gcs_address}"
                 check_resources(cfg, sections, total.get("CPU", 0.0), total.get("GPU", 0.0), where)
             yield session
-    finally:
-        if started:
-            ray.shutdown()
+        finally:
+            if started:
+                ray.shutdown()
     print(
         f"browse the runs: raymeta ui   (or: mlflow ui --backend-store-uri {uri} --host 127.0.0.1)"
     )

@@ -310,6 +310,8 @@ def fit_runs(
     Raises:
         RaymetaError: a user-input error inside a worker (a bad value, a dead run), re-raised
             on one line without restarting the workers (it would fail the same way).
+        KeyboardInterrupt: Ctrl+C or SIGTERM in the driver (``trainer.fit`` runs off the main
+            thread, :func:`raymeta.interrupts.call_off_main_thread`).
     """
     from ray.train import (
         CheckpointConfig,
