@@ -164,12 +164,18 @@ def check_resources(
     """
     for setting, need_cpus, need_gpus in resource_needs(cfg, sections):
         for need, have, unit in ((need_cpus, cpus, "CPU"), (need_gpus, gpus, "GPU")):
-            if need > have:
-                raise ConfigError(
-                    f"{setting} needs {need:g} {unit}(s) at once but {where} has {have:g}; "
-                    f"accepted: at most {have:g} {unit}(s)"
-                    + (", or a larger ray.num_cpus" if unit == "CPU" and "local" in where else "")
-                )
+            if need <= have:
+                continue
+            if unit == "GPU" and have == 0:
+                accepted = "no GPU work here (ray.use_gpu false, gpus_per_trial 0)"
+            else:
+                accepted = f"at most {have:g} {unit}(s)"
+                if unit == "CPU" and "num_cpus" in where:
+                    accepted += ", or a larger ray.num_cpus"
+            raise ConfigError(
+                f"{setting} needs {need:g} {unit}(s) at once but {where} has {have:g}; "
+                f"accepted: {accepted}"
+            )
 
 
 def local_resources(cfg: RayConfig) -> tuple[float, float, str]:
@@ -177,11 +183,7 @@ def local_resources(cfg: RayConfig) -> tuple[float, float, str]:
     import torch
 
     cpus = cfg.num_cpus or os.cpu_count() or 1
-    where = (
-        f"the local Ray (ray.num_cpus={cfg.num_cpus})"
-        if cfg.num_cpus
-        else "the local Ray (this machine's CPUs; ray.num_cpus unset)"
-    )
+    where = f"the local Ray (ray.num_cpus={cfg.num_cpus})" if cfg.num_cpus else "this machine"
     return float(cpus), float(torch.cuda.device_count()), where
 
 

@@ -119,6 +119,32 @@ def test_a_trial_larger_than_the_local_ray_is_refused(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    ("ray", "cpus", "gpus", "expected"),
+    [
+        ({"use_gpu": True, "num_workers": 2}, 16, 1,
+         "ray.num_workers=2 (Ray Train workers) needs 2 GPU(s) at once but WHERE has 1; "
+         "accepted: at most 1 GPU(s)"),
+        ({"use_gpu": True}, 2, 0,
+         "ray.num_workers=1 (Ray Train workers) needs 1 GPU(s) at once but WHERE has 0; "
+         "accepted: no GPU work here (ray.use_gpu false, gpus_per_trial 0)"),
+        ({"num_workers": 2}, 2, 0, None),
+    ],
+)  # fmt: skip
+def test_gpu_sizes(tmp_path, ray, cpus, gpus, expected):
+    """GPUs are counted like CPUs (the numbers are given: this must not depend on the host)."""
+    from raymeta.session import check_resources
+
+    meta = {"task": {"dataset": "digits", "model": "mlp"}}
+    cfg = parse(PipelineConfig, tiny(tmp_path, meta_train=meta) | {"ray": ray})
+    if expected is None:
+        check_resources(cfg, ["meta_train"], cpus, gpus, "WHERE")
+        return
+    with pytest.raises(ConfigError) as err:
+        check_resources(cfg, ["meta_train"], cpus, gpus, "WHERE")
+    assert str(err.value) == expected
+
+
 # -- the tracking store and the output folder (items 5 and 7) ----------------------------------
 
 
