@@ -281,15 +281,18 @@ def check_resume(cfg: PipelineConfig, sections: Sequence[str], output_dir: Path)
         ConfigError: nothing is saved, or a state file is unreadable or does not fit.
     """
     resumable = [s for s in sections if s in RESUMABLE]
+    if not resumable:
+        raise ConfigError(
+            "--resume: nothing to resume: only compare and study sections resume (the other "
+            "sections run again); run without --resume"
+        )
     found = [
         s
         for s in resumable
         if resume_state(output_dir, s, getattr(cfg, s).model_dump(mode="json")) is not None
     ]
     if not found:
-        files = (
-            " or ".join(RESUMABLE[s].state_file for s in resumable) or "a compare or study state"
-        )
+        files = " or ".join(RESUMABLE[s].state_file for s in resumable)
         raise ConfigError(
             f"--resume: nothing to resume in {output_dir} (no {files}); run without --resume "
             "to start"

@@ -203,6 +203,19 @@ def test_resume_with_nothing_saved_says_so(tmp_path):
     )
 
 
+def test_resume_of_a_pipeline_without_resumable_sections_says_so(tmp_path):
+    from raymeta.session import check_resume
+
+    meta = {"task": {"dataset": "digits", "model": "mlp"}}
+    cfg = parse(PipelineConfig, tiny(tmp_path, meta_train=meta))
+    with pytest.raises(ConfigError) as err:
+        check_resume(cfg, ["meta_train"], tmp_path)
+    assert str(err.value) == (
+        "--resume: nothing to resume: only compare and study sections resume (the other "
+        "sections run again); run without --resume"
+    )
+
+
 def test_resume_with_a_truncated_state_file_says_so(tmp_path):
     cfg = _state(tmp_path, text='{"parent_run_id": "ab')
     res, _ = run(["compare", cfg, "--resume"], tmp_path)
