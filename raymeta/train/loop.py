@@ -33,7 +33,7 @@ from raymeta.meta.lookahead import functional_loss, unwrap
 from raymeta.models import build_model
 from raymeta.schedules.base import Schedule
 from raymeta.train.guard import ProgressGuard
-from raymeta.train.rules import SGDRule, UpdateRule
+from raymeta.train.rules import SGDRule, StepResult, UpdateRule
 
 L0_SAMPLES = 10_000  # mean training loss (gamma's L0) is estimated on this many training images
 
@@ -303,6 +303,7 @@ def train(
     state: RunState | None = None,
     optimizer_state: dict | None = None,
     on_epoch_end: Callable[[dict, RunState, torch.optim.Optimizer], None] | None = None,
+    on_step: Callable[[int, StepResult], None] | None = None,
 ) -> RunState:
     """Train ``model`` on ``data`` for ``task.epochs`` epochs with LRs from ``schedule``.
 
@@ -324,6 +325,10 @@ def train(
             for long-tailed data also ``test_many_acc``, ``test_medium_acc``,
             ``test_few_acc`` and ``test_acc_class_{c}``), the run state and the optimiser,
             e.g. to report and checkpoint.
+        on_step: called after every optimisation step with the global step (0-based, counted
+            across epochs) and its :class:`~raymeta.train.rules.StepResult` (batch loss
+            averaged across workers, LR, this worker's meta loss), e.g. to record per-step
+            curves (:class:`raymeta.tracking.StepCurves`).
 
     Raises:
         ConfigError: ``task.batch_size`` is not divisible by the number of workers, or the
@@ -404,6 +409,8 @@ def train(
             guard.check(state.step, out.loss, out.lr)
             state.initial_loss = guard.initial_loss
             state.lrs.append(out.lr)
+            if on_step is not None:
+                on_step(state.step, out)
             loss_sum += out.loss
             lr_sum += out.lr
             state.step += 1
