@@ -1,10 +1,14 @@
 """Declarative workflows (``raymeta run FILE``): every section of a pipeline, in one session.
 
 Flow: the sections' data checks in the driver -> :func:`raymeta.session.open_session` (output
-folder, MLflow, registry inputs, Ray) -> ``meta_train``, ``transfer`` and ``longtail`` under
-one parent run ``pipeline/{name}`` (a nested run per Ray Train run), then ``compare`` and
-``study`` under their own parent runs -> a Parquet/Markdown table and PNG plots per section in
-``output_dir``.
+folder, MLflow, registry inputs, Ray) -> every section under one parent run ``pipeline/{name}``
+-> a Parquet/Markdown table and PNG plots per section in ``output_dir``.
+
+MLflow holds one tree: the pipeline's run holds a run per stage (``meta-train``, ``transfer``,
+``longtail``, ``compare``, ``study``), and each stage holds its runs, named
+``<stage>/<method>/seed<k>`` and tagged ``stage``, ``method``, ``family``, ``seed`` and
+``task`` (:func:`raymeta.tracking.run_tags`); the comparison's stages are ``search/<family>``
+and ``final``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from raymeta.console import stage
 from raymeta.errors import ConfigError
 from raymeta.report import plot_accuracy_curves, plot_lr_curves, to_markdown, write_table
 from raymeta.session import Session, open_session
+
+STATE_FILE = "pipeline_state.json"  # the pipeline run's id, reopened by --resume
+META_TRAIN_LABEL = "MLR-SNet (meta-training)"
 
 
 def _result_row(stage_name: str, label: str, task: TaskConfig, fit, version: str | None) -> dict:
@@ -49,7 +56,7 @@ def run_meta_train(cfg: MetaTrainConfig, session: Session, num_workers: int):
 
     from raymeta.schedules import MLRSNetBundle
     from raymeta.spec import meta_train_run
-    from raymeta.tracking import as_params, log_meta_learner
+    from raymeta.tracking import as_params, log_meta_learner, run_name, run_tags
     from raymeta.train.ray_train import fit
 
     spec = meta_train_run(cfg, cfg.task, "meta-train", cfg.saved_epochs)
@@ -57,7 +64,11 @@ def run_meta_train(cfg: MetaTrainConfig, session: Session, num_workers: int):
         f"meta-training MLR-SNet on {cfg.task.dataset}/{cfg.task.model} with {num_workers} Ray "
         f"Train worker(s), {cfg.task.epochs} epochs, a look-ahead every {cfg.meta_every} steps"
     )
-    with mlflow.start_run(run_name="meta-train", nested=True) as run:
+    with mlflow.start_run(
+        run_name=run_name("meta-train", META_TRAIN_LABEL, cfg.task.seed),
+        nested=True,
+        tags=run_tags(spec, "meta-train", META_TRAIN_LABEL),
+    ) as run:
         mlflow.log_params(
             as_params(spec.model_dump(mode="json"))
             | {"registered_model": cfg.registered_model, "alias": cfg.alias}
@@ -127,7 +138,7 @@ def run_transfer(
     import mlflow
 
     from raymeta.spec import LearnedRun, method_run
-    from raymeta.tracking import as_params
+    from raymeta.tracking import as_params, run_name, run_tags
     from raymeta.train.ray_train import fit
 
     rows, curves, histories = [], {}, {}
@@ -140,7 +151,11 @@ def run_transfer(
             f"transfer: {method.label} on {cfg.task.dataset}/{cfg.task.model}, "
             f"batch {cfg.task.batch_size}"
         )
-        with mlflow.start_run(run_name=spec.label, nested=True) as run:
+        with mlflow.start_run(
+            run_name=run_name("transfer", method.label, cfg.task.seed),
+            nested=True,
+            tags=run_tags(spec, "transfer", method.label),
+        ) as run:
             mlflow.log_params(as_params(spec.model_dump(mode="json")))
             if version is not None:
                 mlflow.set_tag("meta_learner_version", version)
@@ -193,41 +208,39 @@ def _meta_train_workers(cfg: PipelineConfig) -> int:
 def _run_training_sections(
     cfg: PipelineConfig, sections: Sequence[str], session: Session
 ) -> pd.DataFrame:
-    """``meta_train``, ``transfer`` and ``longtail`` (those in ``sections``) under the parent
-    run ``pipeline/{name}``; returns the table of the last of them."""
+    """``meta_train``, ``transfer`` and ``longtail`` (those in ``sections``), each in its stage
+    run under the active pipeline run; returns the table of the last of them."""
     import mlflow
 
     from raymeta.longtail_study import run_longtail_study
-    from raymeta.tracking import as_params
 
-    t0 = time.perf_counter()
     rows, curves, histories = [], {}, {}
     table = pd.DataFrame()
-    with session.parent_run("pipeline", params=as_params(cfg.model_dump(mode="json"))) as parent:
-        if "meta_train" in sections:
+    if "meta_train" in sections:
+        with mlflow.start_run(run_name="meta-train", nested=True):
             _, version, result = run_meta_train(cfg.meta_train, session, _meta_train_workers(cfg))
-            label = "MLR-SNet (meta-training)"
-            rows.append(_result_row("meta-train", label, cfg.meta_train.task, result, version))
-            histories[label] = result.history
-        if "transfer" in sections:
+        label = META_TRAIN_LABEL
+        rows.append(_result_row("meta-train", label, cfg.meta_train.task, result, version))
+        histories[label] = result.history
+    if "transfer" in sections:
+        with mlflow.start_run(run_name="transfer", nested=True):
             t_rows, curves, t_hist = run_transfer(cfg.transfer, session, cfg.ray.num_workers)
-            rows += t_rows
-            histories.update(t_hist)
-        if rows:
-            table = pd.DataFrame(rows)
-            out = session.output_dir
-            parquet, md = write_table(table, out)
-            pngs = [plot_accuracy_curves(histories, out / "accuracy_curves.png")]
-            if curves:
-                pngs.append(plot_lr_curves(curves, out / "lr_curves.png", "transfer: LR schedules"))
-            for path in (parquet, md, *pngs):
-                mlflow.log_artifact(str(path))
-            print("\n" + to_markdown(table) + "\n")
-            print(f"results: {parquet}, {md} and PNG plots in {out}")
-        if "longtail" in sections:
+        rows += t_rows
+        histories.update(t_hist)
+    if rows:
+        table = pd.DataFrame(rows)
+        out = session.output_dir
+        parquet, md = write_table(table, out)
+        pngs = [plot_accuracy_curves(histories, out / "accuracy_curves.png")]
+        if curves:
+            pngs.append(plot_lr_curves(curves, out / "lr_curves.png", "transfer: LR schedules"))
+        for path in (parquet, md, *pngs):
+            mlflow.log_artifact(str(path))
+        print("\n" + to_markdown(table) + "\n")
+        print(f"results: {parquet}, {md} and PNG plots in {out}")
+    if "longtail" in sections:
+        with mlflow.start_run(run_name="longtail", nested=True):
             table = run_longtail_study(cfg.longtail, session)
-        mlflow.log_metric("pipeline_wall_time_s", time.perf_counter() - t0)
-    print(f"MLflow parent run {parent.run_id} in {session.tracking_uri}")
     return table
 
 
@@ -235,10 +248,10 @@ def run_pipeline(
     cfg: PipelineConfig, sections: Sequence[str] | None = None, *, resume: bool = False
 ) -> pd.DataFrame:
     """Run ``sections`` of a pipeline (default: every section it has) in their order
-    (:data:`raymeta.config.SECTIONS`) in one session, and return the results table of the last
-    one (each is also written to ``output_dir``). Every command runs through here: ``raymeta
-    run`` with every section, ``raymeta compare`` with ``compare``, ``raymeta study`` with
-    ``study``.
+    (:data:`raymeta.config.SECTIONS`) in one session under the parent run ``pipeline/{name}``
+    (module docstring), and return the results table of the last one (each is also written to
+    ``output_dir``). Every command runs through here: ``raymeta run`` with every section,
+    ``raymeta compare`` with ``compare``, ``raymeta study`` with ``study``.
 
     Args:
         resume: reopen the parent runs and Ray Tune experiments that an interrupted command
@@ -248,6 +261,9 @@ def run_pipeline(
         ConfigError, DataNotFoundError: a missing section or a bad value, before any training
             (one line).
     """
+    import mlflow
+
+    from raymeta.tracking import as_params
     from raymeta.tune.compare import Comparison
     from raymeta.tune.study import run_transfer_study
 
@@ -260,10 +276,15 @@ def run_pipeline(
     check_pipeline(cfg, sections)
     table = pd.DataFrame()
     with open_session(cfg, sections, resume=resume) as session:
-        if {"meta_train", "transfer", "longtail"} & set(sections):
-            table = _run_training_sections(cfg, sections, session)
-        if "compare" in sections:
-            table = Comparison(cfg).run(session)
-        if "study" in sections:
-            table = run_transfer_study(cfg, session)
+        params = as_params(cfg.model_dump(mode="json"))
+        with session.parent_run("pipeline", params=params, state_file=STATE_FILE) as parent:
+            t0 = time.perf_counter()
+            if {"meta_train", "transfer", "longtail"} & set(sections):
+                table = _run_training_sections(cfg, sections, session)
+            if "compare" in sections:
+                table = Comparison(cfg).run(session)
+            if "study" in sections:
+                table = run_transfer_study(cfg, session)
+            mlflow.log_metric("pipeline_wall_time_s", time.perf_counter() - t0)
+        print(f"MLflow parent run {parent.run_id} in {session.tracking_uri}")
     return table

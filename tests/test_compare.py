@@ -110,16 +110,71 @@ def test_tiny_comparison_table_and_mlflow_runs(first_run):
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     exp = client.get_experiment_by_name("tiny-compare")
     runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.info.run_name == "compare/tiny-compare"]
-    assert len(parents) == 1
-    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    stages = [r.data.tags["raymeta.stage"] for r in nested]
+    children = {}
+    for r in runs:
+        children.setdefault(r.data.tags.get("mlflow.parentRunId"), []).append(r)
+
+    def names(run):
+        return sorted(r.info.run_name for r in children.get(run.info.run_id, []))
+
+    # one tree: pipeline -> compare -> search/<family>, final -> trials and final runs
+    (pipeline,) = [r for r in runs if r.info.run_name == "pipeline/tiny-compare"]
+    assert names(pipeline) == ["compare"]
+    (compare,) = children[pipeline.info.run_id]
+    assert names(compare) == ["final", "search/cosine", "search/fixed"]
+    stage = {r.info.run_name: r for r in children[compare.info.run_id]}
+    assert names(stage["search/fixed"]) == [f"search/fixed/trial{i}" for i in range(3)]
+    methods = ["MLR-SNet (Test)", "MLR-SNet (Train)", "cosine", "fixed"]
+    assert names(stage["final"]) == [f"final/{m}/seed0" for m in methods]
+    assert "comparison.parquet" in {a.path for a in client.list_artifacts(compare.info.run_id)}
+    assert stage["search/cosine"].data.metrics["trials"] == 3
+    assert "best.lr" in stage["search/cosine"].data.params
+
+    # flat tags, the same names in search and final runs; the run spec as params
+    trials = children[stage["search/cosine"].info.run_id]
+    finals = {r.data.tags["method"]: r for r in children[stage["final"].info.run_id]}
+    assert {r.data.tags["method"] for r in trials} == {"cosine"}
+    for run in [*trials, *finals.values()]:
+        assert {"stage", "method", "family", "seed", "task"} <= set(run.data.tags)
+        assert run.data.tags["task"] == "digits/mlp"
+    flat = ("stage", "method", "family", "seed", "task")
+    assert [finals["cosine"].data.tags[k] for k in flat] == [
+        "final",
+        "cosine",
+        "cosine",
+        "0",
+        "digits/mlp",
+    ]
+    assert finals["MLR-SNet (Train)"].data.tags["family"] == "mlrsnet"
     assert (
-        stages.count("search-fixed") == 3
-        and stages.count("search-cosine") == 3
-        and stages.count("final") == 4
+        trials[0].data.params["schedule.family"]
+        == finals["cosine"].data.params["schedule.family"]
+        == "cosine"
     )
-    assert "comparison.parquet" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    cosine = "tags.method = 'cosine' and tags.stage = 'final'"
+    assert len(client.search_runs([exp.experiment_id], cosine)) == 1
+
+    # only raymeta's own metrics: per-step curves, epoch metrics, no Tune bookkeeping
+    epochs = cfg.compare.task.epochs
+    for run in [*trials, *finals.values()]:
+        keys = set(run.data.metrics)
+        assert not keys & {"pid", "timestamp", "done", "training_iteration", "lrs"}, keys
+        assert not [k for k in keys if k.startswith(("config/", "time_"))], keys
+    own = {"lr", "train_loss", "lr_epoch_mean", "train_loss_epoch_mean", "test_acc", "test_loss"}
+    own |= {"chance_acc", "train_time_s", "epoch_time_s", "wall_time_s"}
+    assert set(finals["cosine"].data.metrics) == own  # no validation split in a final run
+    assert set(finals["MLR-SNet (Train)"].data.metrics) == own | {
+        "meta_loss",
+        "meta_loss_epoch_mean",
+    }
+    for method, run in finals.items():
+        lr = client.get_metric_history(run.info.run_id, "lr")
+        steps = [m.step for m in lr]
+        assert len(lr) > 10 * epochs and steps == sorted(steps) and steps[0] == 0, method
+        acc = client.get_metric_history(run.info.run_id, "test_acc")
+        assert [m.step for m in acc] == list(range(1, epochs + 1))
+        row = back[back["method"] == method].iloc[0]
+        assert run.data.metrics["test_acc"] == pytest.approx(row["test_acc_mean"])
 
 
 def _finished_trials(tune_dir: Path) -> set[str]:
@@ -158,6 +213,17 @@ def test_killed_study_resumes_without_repeating_finished_trials(
         assert starts.count(trial) == 1, trial
     table = pd.read_parquet(out / "comparison.parquet")
     assert list(table["search_trials"]) == [3, 3, 0, 0]
+    # the resumed comparison reopened its MLflow runs: one run per trial, in one tree
+    client = mlflow.MlflowClient(data["mlflow"]["tracking_uri"])
+    pipeline_id = json.loads((out / "pipeline_state.json").read_text())["parent_run_id"]
+    compare_id = json.loads((out / "compare_state.json").read_text())["parent_run_id"]
+    assert client.get_run(compare_id).data.tags["mlflow.parentRunId"] == pipeline_id
+    experiment_id = client.get_experiment_by_name("tiny-compare").experiment_id
+    for trial in finished_before:
+        (run,) = client.search_runs([experiment_id], f"tags.trial_id = '{trial}'")
+        assert run.info.status == "FINISHED"
+        stage_id = run.data.tags["mlflow.parentRunId"]
+        assert client.get_run(stage_id).data.tags["mlflow.parentRunId"] == compare_id
     # same seed, same search: the resumed study chose the same configurations as the first run
     first_cfg, first_table = first_run
     assert list(table["best_config"]) == list(first_table["best_config"])
@@ -254,8 +320,9 @@ def test_a_state_truncated_by_a_kill_reruns_the_stage_instead_of_forgetting_tria
         tune_config=tune.TuneConfig(num_samples=1),
         resources={"cpu": 1},
         tracking_uri=cfg.mlflow.tracking_uri,
-        experiment="tiny-compare",
+        experiment_id="0",
         parent_run_id="none",
+        describe=lambda config, number: None,  # never called: the tuner is not fitted
         total=1,
     )
     assert isinstance(tuner, tune.Tuner)  # a new experiment: the old trials and state are gone

@@ -14,7 +14,13 @@ Protocol (docs/design.md section 6):
    training data with its meta set carved from the training split.
 3. **Result**: a table per method (mean and std of test accuracy and loss over seeds, search
    trials, search compute in CPU- or GPU-seconds, wall time) as Parquet and Markdown, plots,
-   and MLflow: one parent run, nested runs for every trial and every final run.
+   and MLflow: the run ``compare`` (under the pipeline's run) holds one stage run per family
+   searched, ``search/<family>`` (its trials ``search/<family>/trial<n>``, the best
+   configuration and the search cost), and the stage run ``final`` (its runs
+   ``final/<method>/seed<k>``). Every trial and final run has the flat tags ``stage``,
+   ``method``, ``family``, ``seed`` and ``task``, its run spec as params, its epoch metrics
+   (``test_acc``, ``val_acc``, ``lr_epoch_mean``, ...) and per-step ``lr`` and ``train_loss``:
+   filter ``tags.stage = 'final'`` and chart ``lr`` or ``test_acc`` grouped by ``method``.
 
 Every Tuner keeps its state under ``output_dir/tune``: ``--resume`` restores them
 (``Tuner.restore``), so finished trials are never run again.
@@ -34,8 +40,8 @@ from raymeta.console import stage
 from raymeta.errors import ConfigError
 from raymeta.report import plot_accuracy_curves, plot_lr_curves, to_markdown, write_table
 from raymeta.session import Session
-from raymeta.spec import LearnedRun, RunSpec, meta_train_run, method_run, parse_run
-from raymeta.tune.common import make_tuner, train_trial, trial_dirname, working_dir
+from raymeta.spec import HandRun, LearnedRun, RunSpec, meta_train_run, method_run, parse_run
+from raymeta.tune.common import TrialRun, make_tuner, train_trial, trial_dirname, working_dir
 from raymeta.tune.spaces import DefineByRun, resolve_ranges, to_method
 
 TRIAL_LOG = "trial_starts.jsonl"  # one line per trainable start: the resume test counts them
@@ -49,19 +55,41 @@ def _log_start(config: dict, entry: dict) -> None:
         f.write(json.dumps({"trial": tune.get_context().get_trial_id(), **entry}) + "\n")
 
 
+def _search_spec(config: dict) -> RunSpec:
+    """The run of a search trial (``config``: the sampled values and, under ``trial``, the
+    family, the task and the trial's settings)."""
+    trial = config["trial"]
+    sampled = {k: v for k, v in config.items() if k != "trial"}
+    return method_run(
+        MethodConfig(**to_method(trial["family"], sampled)), TaskConfig(**trial["task"])
+    )
+
+
 def _search_trainable(config: dict) -> None:
-    """Tune trial of the search: one sampled configuration of one family (``config``: the
-    sampled values and, under ``trial``, the family, the task and the trial's settings)."""
+    """Tune trial of the search: one sampled configuration of one family."""
     import torch
     from ray import tune
 
     trial = config["trial"]
     torch.set_num_threads(trial["threads"])
-    family = trial["family"]
-    sampled = {k: v for k, v in config.items() if k != "trial"}
-    _log_start(trial, {"family": family})
-    spec = method_run(MethodConfig(**to_method(family, sampled)), TaskConfig(**trial["task"]))
+    _log_start(trial, {"family": trial["family"]})
+    spec = _search_spec(config)
     train_trial(spec, tune.report, use_gpu=trial["use_gpu"], dead_run_is_result=True)
+
+
+def _search_run(config: dict, number: int) -> TrialRun:
+    """The MLflow run of search trial ``number``: ``search/<family>/trial<number>``."""
+    family = config["trial"]["family"]
+    name = f"search/{family}/trial{number}"
+    return TrialRun.of(_search_spec(config), "search", family, name=name, family=family)
+
+
+def _final_run(config: dict, number: int) -> TrialRun:
+    """The MLflow run of a final run: ``final/<method>/seed<k>``; a searched family's run has
+    the family's name as its label (:meth:`Comparison.final_specs`)."""
+    spec = parse_run(config["run"])
+    family = spec.label if isinstance(spec, HandRun) else None
+    return TrialRun.of(spec, "final", spec.label, family=family)
 
 
 def _final_trainable(config: dict, meta_learners: dict[str, Any]) -> None:
@@ -144,7 +172,7 @@ class Comparison:
             resume=session.resume,
             resources=trial_resources(s.cpus_per_trial, s.gpus_per_trial),
             tracking_uri=session.tracking_uri,
-            experiment=session.experiment,
+            experiment_id=session.experiment_id,
             parent_run_id=parent_run_id,
             **options,
         )
@@ -161,7 +189,8 @@ class Comparison:
         }
 
     def search(self, family: str, session: Session, parent_run_id: str) -> dict[str, Any]:
-        """Run (or resume) the family's search; returns its best config and costs."""
+        """Run (or resume) the family's search, its trials nested under the stage run
+        ``parent_run_id``; returns its best config and costs."""
         import optuna
         from ray import tune
         from ray.tune.schedulers import ASHAScheduler
@@ -203,6 +232,7 @@ class Comparison:
             _search_trainable,
             param_space={},
             tune_config=tune_config,
+            describe=_search_run,
             total=s.trials_per_family,
         )
         stage(
@@ -232,7 +262,8 @@ class Comparison:
     def final_runs(
         self, best: dict[str, dict], session: Session, parent_run_id: str
     ) -> pd.DataFrame:
-        """Re-train every method with every seed; returns one row per (method, seed)."""
+        """Re-train every method with every seed, nested under the stage run
+        ``parent_run_id``; returns one row per (method, seed)."""
         from ray import tune
 
         specs = self.final_specs(best)
@@ -251,6 +282,7 @@ class Comparison:
                 max_concurrent_trials=self.cmp.search.max_concurrent,
                 trial_dirname_creator=trial_dirname,
             ),
+            describe=_final_run,
             total=len(specs),
         )
         stage(f"compare: final runs, {len(specs)} (method, seed) pairs on train + validation")
@@ -280,7 +312,10 @@ class Comparison:
     # -- the comparison -------------------------------------------------------------------
     def run(self, session: Session) -> pd.DataFrame:
         """Run (or, in a resumed session, resume) the whole comparison in ``session`` under
-        its parent run ``compare/{name}``; returns the per-method table."""
+        its run ``compare`` (nested in the pipeline's run; module docstring); returns the
+        per-method table."""
+        import mlflow
+
         versions = {m.label: session.meta_learner(m.model_uri)[1] for m in self.cmp.learned}
         params = {
             "families": self.cmp.search.families,
@@ -291,10 +326,14 @@ class Comparison:
         with session.parent_run("compare", params=params, state_file=STATE_FILE) as parent:
             best = {}
             for family in self.cmp.search.families:
-                best[family] = self.search(family, session, parent.run_id)
+                with parent.stage(f"search/{family}") as stage_run_id:
+                    best[family] = self.search(family, session, stage_run_id)
+                    _log_search_summary(best[family])
                 searched = parent.state.get("families", {})
                 parent.save(families=searched | {family: {"sampled": best[family]["sampled"]}})
-            finals = self.final_runs(best, session, parent.run_id)
+            with parent.stage("final") as stage_run_id:
+                finals = self.final_runs(best, session, stage_run_id)
+                mlflow.log_param("runs", len(finals))
             table = self._table(best, finals, versions)
             self._artifacts(table, finals, session.output_dir)
         print("\n" + to_markdown(table) + "\n")
@@ -350,9 +389,18 @@ class Comparison:
         ]
         for path in (parquet, md, *pngs):
             mlflow.log_artifact(str(path))
-        for row in table.itertuples():
-            key = row.method.replace(" ", "_").replace("(", "").replace(")", "")
-            mlflow.log_metric(f"test_acc_mean.{key}", row.test_acc_mean)
+
+
+def _log_search_summary(info: dict[str, Any]) -> None:
+    """A family's search on its stage run: the best configuration as params (``best.<name>``)
+    and the search's results and cost as metrics."""
+    import mlflow
+
+    mlflow.log_params({f"best.{k}": f"{v:.4g}" for k, v in info["sampled"].items()})
+    mlflow.log_metrics(
+        {k: float(v) for k, v in info.items() if k.startswith("search_") or k == "best_val_acc"}
+        | {"trials": float(info["trials"])}
+    )
 
 
 def _rounded_json(sampled: dict[str, float]) -> str:
