@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 LR_POINTS = 400  # LR curves are subsampled to this many points in the reported metrics
-MLFLOW_METRICS = "mlflow_metrics"  # result key: the (key, value, step) points the run gets
+MLFLOW_METRICS = "mlflow_metrics"  # result key: the run's (key, value, step) points, as JSON
 
 
 def train_trial(
@@ -36,7 +36,7 @@ def train_trial(
     """Train the run ``spec`` (:mod:`raymeta.spec`) in this process (a Tune trial) and call
     ``report(metrics)`` every epoch (``tune.report``); NaN metrics (no validation split) are
     left out. Every report carries, under :data:`MLFLOW_METRICS`, the points the trial's MLflow
-    run gets for the epoch (:func:`raymeta.tracking.epoch_points` and the per-step curves of
+    run gets for the epoch as a JSON string (Tune's own loggers skip strings) (:func:`raymeta.tracking.epoch_points` and the per-step curves of
     :class:`raymeta.tracking.StepCurves`). The last report also carries ``lrs`` (the per-step
     LR curve subsampled to at most about :data:`LR_POINTS` points, for the plots) and
     ``lr_stride_epochs`` (epochs between two of them).
@@ -63,7 +63,7 @@ def train_trial(
 
     def on_epoch_end(metrics, state, optimizer):
         out = {k: v for k, v in metrics.items() if v == v}
-        out[MLFLOW_METRICS] = epoch_points(metrics) + curves.drain()
+        out[MLFLOW_METRICS] = json.dumps(epoch_points(metrics) + curves.drain())
         if metrics["epoch"] == epochs:
             stride = max(1, len(state.lrs) // LR_POINTS)
             out["lrs"] = state.lrs[::stride]
@@ -76,7 +76,7 @@ def train_trial(
         if not dead_run_is_result:
             raise
         print(f"[{spec.label}] stopped: {exc}", flush=True)
-        report({"val_acc": 0.0, "dead_run": 1.0, MLFLOW_METRICS: [("dead_run", 1.0, 0)]})
+        report({"val_acc": 0.0, "dead_run": 1.0, MLFLOW_METRICS: '[["dead_run", 1.0, 0]]'})
 
 
 @contextlib.contextmanager
@@ -185,7 +185,8 @@ def trial_runs_callback(
         def on_trial_result(self, iteration, trials, trial, result, **info):
             from raymeta.tracking import log_points
 
-            log_points(tracking_uri, self.runs[trial.trial_id], result.get(MLFLOW_METRICS, []))
+            points = json.loads(result.get(MLFLOW_METRICS, "[]"))
+            log_points(tracking_uri, self.runs[trial.trial_id], points)
 
         def _end(self, trial, status: str) -> None:
             from mlflow import MlflowClient
