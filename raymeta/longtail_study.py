@@ -28,7 +28,7 @@ runs, inside the pipeline's parent MLflow run:
 4. **Report.** ``mfm_runs.parquet``/``.md`` (one row per run, with per-class accuracies and
    class counts), ``mfm_summary.parquet``/``.md`` (mean and std over seeds of overall, many,
    medium and few-shot top-1) and ``mfm_per_class.png`` (per-class accuracy, head to tail), in
-   ``output_dir`` and as artifacts of the parent run.
+   ``output_dir`` and as artifacts of the active (stage) run, ``longtail`` in a pipeline.
 """
 
 from __future__ import annotations

@@ -337,10 +337,7 @@ class Comparison:
             table = self._table(best, finals, versions)
             self._artifacts(table, finals, session.output_dir)
         print("\n" + to_markdown(table) + "\n")
-        print(
-            f"results in {session.output_dir}; MLflow parent run {parent.run_id} in "
-            f"{session.tracking_uri}"
-        )
+        print(f"results in {session.output_dir}; MLflow run {parent.run_id} (compare)")
         return table
 
     def _table(self, best, finals: pd.DataFrame, versions) -> pd.DataFrame:
