@@ -36,8 +36,9 @@ def train_trial(
     """Train the run ``spec`` (:mod:`raymeta.spec`) in this process (a Tune trial) and call
     ``report(metrics)`` every epoch (``tune.report``); NaN metrics (no validation split) are
     left out. Every report carries, under :data:`MLFLOW_METRICS`, the points the trial's MLflow
-    run gets for the epoch as a JSON string (Tune's own loggers skip strings) (:func:`raymeta.tracking.epoch_points` and the per-step curves of
-    :class:`raymeta.tracking.StepCurves`). The last report also carries ``lrs`` (the per-step
+    run gets for the epoch (:func:`raymeta.tracking.epoch_points` and the per-step curves of
+    :class:`raymeta.tracking.StepCurves`) as a JSON string, which Tune's own loggers skip.
+    The last report also carries ``lrs`` (the per-step
     LR curve subsampled to at most about :data:`LR_POINTS` points, for the plots) and
     ``lr_stride_epochs`` (epochs between two of them).
 
