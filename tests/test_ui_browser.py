@@ -10,6 +10,7 @@ that the README shows."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -140,9 +141,10 @@ def comparison_ui(ray_local, tmp_path_factory):
 def _open_runs(page, base: str, experiment_id: str) -> None:
     """The experiment's page, "Model training", its runs (the UI opens in the GenAI view)."""
     page.goto(f"{base}/#/experiments/{experiment_id}")
+    page.get_by_text("Model training", exact=True).wait_for()
     got_it = page.get_by_role("button", name="Got it")  # a first-visit hint over the page
-    got_it.wait_for(timeout=30_000)
-    got_it.click()
+    with contextlib.suppress(sync_api.TimeoutError):  # when it is not shown
+        got_it.click(timeout=10_000)
     page.get_by_text("Model training", exact=True).click()
     page.locator("input[data-testid=search-box]").wait_for()
     close = page.get_by_role("button", name="Close")  # the assistant's side panel
