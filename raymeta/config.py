@@ -104,7 +104,8 @@ class GuardConfig(Strict):
     one-line error when its training loss is NaN or infinite, when the mean loss of its last
     ``window`` steps exceeds ``max_loss_ratio`` times the initial loss L0 (the first step's
     batch loss, before any update), or when, after ``patience_steps`` optimisation steps
-    (default: one epoch), that mean is not at least ``min_progress`` (a fraction) below L0.
+    (default: one epoch, at least ``window`` steps), that mean is not at least ``min_progress``
+    (a fraction) below L0.
     ``enabled: false`` switches it off."""
 
     enabled: bool = True
