@@ -88,8 +88,31 @@ def run_meta_train(cfg: MetaTrainConfig, session: Session, num_workers: int):
             {"MLR-SNet (meta-training)": (result.lrs, spe)}, png, "LR during meta-training"
         )
         mlflow.log_artifact(str(png))
+        check_not_at_chance(result.history[-1], f"models:/{cfg.registered_model}")
         version = log_meta_learner(bundle, cfg.registered_model, cfg.alias)
     return bundle, version, result
+
+
+CHANCE_MARGIN = 0.01  # test accuracy must beat the majority-class rate by this much
+
+
+def check_not_at_chance(last_epoch: dict, what: str) -> None:
+    """Refuse to register ``what`` from a meta-training run whose final test accuracy is within
+    :data:`CHANCE_MARGIN` of chance (the majority-class rate of the test split,
+    ``chance_acc``): a dead meta-learner must never reach the registry.
+
+    Raises:
+        DeadRunError: one line with both accuracies.
+    """
+    from raymeta.errors import DeadRunError
+
+    acc, chance = last_epoch["test_acc"], last_epoch["chance_acc"]
+    if acc <= chance + CHANCE_MARGIN:
+        raise DeadRunError(
+            f"meta-training ended at chance level (test accuracy {acc:.2%}, chance "
+            f"{chance:.2%}); {what} was not registered; lower the LR scale (gamma) or the "
+            "momentum, or train longer"
+        )
 
 
 def run_transfer(

@@ -110,3 +110,27 @@ def test_majority_fraction():
 
     assert majority_fraction(torch.tensor([0, 1, 1, 1])) == 0.75
     assert majority_fraction(torch.tensor([[2, 2], [3, 2]])) == 0.75
+
+
+def test_meta_learner_at_chance_is_not_registered():
+    from raymeta.pipeline import check_not_at_chance
+
+    check_not_at_chance({"test_acc": 0.80, "chance_acc": 0.10}, "models:/m")
+    with pytest.raises(
+        DeadRunError, match=r"chance level \(test accuracy 10\.00%, chance 10\.00%\)"
+    ):
+        check_not_at_chance({"test_acc": 0.10, "chance_acc": 0.10}, "models:/m")
+
+
+def test_a_dead_search_trial_is_a_poor_result_and_a_final_run_an_error():
+    """Inside a search, a configuration that kills training reports val_acc 0 and ends (the
+    search goes on); a run whose result a user reads fails with the one-line error."""
+    from raymeta.spec import HandRun, ScheduleSpec
+    from raymeta.tune.common import train_trial
+
+    dead = HandRun(label="t", task=TASK, schedule=ScheduleSpec(family="fixed", lr=1e-7))
+    reports = []
+    train_trial(dead, reports.append, dead_run_is_result=True)
+    assert reports == [{"val_acc": 0.0, "dead_run": 1.0}]
+    with pytest.raises(DeadRunError):
+        train_trial(dead, reports.append)

@@ -62,3 +62,19 @@ def test_worker_failure_resumes_from_checkpoint(one_worker, tmp_path):
     assert resumed.lrs == one_worker.lrs  # the resumed run continues exactly where it stopped
     for key, value in one_worker.model_state.items():
         assert torch.equal(resumed.model_state[key], value), key
+
+
+def test_dead_run_fails_once_with_one_line_and_no_retry(ray_local, tmp_path):
+    """A run at chance on 2 workers stops after its first epoch with the guard's one-line
+    error, named by the run; Ray Train does not restart the workers for it (the error is the
+    run's result, not a worker crash: no TrainingFailedError behind it)."""
+    from raymeta.errors import DeadRunError
+    from raymeta.spec import HandRun, ScheduleSpec
+
+    dead = HandRun(label="dead", task=TASK, schedule=ScheduleSpec(family="fixed", lr=1e-7))
+    with pytest.raises(DeadRunError) as err:
+        fit(dead, num_workers=2, storage_path=tmp_path, max_failures=1)
+    msg = str(err.value)
+    assert msg.startswith("run 'dead': no progress: training loss ") and "LR 1e-07" in msg
+    assert "\n" not in msg
+    assert err.value.__context__ is None  # raised from the run's result, not a retried crash

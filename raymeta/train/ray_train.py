@@ -90,7 +90,38 @@ def train_loop_per_worker(config: dict) -> None:
     done = list(ckpt.get("done", [])) if ckpt else []
     for index in range(len(done), len(runs)):
         resume = ckpt if ckpt is not None and ckpt.get("index", 0) == index else None
-        done.append(_train_run(runs[index], config, index, done, resume, checkpoint is None))
+        try:
+            done.append(_train_run(runs[index], config, index, done, resume, checkpoint is None))
+        except RaymetaError as exc:
+            _report_user_error(type(exc)(f"run {runs[index].spec.label!r}: {exc}"))
+            return
+
+
+def _report_user_error(exc: RaymetaError) -> None:
+    """End the run with a deterministic user error (a bad value, a dead run) as its result
+    instead of raising it: Ray Train would restart the worker group
+    (``FailureConfig.max_failures``) and fail the same way again. Every worker reaches this at
+    the same step (the guard's losses and the config are the same on all), and every worker
+    reports once; rank 0's checkpoint carries the error for :func:`fit_runs` to raise."""
+    import ray.train
+
+    error = {"type": type(exc).__name__, "message": str(exc)}
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report({"error": 1})
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.save({"error": error}, Path(d) / STATE_FILE)
+        ray.train.report({"error": 1}, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _raise_user_error(error: dict) -> None:
+    """Raise the error :func:`_report_user_error` saved, as its own raymeta error type."""
+    import raymeta.errors
+
+    cls = getattr(raymeta.errors, error["type"], RaymetaError)
+    if not (isinstance(cls, type) and issubclass(cls, RaymetaError)):
+        cls = RaymetaError
+    raise cls(error["message"])
 
 
 def _train_run(
@@ -275,7 +306,8 @@ def fit_runs(
         (training, evaluation, checkpoints).
 
     Raises:
-        RaymetaError: a user-input error inside a worker, re-raised on one line.
+        RaymetaError: a user-input error inside a worker (a bad value, a dead run), re-raised
+            on one line without restarting the workers (it would fail the same way).
     """
     from ray.train import (
         CheckpointConfig,
@@ -321,4 +353,6 @@ def fit_runs(
         raise cause from None
     with result.checkpoint.as_directory() as d:
         ckpt = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    if "error" in ckpt:
+        _raise_user_error(ckpt["error"])
     return [FitResult(**r) for r in ckpt["done"]] + [FitResult(**_result_of(ckpt))]

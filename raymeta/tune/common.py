@@ -22,6 +22,7 @@ def train_trial(
     *,
     meta_learner=None,
     use_gpu: bool = False,
+    dead_run_is_result: bool = False,
 ) -> None:
     """Train the run ``spec`` (:mod:`raymeta.spec`) in this process (a Tune trial) and call
     ``report(metrics)`` every epoch (``tune.report``); NaN metrics (no validation split) are
@@ -31,7 +32,15 @@ def train_trial(
     Args:
         meta_learner: the registered meta-learner ``spec`` names, loaded in the driver.
         use_gpu: train on the GPU the trial reserved (:func:`raymeta.train.device.resolve_device`).
+        dead_run_is_result: a search trial: a run the dead-run guard stops
+            (:mod:`raymeta.train.guard`) reports ``val_acc`` 0 and ``dead_run`` 1 as its last
+            result and ends, so the search goes on (an Optuna trial that picked a deadly LR is
+            a poor configuration, not a failure). Otherwise the one-line error propagates.
+
+    Raises:
+        DeadRunError, NonFiniteLossError: the run is dead and ``dead_run_is_result`` is False.
     """
+    from raymeta.errors import DeadRunError, NonFiniteLossError
     from raymeta.train.build import build_run
     from raymeta.train.device import resolve_device
 
@@ -46,7 +55,13 @@ def train_trial(
             out["lr_stride_epochs"] = stride / run.steps_per_epoch
         report(out)
 
-    run.train(on_epoch_end=on_epoch_end)
+    try:
+        run.train(on_epoch_end=on_epoch_end)
+    except (DeadRunError, NonFiniteLossError) as exc:
+        if not dead_run_is_result:
+            raise
+        print(f"[{spec.label}] stopped: {exc}", flush=True)
+        report({"val_acc": 0.0, "dead_run": 1.0})
 
 
 @contextlib.contextmanager

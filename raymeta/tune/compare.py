@@ -61,7 +61,7 @@ def _search_trainable(config: dict) -> None:
     sampled = {k: v for k, v in config.items() if k != "trial"}
     _log_start(trial, {"family": family})
     spec = method_run(MethodConfig(**to_method(family, sampled)), TaskConfig(**trial["task"]))
-    train_trial(spec, tune.report, use_gpu=trial["use_gpu"])
+    train_trial(spec, tune.report, use_gpu=trial["use_gpu"], dead_run_is_result=True)
 
 
 def _final_trainable(config: dict, meta_learners: dict[str, Any]) -> None:
