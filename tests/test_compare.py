@@ -106,6 +106,8 @@ def test_tiny_comparison_table_and_mlflow_runs(first_run):
         back.loc[2:, "search_compute_s"] == 0
     ).all()
     assert (back["test_acc_mean"] > 0.2).all()
+    for config in back.loc[:1, "best_config"]:  # momentum is searched by default, as a choice
+        assert json.loads(config)["momentum"] in (0.0, 0.9)
     assert back.loc[2, "meta_learner_version"] == "1"
     for png in (
         "comparison_lr_curves.png",
@@ -264,6 +266,10 @@ def test_momentum_is_searched_by_default_as_a_choice(tmp_path):
         ),
         ({"search": {"families": ["fixed", "bogus"]}}, "unknown search family 'bogus'"),
         (
+            {"search": {"families": ["fixed"], "online": ["pbt", "asha"]}},
+            "compare.search.online.1: Input should be 'pbt' or 'pb2'",
+        ),
+        (
             {"search": {"families": ["fixed"], "ranges": {"fixed": {"lr": [1.0, 0.1]}}}},
             "empty or inverted range",
         ),
@@ -327,6 +333,36 @@ def test_a_state_truncated_by_a_kill_reruns_the_stage_instead_of_forgetting_tria
     assert isinstance(tuner, tune.Tuner)  # a new experiment: the old trials and state are gone
     assert not list(saved.glob("trial_*")) and not list(saved.glob("experiment_state-*"))
     assert "search-fixed: the saved Tune state" in capsys.readouterr().out
+
+
+def test_a_policy_sets_the_lr_and_the_momentum_of_each_epoch():
+    """A policy's stretches each build a run; the optimiser state carries over, but the
+    momentum that Optimizer.load_state_dict restores is replaced by the stretch's (the reported
+    momentum is read from the optimiser)."""
+    from raymeta.tune.online import policy_json, train_policy
+
+    task = TaskConfig(
+        dataset="digits", model="mlp", batch_size=32, epochs=3, val_size=300, meta_per_class=0
+    )
+    policy = [(0.05, 0.0), (0.05, 0.9), (0.02, 0.9)]
+    reports = []
+    train_policy(
+        task,
+        policy,
+        label="PBT",
+        device="cpu",
+        report=lambda metrics, checkpoint=None: reports.append(metrics),
+    )
+    assert [r["epoch"] for r in reports] == [1, 2, 3]
+    assert [r["momentum"] for r in reports] == [0.0, 0.9, 0.9]
+    assert [r["lr"] for r in reports] == pytest.approx([0.05, 0.05, 0.02])
+    assert reports[-1]["val_acc"] > 0.8 and "lrs" in reports[-1] and "lrs" not in reports[0]
+    assert json.loads(policy_json(policy)) == [
+        {"epochs": "1", "lr": 0.05, "momentum": 0.0},
+        {"epochs": "2", "lr": 0.05, "momentum": 0.9},
+        {"epochs": "3", "lr": 0.02, "momentum": 0.9},
+    ]
+    assert _epoch_lrs(policy_json(policy)) == policy
 
 
 def _epoch_lrs(best_config: str) -> list[tuple[float, float]]:

@@ -179,7 +179,7 @@ def _segments(policy: Policy, start: int) -> Iterator[tuple[int, tuple[float, fl
         epoch = end
 
 
-def _train(
+def train_policy(
     task: TaskConfig,
     policy: Policy,
     *,
@@ -187,11 +187,14 @@ def _train(
     device,
     start: _Start | None = None,
     checkpoint_epochs: frozenset[int] = frozenset(),
+    report=None,
 ) -> None:
-    """Train ``task`` under ``policy`` (one ``(lr, momentum)`` per epoch) from ``start``,
-    calling ``tune.report`` every epoch (NaN metrics left out, plus ``momentum``; the last
-    report also carries the LR curve, :func:`raymeta.tune.common.lr_curve`), with a Tune
-    checkpoint after the 1-based epochs in ``checkpoint_epochs``.
+    """Train ``task`` under ``policy`` (one ``(lr, momentum)`` per epoch) from ``start`` (a
+    member's checkpoint, :func:`train_member`), calling ``report(metrics, checkpoint=...)``
+    (default ``tune.report``) every epoch: the loop's metrics (NaN ones left out; ``lr`` the
+    epoch's mean applied LR) plus ``momentum``, read from the optimiser; the last report also
+    carries the LR curve (:func:`raymeta.tune.common.lr_curve`). A Tune checkpoint goes with
+    the reports of the 1-based epochs in ``checkpoint_epochs``.
 
     Raises:
         DeadRunError, NonFiniteLossError: the dead-run guard stopped the run.
@@ -204,6 +207,7 @@ def _train(
     from raymeta.train.loop import RunState, load_task_data
     from raymeta.tune.common import lr_curve
 
+    report = report or tune.report
     data = load_task_data(task, device)
     state = start.run_state if start else RunState()
     model_state = start.model if start else None
@@ -223,13 +227,14 @@ def _train(
             for group in optimizer_state["param_groups"]:
                 group["momentum"] = momentum
 
-        def on_epoch_end(metrics, st, optimizer, run=run, momentum=momentum):
+        def on_epoch_end(metrics, st, optimizer, run=run):
             last["optimizer"] = optimizer
-            out = {k: v for k, v in metrics.items() if v == v} | {"momentum": momentum}
+            out = {k: v for k, v in metrics.items() if v == v}
+            out["momentum"] = optimizer.param_groups[0]["momentum"]
             if st.epoch == task.epochs:
                 out |= lr_curve(st.lrs, run.steps_per_epoch)
             if st.epoch not in checkpoint_epochs:
-                tune.report(out)
+                report(out)
                 return
             with tempfile.TemporaryDirectory() as d:
                 saved = {
@@ -239,7 +244,7 @@ def _train(
                 }
                 torch.save(saved, Path(d) / CHECKPOINT)
                 (Path(d) / POLICY).write_text(json.dumps(policy[: st.epoch]))
-                tune.report(out, checkpoint=tune.Checkpoint.from_directory(d))
+                report(out, checkpoint=tune.Checkpoint.from_directory(d))
 
         state = run.train(state=state, optimizer_state=optimizer_state, on_epoch_end=on_epoch_end)
         model_state, optimizer_state = run.model.state_dict(), last["optimizer"].state_dict()
@@ -266,7 +271,9 @@ def train_member(
     policy = done + [member_hyperparameters(config)] * (task.epochs - len(done))
     checkpoints = frozenset(range(interval, task.epochs, interval)) | {task.epochs}
     try:
-        _train(task, policy, label=label, device=device, start=start, checkpoint_epochs=checkpoints)
+        train_policy(
+            task, policy, label=label, device=device, start=start, checkpoint_epochs=checkpoints
+        )
     except (DeadRunError, NonFiniteLossError) as exc:
         print(f"[{label}] member stopped: {exc}", flush=True)
         tune.report({"val_acc": 0.0, "dead_run": 1.0})
@@ -277,7 +284,7 @@ def replay_policy(replay: PolicyReplay, *, use_gpu: bool) -> None:
     reporting every epoch (the dead-run guard's error propagates, as for every final run)."""
     from raymeta.train.device import resolve_device
 
-    _train(replay.task, replay.policy, label=replay.label, device=resolve_device(use_gpu))
+    train_policy(replay.task, replay.policy, label=replay.label, device=resolve_device(use_gpu))
 
 
 def best_policy(result, epochs: int) -> Policy:
