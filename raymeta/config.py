@@ -498,14 +498,16 @@ class SearchConfig(Strict):
 
     ``momentum``: the SGD momentum values searched, as a categorical choice, beside every SGD
     family's own hyper-parameters (users run SGD with momentum 0.9); ``search_momentum:
-    false`` trains every family at the task's momentum instead. ``search_weight_decay`` adds a
-    log-uniform weight decay.
+    false`` trains every family at the task's momentum instead (``search_momentum: true``, the
+    old key's way to search it, now means the choices of ``momentum``). ``search_weight_decay``
+    adds a log-uniform weight decay.
 
     ``online``: population-based online schedule learners run as rows of the comparison
     (:mod:`raymeta.tune.online`): ``pbt`` (Ray Tune's ``PopulationBasedTraining``) and ``pb2``
     (``PB2``), each with a population of ``trials_per_family`` members that train the task's
     epochs; the LR and momentum are exploited and explored every ``perturbation_interval``
-    epochs.
+    epochs. ``max_concurrent`` does not limit them (the scheduler needs the whole population):
+    the trials' resources do.
     """
 
     families: list[str] = Field(default_factory=lambda: ["fixed", "multistep", "cosine"])

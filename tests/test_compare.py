@@ -241,6 +241,7 @@ def test_momentum_is_searched_by_default_as_a_choice(tmp_path):
         return parse(PipelineConfig, data, "tiny").compare.search
 
     assert search(search_momentum=False).momentum_choices is None
+    assert search(search_momentum=True).momentum_choices == [0.0, 0.9]  # the old key
     assert search(momentum=[0.9, 0.5, 0.0]).momentum_choices == [0.0, 0.5, 0.9]
     with pytest.raises(ConfigError, match="search_momentum: false and momentum: .* contradict"):
         search(search_momentum=False, momentum=[0.0, 0.9])

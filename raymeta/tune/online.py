@@ -40,6 +40,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import model_validator
+
 from raymeta.config import PositiveFloat, Strict, TaskConfig
 
 #: ``search.online`` name -> the row's label
@@ -58,6 +60,12 @@ class PolicyReplay(Strict):
     label: str
     task: TaskConfig
     policy: list[tuple[PositiveFloat, float]]
+
+    @model_validator(mode="after")
+    def _one_entry_per_epoch(self):
+        if len(self.policy) != self.task.epochs:
+            raise ValueError(f"policy has {len(self.policy)} entries for {self.task.epochs} epochs")
+        return self
 
 
 def parse_final_run(data: dict[str, Any]):
