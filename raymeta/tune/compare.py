@@ -348,7 +348,6 @@ class Comparison:
             "best_config": policy_json(policy),
             "best_val_acc": best.metrics["val_acc"],
             "trials": len(grid),
-            "perturbations": len(steps),
             f"search_{device}_s": population_compute_s(grid) * per_trial,
             "search_wall_s": wall,
         }
