@@ -494,22 +494,59 @@ class SearchConfig(Strict):
 
     Every family gets the same ``trials_per_family`` budget and the task's epochs per trial;
     ASHA stops weak trials after ``grace_period`` epochs. ``ranges`` overrides the default
-    ``[low, high]`` of a family's parameter.
+    ``[low, high]`` of a family's parameter (or of ``pbt``'s and ``pb2``'s).
+
+    ``momentum``: the SGD momentum values searched, as a categorical choice, beside every SGD
+    family's own hyper-parameters (users run SGD with momentum 0.9); ``search_momentum:
+    false`` trains every family at the task's momentum instead (``search_momentum: true``, the
+    old key's way to search it, now means the choices of ``momentum``). ``search_weight_decay``
+    adds a log-uniform weight decay.
+
+    ``online``: population-based online schedule learners run as rows of the comparison
+    (:mod:`raymeta.tune.online`): ``pbt`` (Ray Tune's ``PopulationBasedTraining``) and ``pb2``
+    (``PB2``), each with a population of ``trials_per_family`` members that train the task's
+    epochs; the LR and momentum are exploited and explored every ``perturbation_interval``
+    epochs. ``max_concurrent`` does not limit them (the scheduler needs the whole population):
+    the trials' resources do.
     """
 
-    families: list[str] = Field(
-        default_factory=lambda: ["fixed", "multistep", "cosine"], min_length=1
-    )
+    families: list[str] = Field(default_factory=lambda: ["fixed", "multistep", "cosine"])
     trials_per_family: PositiveInt = 8
     ranges: dict[str, dict[str, list[float]]] = Field(default_factory=dict)
-    search_momentum: bool = False
+    momentum: list[Annotated[float, Field(ge=0, lt=1)]] = Field(
+        default_factory=lambda: [0.0, 0.9], min_length=1
+    )
+    search_momentum: bool = True
     search_weight_decay: bool = False
+    online: list[Literal["pbt", "pb2"]] = Field(default_factory=list)
+    perturbation_interval: PositiveInt = 1
     seed: Int = 0
     max_concurrent: PositiveInt = 2
     cpus_per_trial: PositiveFloat = 1.0
     gpus_per_trial: Annotated[float, Field(ge=0, le=1)] = 0.0
     grace_period: PositiveInt = 1
     reduction_factor: Annotated[int, Field(ge=2)] = 2
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.families and not self.online:
+            raise ValueError("families and online are both empty: nothing to search")
+        for key in ("families", "momentum", "online"):
+            values = getattr(self, key)
+            if len(set(values)) < len(values):
+                raise ValueError(f"{key} lists a value twice: {values}")
+        if not self.search_momentum and "momentum" in self.model_fields_set:
+            raise ValueError(
+                "search_momentum: false and momentum: [...] contradict each other; give "
+                "momentum (the values searched) or search_momentum: false (the task's momentum)"
+            )
+        return self
+
+    @property
+    def momentum_choices(self) -> list[float] | None:
+        """The momentum values searched, ascending (PBT shifts along this order); None when
+        every run keeps the task's momentum."""
+        return sorted(self.momentum) if self.search_momentum else None
 
 
 class CompareMetaTrainConfig(OuterLoopConfig):
@@ -524,7 +561,9 @@ class CompareConfig(Section):
 
     ``task`` must have a validation split (``val_size > 0``) for the search; the final runs
     use train + validation and the test split, ``seeds`` seeds (0..seeds-1) per method.
-    ``learned``: MLR-SNet (Test) entries (``schedule: mlrsnet`` with a ``model_uri``).
+    ``learned``: MLR-SNet (Test) entries (``schedule: mlrsnet`` with a ``model_uri``). The
+    learned rows (MLR-SNet (Test) and (Train)) run at ``task.momentum``: their LR is scaled by
+    ``1 - momentum``, so the effective step is the one the meta-learner chose.
     """
 
     task: TaskConfig = TaskConfig(meta_per_class=0)
@@ -542,6 +581,12 @@ class CompareConfig(Section):
         if self.task.meta_per_class:
             raise ValueError(
                 "task.meta_per_class must be 0 (MLR-SNet (Train) carves its own meta set)"
+            )
+        choices = self.search.momentum_choices
+        if self.task.nesterov and choices and choices[0] == 0:
+            raise ValueError(
+                "search.momentum includes 0 but task.nesterov is true (Nesterov needs momentum "
+                "> 0); drop 0 from search.momentum or set task.nesterov: false"
             )
         for m in self.learned:
             if m.schedule != "mlrsnet" or not m.model_uri:

@@ -50,9 +50,7 @@ def train_trial(
     def on_epoch_end(metrics, state, optimizer):
         out = {k: v for k, v in metrics.items() if v == v}
         if metrics["epoch"] == epochs:
-            stride = max(1, len(state.lrs) // LR_POINTS)
-            out["lrs"] = state.lrs[::stride]
-            out["lr_stride_epochs"] = stride / run.steps_per_epoch
+            out |= lr_curve(state.lrs, run.steps_per_epoch)
         report(out)
 
     try:
@@ -62,6 +60,13 @@ def train_trial(
             raise
         print(f"[{spec.label}] stopped: {exc}", flush=True)
         report({"val_acc": 0.0, "dead_run": 1.0})
+
+
+def lr_curve(lrs: list[float], steps_per_epoch: int) -> dict[str, Any]:
+    """The per-step LR curve ``lrs`` as a trial's last report carries it: ``lrs`` subsampled to
+    at most about :data:`LR_POINTS` points and ``lr_stride_epochs`` (epochs between two)."""
+    stride = max(1, len(lrs) // LR_POINTS)
+    return {"lrs": lrs[::stride], "lr_stride_epochs": stride / steps_per_epoch}
 
 
 @contextlib.contextmanager
@@ -148,12 +153,15 @@ def make_tuner(
     experiment: str,
     parent_run_id: str,
     total: int,
+    stop: dict[str, Any] | None = None,
 ):
     """A ``Tuner`` whose state lives in ``tune_dir/name``: restored (finished trials kept,
     unfinished and errored ones re-run) when ``resume`` and a state exists, else new; a state
     left truncated by a kill (:func:`saved_state_is_intact`) is discarded and the stage rerun. Every
-    trial is an MLflow run tagged as a child of ``parent_run_id`` (``MLflowLoggerCallback``);
-    a progress line is printed as each of the ``total`` trials finishes."""
+    trial is an MLflow run tagged as a child of ``parent_run_id`` (``MLflowLoggerCallback``;
+    under PBT or PB2, which mutate a trial's config, its params are its last config);
+    a progress line is printed as each of the ``total`` trials finishes; ``stop``: Tune's
+    stopping criteria (checked before the scheduler sees a result)."""
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
@@ -179,11 +187,16 @@ def make_tuner(
             flush=True,
         )
         shutil.rmtree(path)
+    from ray.tune.schedulers import PopulationBasedTraining
+
     callback = MLflowLoggerCallback(
         tracking_uri=tracking_uri,
         experiment_name=experiment,
         tags={"mlflow.parentRunId": parent_run_id, "raymeta.stage": name},
         save_artifact=False,
+        # PBT and PB2 restart a trial with a mutated config, and MLflow params are immutable:
+        # log them once, at the trial's end (the mutated values are per-epoch metrics)
+        log_params_on_trial_end=isinstance(tune_config.scheduler, PopulationBasedTraining),
     )
     return tune.Tuner(
         trainable,
@@ -193,6 +206,7 @@ def make_tuner(
             name=name,
             storage_path=str(tune_dir),
             callbacks=[callback, progress_callback(name, total)],
+            stop=stop,
             verbose=0,
         ),
     )

@@ -34,9 +34,28 @@ from raymeta.console import stage
 from raymeta.errors import ConfigError
 from raymeta.report import plot_accuracy_curves, plot_lr_curves, to_markdown, write_table
 from raymeta.session import Session
-from raymeta.spec import LearnedRun, RunSpec, meta_train_run, method_run, parse_run
+from raymeta.spec import LearnedRun, RunSpec, meta_train_run, method_run
 from raymeta.tune.common import make_tuner, train_trial, trial_dirname, working_dir
-from raymeta.tune.spaces import DefineByRun, resolve_ranges, to_method
+from raymeta.tune.online import (
+    ONLINE_LABELS,
+    PolicyReplay,
+    best_policy,
+    initial_population,
+    parse_final_run,
+    perturbations,
+    policy_json,
+    population_compute_s,
+    replay_policy,
+    scheduler,
+    train_member,
+)
+from raymeta.tune.spaces import (
+    DefineByRun,
+    resolve_choices,
+    resolve_online_ranges,
+    resolve_ranges,
+    to_method,
+)
 
 TRIAL_LOG = "trial_starts.jsonl"  # one line per trainable start: the resume test counts them
 STATE_FILE = "compare_state.json"
@@ -64,6 +83,24 @@ def _search_trainable(config: dict) -> None:
     train_trial(spec, tune.report, use_gpu=trial["use_gpu"], dead_run_is_result=True)
 
 
+def _online_trainable(config: dict) -> None:
+    """Tune trial of PBT or PB2: one population member (``config``: its LR and momentum, which
+    the scheduler mutates, and, under ``trial``, the method, the task and the trial's
+    settings)."""
+    import torch
+
+    trial = config["trial"]
+    torch.set_num_threads(trial["threads"])
+    _log_start(trial, {"online": trial["method"]})
+    train_member(
+        TaskConfig(**trial["task"]),
+        config,
+        label=ONLINE_LABELS[trial["method"]],
+        use_gpu=trial["use_gpu"],
+        interval=trial["perturbation_interval"],
+    )
+
+
 def _final_trainable(config: dict, meta_learners: dict[str, Any]) -> None:
     """Tune trial of the final runs: one (method, seed) on train + validation, test split;
     ``meta_learners``: the learned schedules' bundles by URI (loaded in the driver)."""
@@ -71,8 +108,11 @@ def _final_trainable(config: dict, meta_learners: dict[str, Any]) -> None:
     from ray import tune
 
     torch.set_num_threads(config["threads"])
-    spec = parse_run(config["run"])
+    spec = parse_final_run(config["run"])
     _log_start(config, {"final": spec.label})
+    if isinstance(spec, PolicyReplay):
+        replay_policy(spec, use_gpu=config["use_gpu"])
+        return
     meta_learner = meta_learners[spec.model_uri] if isinstance(spec, LearnedRun) else None
     train_trial(spec, tune.report, meta_learner=meta_learner, use_gpu=config["use_gpu"])
 
@@ -84,18 +124,26 @@ class Comparison:
         if cfg.compare is None:
             raise ConfigError(f"{cfg.name}: the pipeline has no 'compare' section")
         self.cfg, self.cmp = cfg, cfg.compare
+        s = self.cmp.search
         self.ranges = {
-            fam: resolve_ranges(
-                fam,
-                self.cmp.search.ranges.get(fam),
-                momentum=self.cmp.search.search_momentum,
-                weight_decay=self.cmp.search.search_weight_decay,
-            )
-            for fam in self.cmp.search.families
+            fam: resolve_ranges(fam, s.ranges.get(fam), weight_decay=s.search_weight_decay)
+            for fam in s.families
         }
-        unknown = set(self.cmp.search.ranges) - set(self.cmp.search.families)
+        self.online_ranges = {
+            method: resolve_online_ranges(
+                method, s.ranges.get(method), momentum=s.momentum_choices is not None
+            )
+            for method in s.online
+        }
+        unknown = set(s.ranges) - set(s.families) - set(s.online)
         if unknown:
             raise ConfigError(f"search.ranges has families not searched: {sorted(unknown)}")
+        pb2_momentum = self.online_ranges.get("pb2", {}).get("momentum")
+        if self.cmp.task.nesterov and pb2_momentum and pb2_momentum[0] == 0:
+            raise ConfigError(
+                "search.ranges.pb2.momentum starts at 0 but task.nesterov is true (Nesterov "
+                "needs momentum > 0); raise its low bound or set task.nesterov: false"
+            )
 
     # -- validation before any trial ------------------------------------------------------
     def check_data(self) -> None:
@@ -117,14 +165,19 @@ class Comparison:
             update={"meta_per_class": self.cmp.meta_train.meta_per_class}
         )
 
-    def final_specs(self, best: dict[str, dict]) -> list[RunSpec]:
+    def final_specs(
+        self, best: dict[str, dict], online: dict[str, dict] | None = None
+    ) -> list[RunSpec | PolicyReplay]:
         """The final runs, seed by seed: every searched family's best configuration, every
-        MLR-SNet (Test) and MLR-SNet (Train)."""
-        specs: list[RunSpec] = []
+        online row's best policy (``online``: label -> :meth:`search_online`), every MLR-SNet
+        (Test) and MLR-SNet (Train)."""
+        specs: list[RunSpec | PolicyReplay] = []
         for seed in range(self.cmp.seeds):
             task = self.final_task(seed)
             for family, info in best.items():
                 specs.append(method_run(MethodConfig(**info["method"]), task, family))
+            for label, info in (online or {}).items():
+                specs.append(PolicyReplay(label=label, task=task, policy=info["policy"]))
             specs += [method_run(m, task) for m in self.cmp.learned]
             if self.cmp.meta_train is not None:
                 specs.append(
@@ -176,7 +229,12 @@ class Comparison:
             **self._constants(session),
         }
         searcher = OptunaSearch(
-            DefineByRun(family, self.ranges[family], {"trial": trial}),
+            DefineByRun(
+                family,
+                self.ranges[family],
+                {"trial": trial},
+                resolve_choices(family, s.momentum_choices),
+            ),
             metric="val_acc",
             mode="max",
             seed=s.seed,
@@ -223,19 +281,88 @@ class Comparison:
         return {
             "method": to_method(family, sampled),
             "sampled": sampled,
+            "best_config": _rounded_json(sampled),
             "best_val_acc": best.metrics_dataframe["val_acc"].max(),
             "trials": len(grid),
             f"search_{device}_s": compute,
             "search_wall_s": wall,
         }
 
+    def search_online(self, method: str, session: Session, parent_run_id: str) -> dict[str, Any]:
+        """Run (or resume) the online schedule learner ``method`` (``pbt`` or ``pb2``,
+        :mod:`raymeta.tune.online`): a population of ``trials_per_family`` members, each
+        trained the task's epochs; returns the best member's policy and the costs."""
+        from ray import tune
+        from ray.tune.search import BasicVariantGenerator
+
+        s, task = self.cmp.search, self.cmp.task
+        ranges = self.online_ranges[method]
+        trial = {
+            "method": method,
+            "task": task.model_dump(mode="json"),
+            "perturbation_interval": s.perturbation_interval,
+            **self._constants(session),
+        }
+        name = f"online-{method}"
+        tuner = self._tuner(
+            session,
+            parent_run_id,
+            name,
+            _online_trainable,
+            param_space=initial_population(method, ranges, s.momentum_choices, task.momentum)
+            | {"trial": trial},
+            # no max_concurrent_trials: the scheduler needs the whole population; the trials'
+            # resources limit how many train at once, and PBT time-shares the rest
+            tune_config=tune.TuneConfig(
+                reuse_actors=True,
+                scheduler=scheduler(method, ranges, s.momentum_choices, s.perturbation_interval),
+                search_alg=BasicVariantGenerator(random_state=s.seed),
+                num_samples=s.trials_per_family,
+                trial_dirname_creator=trial_dirname,
+            ),
+            total=s.trials_per_family,
+            stop={"training_iteration": task.epochs},  # no perturbation after the last epoch
+        )
+        label = ONLINE_LABELS[method]
+        stage(
+            f"compare: {label}, a population of {s.trials_per_family} trained {task.epochs} "
+            f"epochs, perturbed every {s.perturbation_interval}"
+        )
+        t0 = time.perf_counter()
+        with working_dir(session.output_dir):
+            grid = tuner.fit()
+        wall = time.perf_counter() - t0
+        errors = [r.error for r in grid if r.error is not None]
+        if errors:
+            raise RuntimeError(f"{len(errors)} member(s) of {label} failed: {errors[0]}")
+        best = grid.get_best_result(metric="val_acc", mode="max", scope="last")
+        policy = best_policy(best, task.epochs)
+        device = "gpu" if s.gpus_per_trial else "cpu"
+        per_trial = s.gpus_per_trial or s.cpus_per_trial
+        steps = perturbations(session.tune_dir / name)
+        stage(
+            f"compare: {label}: {len(steps)} exploit/explore steps; best policy {policy_json(policy)}"
+        )
+        return {
+            "policy": policy,
+            "best_config": policy_json(policy),
+            "best_val_acc": best.metrics["val_acc"],
+            "trials": len(grid),
+            f"search_{device}_s": population_compute_s(grid) * per_trial,
+            "search_wall_s": wall,
+        }
+
     def final_runs(
-        self, best: dict[str, dict], session: Session, parent_run_id: str
+        self,
+        best: dict[str, dict],
+        session: Session,
+        parent_run_id: str,
+        online: dict[str, dict] | None = None,
     ) -> pd.DataFrame:
         """Re-train every method with every seed; returns one row per (method, seed)."""
         from ray import tune
 
-        specs = self.final_specs(best)
+        specs = self.final_specs(best, online)
         learned = {m.model_uri: session.meta_learner(m.model_uri)[0] for m in self.cmp.learned}
         tuner = self._tuner(
             session,
@@ -260,7 +387,7 @@ class Comparison:
         for r in grid:
             if r.error is not None:
                 raise RuntimeError(f"final run {r.config['run']['label']} failed: {r.error}")
-            spec = parse_run(r.config["run"])
+            spec = parse_final_run(r.config["run"])
             rows.append(
                 {
                     "method": spec.label,
@@ -294,8 +421,15 @@ class Comparison:
                 best[family] = self.search(family, session, parent.run_id)
                 searched = parent.state.get("families", {})
                 parent.save(families=searched | {family: {"sampled": best[family]["sampled"]}})
-            finals = self.final_runs(best, session, parent.run_id)
-            table = self._table(best, finals, versions)
+            online = {}
+            for method in self.cmp.search.online:
+                label = ONLINE_LABELS[method]
+                online[label] = self.search_online(method, session, parent.run_id)
+                parent.save(
+                    online=parent.state.get("online", {}) | {label: online[label]["policy"]}
+                )
+            finals = self.final_runs(best, session, parent.run_id, online)
+            table = self._table(best | online, finals, versions)
             self._artifacts(table, finals, session.output_dir)
         print("\n" + to_markdown(table) + "\n")
         print(
@@ -321,7 +455,7 @@ class Comparison:
                     "search_compute_s": info.get("search_cpu_s", info.get("search_gpu_s", 0.0)),
                     "search_wall_s": info.get("search_wall_s", 0.0),
                     "final_wall_s_mean": group["wall_time_s"].mean(),
-                    "best_config": _rounded_json(info["sampled"]) if info else "",
+                    "best_config": info.get("best_config", ""),
                     "meta_learner_version": versions.get(label),
                 }
             )
