@@ -5,10 +5,11 @@ folder, MLflow, registry inputs, Ray) -> every section under one parent run ``pi
 -> a Parquet/Markdown table and PNG plots per section in ``output_dir``.
 
 MLflow holds one tree: the pipeline's run holds a run per stage (``meta-train``, ``transfer``,
-``longtail``, ``compare``, ``study``), and each stage holds its runs, named
-``<stage>/<method>/seed<k>`` and tagged ``stage``, ``method``, ``family``, ``seed`` and
-``task`` (:func:`raymeta.tracking.run_tags`); the comparison's stages are ``search/<family>``
-and ``final``.
+``longtail``, ``compare``, ``study``; the suite a ``compare/<task>`` per task of the suite),
+and each stage holds its runs, named ``<stage>/<method>/seed<k>`` and tagged ``stage``,
+``method``, ``family``, ``seed`` and ``task`` (:func:`raymeta.tracking.run_tags`); the
+comparison's stages are ``search/<family>`` (``search/pbt``, ``search/pb2`` for the online
+rows) and ``final``.
 """
 
 from __future__ import annotations
@@ -199,6 +200,9 @@ def check_pipeline(cfg: PipelineConfig, sections: Sequence[str]) -> None:
         Comparison(cfg).check_data()
     if "study" in sections:
         check_transfer_study(cfg.study)
+    if "suite" in sections:
+        for task in cfg.suite.tasks:
+            Comparison(cfg.model_copy(update={"compare": cfg.suite.compare(task)})).check_data()
 
 
 def _meta_train_workers(cfg: PipelineConfig) -> int:
@@ -266,6 +270,7 @@ def run_pipeline(
     from raymeta.tracking import as_params
     from raymeta.tune.compare import Comparison
     from raymeta.tune.study import run_transfer_study
+    from raymeta.tune.suite import run_transfer_suite
 
     if sections is None:
         sections = [name for name in SECTIONS if getattr(cfg, name) is not None]
@@ -285,6 +290,8 @@ def run_pipeline(
                 table = Comparison(cfg).run(session)
             if "study" in sections:
                 table = run_transfer_study(cfg, session)
+            if "suite" in sections:
+                table = run_transfer_suite(cfg, session)
             mlflow.log_metric("pipeline_wall_time_s", time.perf_counter() - t0)
         print(f"MLflow parent run {parent.run_id} in {session.tracking_uri}")
     return table

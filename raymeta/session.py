@@ -155,7 +155,14 @@ class ParentRun:
 @dataclass
 class Session:
     """What the runs of a command share (see the module docstring); made by
-    :func:`open_session`."""
+    :func:`open_session`.
+
+    Attributes:
+        scope: the part of the command this session runs when a command runs a stage several
+            times (a task of the transfer suite, :mod:`raymeta.tune.suite`, which replaces
+            ``name``, ``output_dir`` and ``scope``); it names the nested parent runs
+            (:meth:`parent_run`).
+    """
 
     name: str
     output_dir: Path
@@ -164,6 +171,7 @@ class Session:
     experiment_id: str
     ray: RayConfig
     resume: bool = False
+    scope: str | None = None
     _loaded: dict[str, tuple[Any, str | None]] = field(default_factory=dict, repr=False)
 
     @property
@@ -195,7 +203,8 @@ class Session:
         self, stage: str, *, params: dict[str, Any] | None = None, state_file: str | None = None
     ) -> Iterator[ParentRun]:
         """Open the parent MLflow run ``{stage}/{name}`` (module docstring), or, inside another
-        parent run (a stage of a pipeline), the nested run ``{stage}``.
+        parent run (a stage of a pipeline), the nested run ``{stage}`` (``{stage}/{scope}``
+        in a scoped session).
 
         Args:
             stage: the command or stage (``pipeline``, ``compare``, ``study``).
@@ -210,10 +219,14 @@ class Session:
             state = json.loads(path.read_text())
         resumed = "parent_run_id" in state
         nested = mlflow.active_run() is not None
+        if nested:
+            name = f"{stage}/{self.scope}" if self.scope else stage
+        else:
+            name = f"{stage}/{self.name}"
         active = mlflow.start_run(
             run_id=state.get("parent_run_id"),
             experiment_id=self.experiment_id,
-            run_name=None if resumed else stage if nested else f"{stage}/{self.name}",
+            run_name=None if resumed else name,
             nested=nested,
         )
         parent = ParentRun(active.info.run_id, resumed, state, path)

@@ -16,13 +16,19 @@ import pytest
 import torch
 import yaml
 
-from raymeta.config import PipelineConfig, parse
+from raymeta.config import MethodConfig, PipelineConfig, TaskConfig, parse
 from raymeta.errors import ConfigError
 from raymeta.pipeline import run_pipeline
 from raymeta.schedules import MLRSNet, MLRSNetBundle
 from raymeta.tracking import log_meta_learner, setup
 from raymeta.tune.compare import TRIAL_LOG
-from raymeta.tune.spaces import resolve_ranges, to_method
+from raymeta.tune.spaces import (
+    DefineByRun,
+    resolve_choices,
+    resolve_online_ranges,
+    resolve_ranges,
+    to_method,
+)
 
 pytestmark = pytest.mark.ray
 
@@ -100,6 +106,8 @@ def test_tiny_comparison_table_and_mlflow_runs(first_run):
         back.loc[2:, "search_compute_s"] == 0
     ).all()
     assert (back["test_acc_mean"] > 0.2).all()
+    for config in back.loc[:1, "best_config"]:  # momentum is searched by default, as a choice
+        assert json.loads(config)["momentum"] in (0.0, 0.9)
     assert back.loc[2, "meta_learner_version"] == "1"
     for png in (
         "comparison_lr_curves.png",
@@ -233,26 +241,87 @@ def test_search_space_validation():
     with pytest.raises(
         ConfigError, match="unknown search family 'step'; accepted: fixed, multistep"
     ):
-        resolve_ranges("step", None, momentum=False, weight_decay=False)
+        resolve_ranges("step", None, weight_decay=False)
     with pytest.raises(
         ConfigError, match=r"search.ranges.cosine.lr: empty or inverted range \[0.5, 0.1\]"
     ):
-        resolve_ranges("cosine", {"lr": [0.5, 0.1]}, momentum=False, weight_decay=False)
+        resolve_ranges("cosine", {"lr": [0.5, 0.1]}, weight_decay=False)
     with pytest.raises(
         ConfigError, match=r"search.ranges.fixed.lr: empty or inverted range \[0.1, 0.1\]"
     ):
-        resolve_ranges("fixed", {"lr": [0.1, 0.1]}, momentum=False, weight_decay=False)
+        resolve_ranges("fixed", {"lr": [0.1, 0.1]}, weight_decay=False)
     with pytest.raises(
         ConfigError, match="search.ranges.fixed.decay: unknown parameter; accepted: lr"
     ):
-        resolve_ranges("fixed", {"decay": [0.1, 0.5]}, momentum=False, weight_decay=False)
-    assert "momentum" in resolve_ranges("multistep", None, momentum=True, weight_decay=False)
+        resolve_ranges("fixed", {"decay": [0.1, 0.5]}, weight_decay=False)
+    with pytest.raises(ConfigError, match="the momentum values searched are search.momentum"):
+        resolve_ranges("fixed", {"momentum": [0.0, 0.9]}, weight_decay=False)
+    assert "weight_decay" in resolve_ranges("multistep", None, weight_decay=True)
+    assert resolve_online_ranges("pb2", None, momentum=True) == {
+        "lr": [1e-3, 1.0],
+        "momentum": [0.0, 0.95],
+    }
+    assert resolve_online_ranges("pb2", {"lr": [0.01, 0.5]}, momentum=False) == {"lr": [0.01, 0.5]}
+    with pytest.raises(ConfigError, match=r"search.ranges.pb2.momentum: needs 0 <= low < high < 1"):
+        resolve_online_ranges("pb2", {"momentum": [0.5, 1.0]}, momentum=True)
     method = to_method(
         "multistep", {"lr": 0.1, "decay": 0.2, "first_milestone": 0.5, "second_milestone": 0.8}
     )
     assert method["params"] == {"decay": 0.2, "milestones": [0.5, 0.8]}
     adam = to_method("adam", {"lr": 0.01, "beta1": 0.9, "beta2": 0.99})
     assert adam["optimizer"] == {"optimizer": "adam", "betas": [0.9, 0.99]}
+
+
+def test_momentum_is_searched_by_default_as_a_choice(tmp_path):
+    """Every SGD family searches the momentum over {0, 0.9} by default (a categorical choice
+    that Optuna samples beside the family's own hyper-parameters); Adam keeps its betas;
+    ``search_momentum: false`` keeps the task's momentum."""
+    import optuna
+
+    default = parse(PipelineConfig, tiny(tmp_path), "tiny").compare.search
+    assert default.momentum_choices == [0.0, 0.9]
+    assert resolve_choices("multistep", default.momentum_choices) == {"momentum": [0.0, 0.9]}
+    assert resolve_choices("adam", default.momentum_choices) == {}
+    assert resolve_choices("cosine", None) == {}
+    space = DefineByRun(
+        "cosine", resolve_ranges("cosine", None, weight_decay=False), {}, {"momentum": [0.0, 0.9]}
+    )
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    sampled = []
+    for _ in range(12):
+        trial = study.ask()
+        space(trial)
+        sampled.append(trial.params)
+        study.tell(trial, 0.0)
+    assert {p["momentum"] for p in sampled} == {0.0, 0.9}
+    method = to_method("cosine", sampled[0])
+    assert method["optimizer"] == {"momentum": sampled[0]["momentum"]}
+    task = MethodConfig(**to_method("fixed", {"lr": 0.1, "momentum": 0.9})).apply_optimizer(
+        TaskConfig(dataset="digits", model="mlp")
+    )
+    assert task.momentum == 0.9
+
+    def search(**keys):
+        data = tiny(tmp_path)
+        data["compare"]["search"].update(keys)
+        return parse(PipelineConfig, data, "tiny").compare.search
+
+    assert search(search_momentum=False).momentum_choices is None
+    assert search(search_momentum=True).momentum_choices == [0.0, 0.9]  # the old key
+    assert search(momentum=[0.9, 0.5, 0.0]).momentum_choices == [0.0, 0.5, 0.9]
+    with pytest.raises(ConfigError, match="search_momentum: false and momentum: .* contradict"):
+        search(search_momentum=False, momentum=[0.0, 0.9])
+    with pytest.raises(
+        ConfigError, match=r"compare.search.momentum.1: Input should be less than 1"
+    ):
+        search(momentum=[0.0, 1.0])
+    with pytest.raises(ConfigError, match="momentum lists a value twice"):
+        search(momentum=[0.9, 0.9])
+    data = tiny(tmp_path)
+    data["compare"]["task"]["nesterov"] = True
+    data["compare"]["task"]["momentum"] = 0.9
+    with pytest.raises(ConfigError, match="search.momentum includes 0 but task.nesterov is true"):
+        parse(PipelineConfig, data, "tiny")
 
 
 @pytest.mark.parametrize(
@@ -263,6 +332,10 @@ def test_search_space_validation():
             "compare.search.trials_per_family: Input should be greater than 0",
         ),
         ({"search": {"families": ["fixed", "bogus"]}}, "unknown search family 'bogus'"),
+        (
+            {"search": {"families": ["fixed"], "online": ["pbt", "asha"]}},
+            "compare.search.online.1: Input should be 'pbt' or 'pb2'",
+        ),
         (
             {"search": {"families": ["fixed"], "ranges": {"fixed": {"lr": [1.0, 0.1]}}}},
             "empty or inverted range",
@@ -328,3 +401,148 @@ def test_a_state_truncated_by_a_kill_reruns_the_stage_instead_of_forgetting_tria
     assert isinstance(tuner, tune.Tuner)  # a new experiment: the old trials and state are gone
     assert not list(saved.glob("trial_*")) and not list(saved.glob("experiment_state-*"))
     assert "search-fixed: the saved Tune state" in capsys.readouterr().out
+
+
+def test_a_policy_sets_the_lr_and_the_momentum_of_each_epoch():
+    """A policy's stretches each build a run; the optimiser state carries over, but the
+    momentum that Optimizer.load_state_dict restores is replaced by the stretch's (the reported
+    momentum is read from the optimiser)."""
+    from raymeta.tune.common import MLFLOW_METRICS
+    from raymeta.tune.online import policy_json, train_policy
+
+    task = TaskConfig(
+        dataset="digits", model="mlp", batch_size=32, epochs=3, val_size=300, meta_per_class=0
+    )
+    policy = [(0.05, 0.0), (0.05, 0.9), (0.02, 0.9)]
+    reports = []
+    train_policy(
+        task,
+        policy,
+        label="PBT",
+        device="cpu",
+        report=lambda metrics, checkpoint=None: reports.append(metrics),
+    )
+    assert [r["epoch"] for r in reports] == [1, 2, 3]
+    assert [r["momentum"] for r in reports] == [0.0, 0.9, 0.9]
+    assert [r["lr"] for r in reports] == pytest.approx([0.05, 0.05, 0.02])
+    assert reports[-1]["val_acc"] > 0.8 and "lrs" in reports[-1] and "lrs" not in reports[0]
+    # what the trial's MLflow run gets: the momentum per epoch, the LR per global step
+    points = [p for r in reports for p in json.loads(r[MLFLOW_METRICS])]
+    assert [(v, step) for k, v, step in points if k == "momentum"] == [(0.0, 1), (0.9, 2), (0.9, 3)]
+    lr_steps = [step for k, _, step in points if k == "lr"]
+    assert lr_steps == sorted(set(lr_steps)) and lr_steps[0] == 0
+    assert {round(v, 6) for k, v, _ in points if k == "lr"} == {0.05, 0.02}
+    assert json.loads(policy_json(policy)) == [
+        {"epochs": "1", "lr": 0.05, "momentum": 0.0},
+        {"epochs": "2", "lr": 0.05, "momentum": 0.9},
+        {"epochs": "3", "lr": 0.02, "momentum": 0.9},
+    ]
+    assert _epoch_lrs(policy_json(policy)) == policy
+
+
+def _epoch_lrs(best_config: str) -> list[tuple[float, float]]:
+    """A row's best policy (``policy_json``) back as one (lr, momentum) per epoch."""
+    out = []
+    for stretch in json.loads(best_config):
+        first, _, last = stretch["epochs"].partition("-")
+        out += [(stretch["lr"], stretch["momentum"])] * (int(last or first) - int(first) + 1)
+    return out
+
+
+def test_pbt_and_pb2_rows_search_a_population_and_replay_the_best_policy(ray_local, tmp_path):
+    """PBT and PB2 as rows: a population of ``trials_per_family`` members, each trained exactly
+    the task's epochs; the schedulers really exploited (a member continued from another's
+    checkpoint at another LR) and PBT explored (a mutated LR); the final run replays the best
+    member's per-epoch LR and momentum (MLflow's per-epoch history of the final run equals the
+    policy in the table)."""
+    from raymeta.tune.online import perturbations
+
+    data = tiny(tmp_path)
+    data["compare"]["task"]["epochs"] = 3
+    data["compare"]["search"] = {
+        "families": [],
+        "online": ["pbt", "pb2"],
+        "trials_per_family": 2,
+        "perturbation_interval": 1,
+        "ranges": {"pbt": {"lr": [0.01, 0.3]}, "pb2": {"lr": [0.01, 0.3]}},
+        "seed": 7,
+    }
+    data["compare"]["learned"] = []
+    del data["compare"]["meta_train"]
+    cfg = parse(PipelineConfig, data, "tiny")
+    table = run_pipeline(cfg, ["compare"])
+    out = Path(cfg.output_dir)
+    assert list(table["method"]) == ["PBT", "PB2"]
+    assert list(table["search_trials"]) == [2, 2]
+    assert (table["search_compute_s"] > 0).all() and (table["search_wall_s"] > 0).all()
+    assert (table["test_acc_mean"] > 0.5).all()
+    for method in ("pbt", "pb2"):
+        experiment = out / "tune" / f"online-{method}"
+        # synchronous, 2 members: the worse one exploits the better one after epochs 1 and 2
+        steps = perturbations(experiment)
+        assert len(steps) >= 1, method
+        if method == "pbt":  # PB2 explores only once its GP has data: its first step copies
+            assert all(new["lr"] != clone["lr"] for *_, clone, new in steps), steps
+        members = [
+            [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+            for f in experiment.glob("trial_*/result.json")
+        ]
+        # the budget: every member's lineage trained exactly the task's epochs, once each
+        assert [[r["epoch"] for r in m] for m in members] == [[1, 2, 3], [1, 2, 3]]
+        # an exploited member went on from its clone's checkpoint at another LR
+        assert any(len({r["lr"] for r in m}) > 1 for m in members), method
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    exp = client.get_experiment_by_name("tiny-compare")
+    runs = client.search_runs([exp.experiment_id])
+    by_name = {r.info.run_name: r for r in runs}
+    (compare,) = [r for r in runs if r.info.run_name == "compare"]
+    stages = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == compare.info.run_id]
+    assert sorted(r.info.run_name for r in stages) == ["final", "search/pb2", "search/pbt"]
+    for row in table.itertuples():
+        method = row.method.lower()
+        stage_run = by_name[f"search/{method}"]
+        assert stage_run.data.params["best.policy"] == row.best_config
+        assert stage_run.data.metrics["trials"] == 2
+        # every member is a run of the search stage, named and tagged like a search trial;
+        # its params are its first LR and momentum, the scheduler's later ones its metrics
+        members = [
+            r for r in runs if r.data.tags.get("mlflow.parentRunId") == stage_run.info.run_id
+        ]
+        assert sorted(r.info.run_name for r in members) == [
+            f"search/{method}/trial0",
+            f"search/{method}/trial1",
+        ]
+        for member in members:
+            tags = member.data.tags
+            assert [tags[k] for k in ("stage", "method", "family", "task")] == [
+                "search",
+                row.method,
+                method,
+                "digits/mlp",
+            ]
+            assert member.data.params["schedule.family"] == "fixed"
+            lr = client.get_metric_history(member.info.run_id, "lr")
+            assert len(lr) > 10 and [m.step for m in lr] == sorted(m.step for m in lr)
+            momenta = client.get_metric_history(member.info.run_id, "momentum")
+            assert sorted(m.step for m in momenta) == [1, 2, 3]
+            assert "pid" not in member.data.metrics and "lrs" not in member.data.metrics
+        # an exploited member's per-step LR changed within its run
+        assert any(
+            len({m.value for m in client.get_metric_history(r.info.run_id, "lr")}) > 1
+            for r in members
+        ), method
+        # the final run replays the policy: its per-epoch LR and momentum are the table's
+        policy = _epoch_lrs(row.best_config)
+        assert len(policy) == 3
+        final = by_name[f"final/{row.method}/seed0"]
+        assert final.data.tags["family"] == method and final.data.tags["stage"] == "final"
+        lrs = _history(client, final, "lr_epoch_mean")
+        momenta = _history(client, final, "momentum")
+        assert lrs == pytest.approx([lr for lr, _ in policy], rel=1e-3)
+        assert momenta == pytest.approx([m for _, m in policy], rel=1e-3, abs=1e-4)
+
+
+def _history(client, run, key: str) -> list[float]:
+    """A metric's values in the order of their steps."""
+    history = client.get_metric_history(run.info.run_id, key)
+    return [m.value for m in sorted(history, key=lambda m: m.step)]

@@ -66,9 +66,7 @@ def train_trial(
         out = {k: v for k, v in metrics.items() if v == v}
         out[MLFLOW_METRICS] = json.dumps(epoch_points(metrics) + curves.drain())
         if metrics["epoch"] == epochs:
-            stride = max(1, len(state.lrs) // LR_POINTS)
-            out["lrs"] = state.lrs[::stride]
-            out["lr_stride_epochs"] = stride / run.steps_per_epoch
+            out |= lr_curve(state.lrs, run.steps_per_epoch)
         report(out)
 
     try:
@@ -79,6 +77,13 @@ def train_trial(
         print(f"[{spec.label}] stopped: {exc}", flush=True)
         points = [("dead_run", 1.0, 0), *curves.drain()]  # with its curves up to the stop
         report({"val_acc": 0.0, "dead_run": 1.0, MLFLOW_METRICS: json.dumps(points)})
+
+
+def lr_curve(lrs: list[float], steps_per_epoch: int) -> dict[str, Any]:
+    """The per-step LR curve ``lrs`` as a trial's last report carries it: ``lrs`` subsampled to
+    at most about :data:`LR_POINTS` points and ``lr_stride_epochs`` (epochs between two)."""
+    stride = max(1, len(lrs) // LR_POINTS)
+    return {"lrs": lrs[::stride], "lr_stride_epochs": stride / steps_per_epoch}
 
 
 @contextlib.contextmanager
@@ -256,13 +261,17 @@ def make_tuner(
     parent_run_id: str,
     describe: Callable[[dict, int], TrialRun],
     total: int,
+    stop: dict[str, Any] | None = None,
 ):
     """A ``Tuner`` whose state lives in ``tune_dir/name``: restored (finished trials kept,
     unfinished and errored ones re-run) when ``resume`` and a state exists, else new; a state
     left truncated by a kill (:func:`saved_state_is_intact`) is discarded and the stage rerun. Every
     trial is an MLflow run nested under ``parent_run_id``, named, tagged and with params as
-    ``describe(config, number)`` says (:func:`trial_runs_callback`); a progress line is
-    printed as each of the ``total`` trials finishes."""
+    ``describe(config, number)`` says (:func:`trial_runs_callback`; the params are logged once,
+    at the trial's first start: PBT and PB2 restart a trial with a mutated config, whose values
+    its run gets as per-step and per-epoch metrics); a progress line is printed as each of the
+    ``total`` trials finishes; ``stop``: Tune's stopping criteria (checked before the scheduler
+    sees a result)."""
     from ray import tune
 
     # quiet driver output: no progress tables and no per-result INFO lines (MLflow has it all)
@@ -296,6 +305,7 @@ def make_tuner(
             name=name,
             storage_path=str(tune_dir),
             callbacks=[callback, progress_callback(name, total)],
+            stop=stop,
             verbose=0,
         ),
     )
