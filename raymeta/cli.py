@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a pipeline YAML file")
     p.add_argument("file", help="pipeline file, or the name of a shipped one, e.g. quickstart.yaml")
-    _add_resume(p, "an interrupted pipeline: compare and study resume, the other sections rerun")
+    _add_resume(p, "an interrupted pipeline: compare, study and suite resume, the others rerun")
     _add_common(p)
     p.set_defaults(func=_run)
 

@@ -1,10 +1,15 @@
 """Declarative workflows (``raymeta run FILE``): every section of a pipeline, in one session.
 
 Flow: the sections' data checks in the driver -> :func:`raymeta.session.open_session` (output
-folder, MLflow, registry inputs, Ray) -> ``meta_train``, ``transfer`` and ``longtail`` under
-one parent run ``pipeline/{name}`` (a nested run per Ray Train run), then ``compare`` and
-``study`` under their own parent runs -> a Parquet/Markdown table and PNG plots per section in
-``output_dir``.
+folder, MLflow, registry inputs, Ray) -> every section under one parent run ``pipeline/{name}``
+-> a Parquet/Markdown table and PNG plots per section in ``output_dir``.
+
+MLflow holds one tree: the pipeline's run holds a run per stage (``meta-train``, ``transfer``,
+``longtail``, ``compare``, ``study``; the suite a ``compare/<task>`` per task of the suite),
+and each stage holds its runs, named ``<stage>/<method>/seed<k>`` and tagged ``stage``,
+``method``, ``family``, ``seed`` and ``task`` (:func:`raymeta.tracking.run_tags`); the
+comparison's stages are ``search/<family>`` (``search/pbt``, ``search/pb2`` for the online
+rows) and ``final``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ from raymeta.config import SECTIONS, MetaTrainConfig, PipelineConfig, TaskConfig
 from raymeta.console import stage
 from raymeta.errors import ConfigError
 from raymeta.report import plot_accuracy_curves, plot_lr_curves, to_markdown, write_table
-from raymeta.session import Session, open_session
+from raymeta.session import ParentRun, Session, open_session
+
+STATE_FILE = "pipeline_state.json"  # the pipeline run's id, reopened by --resume
+META_TRAIN_LABEL = "MLR-SNet (meta-training)"
 
 
 def _result_row(stage_name: str, label: str, task: TaskConfig, fit, version: str | None) -> dict:
@@ -54,7 +62,7 @@ def run_meta_train(cfg: MetaTrainConfig, session: Session, num_workers: int):
     from raymeta.errors import RegistrationError
     from raymeta.schedules import MLRSNetBundle
     from raymeta.spec import meta_train_run
-    from raymeta.tracking import as_params, log_results, register_meta_learner
+    from raymeta.tracking import as_params, log_results, register_meta_learner, run_name, run_tags
     from raymeta.train.ray_train import fit
 
     spec = meta_train_run(cfg, cfg.task, "meta-train", cfg.saved_epochs)
@@ -62,7 +70,11 @@ def run_meta_train(cfg: MetaTrainConfig, session: Session, num_workers: int):
         f"meta-training MLR-SNet on {cfg.task.dataset}/{cfg.task.model} with {num_workers} Ray "
         f"Train worker(s), {cfg.task.epochs} epochs, a look-ahead every {cfg.meta_every} steps"
     )
-    with mlflow.start_run(run_name="meta-train", nested=True) as run:
+    with mlflow.start_run(
+        run_name=run_name("meta-train", META_TRAIN_LABEL, cfg.task.seed),
+        nested=True,
+        tags=run_tags(spec, "meta-train", META_TRAIN_LABEL),
+    ) as run:
         mlflow.log_params(
             as_params(spec.model_dump(mode="json"))
             | {"registered_model": cfg.registered_model, "alias": cfg.alias}
@@ -145,7 +157,7 @@ def run_transfer(
     import mlflow
 
     from raymeta.spec import LearnedRun, method_run
-    from raymeta.tracking import as_params
+    from raymeta.tracking import as_params, run_name, run_tags
     from raymeta.train.ray_train import fit
 
     rows, curves, histories = [], {}, {}
@@ -158,7 +170,11 @@ def run_transfer(
             f"transfer: {method.label} on {cfg.task.dataset}/{cfg.task.model}, "
             f"batch {cfg.task.batch_size}"
         )
-        with mlflow.start_run(run_name=spec.label, nested=True) as run:
+        with mlflow.start_run(
+            run_name=run_name("transfer", method.label, cfg.task.seed),
+            nested=True,
+            tags=run_tags(spec, "transfer", method.label),
+        ) as run:
             mlflow.log_params(as_params(spec.model_dump(mode="json")))
             if version is not None:
                 mlflow.set_tag("meta_learner_version", version)
@@ -202,6 +218,9 @@ def check_pipeline(cfg: PipelineConfig, sections: Sequence[str]) -> None:
         Comparison(cfg).check_data()
     if "study" in sections:
         check_transfer_study(cfg.study)
+    if "suite" in sections:
+        for task in cfg.suite.tasks:
+            Comparison(cfg.model_copy(update={"compare": cfg.suite.compare(task)})).check_data()
 
 
 def _meta_train_workers(cfg: PipelineConfig) -> int:
@@ -209,50 +228,54 @@ def _meta_train_workers(cfg: PipelineConfig) -> int:
 
 
 def _run_training_sections(
-    cfg: PipelineConfig, sections: Sequence[str], session: Session
+    cfg: PipelineConfig, sections: Sequence[str], session: Session, parent: ParentRun
 ) -> pd.DataFrame:
-    """``meta_train``, ``transfer`` and ``longtail`` (those in ``sections``) under the parent
-    run ``pipeline/{name}``; returns the table of the last of them."""
-    import mlflow
+    """``meta_train``, ``transfer`` and ``longtail`` (those in ``sections``), each in its stage
+    run under the pipeline run ``parent`` (:meth:`ParentRun.stage`); returns the table of the
+    last of them.
 
+    Raises:
+        RegistrationError: meta-training's registration failed (after the tables are written;
+            ``transfer`` and ``longtail`` do not run).
+    """
     from raymeta.errors import RegistrationError
     from raymeta.longtail_study import run_longtail_study
-    from raymeta.tracking import as_params, log_results
+    from raymeta.tracking import log_results
 
-    t0 = time.perf_counter()
     rows, curves, histories = [], {}, {}
     table = pd.DataFrame()
     failure = None  # a failed registration: reported after the results tables are written
-    with session.parent_run("pipeline", params=as_params(cfg.model_dump(mode="json"))) as parent:
-        if "meta_train" in sections:
-            workers = _meta_train_workers(cfg)
-            try:
-                _, version, result = run_meta_train(cfg.meta_train, session, workers)
-            except RegistrationError as exc:
-                failure, version, result = exc, None, exc.result
-            label = "MLR-SNet (meta-training)"
-            rows.append(_result_row("meta-train", label, cfg.meta_train.task, result, version))
-            histories[label] = result.history
-        if "transfer" in sections and failure is None:
+    if "meta_train" in sections:
+        try:
+            with parent.stage("meta-train"):
+                _, version, result = run_meta_train(
+                    cfg.meta_train, session, _meta_train_workers(cfg)
+                )
+        except RegistrationError as exc:
+            failure, version, result = exc, None, exc.result
+        label = META_TRAIN_LABEL
+        rows.append(_result_row("meta-train", label, cfg.meta_train.task, result, version))
+        histories[label] = result.history
+    if "transfer" in sections and failure is None:
+        with parent.stage("transfer"):
             t_rows, curves, t_hist = run_transfer(cfg.transfer, session, cfg.ray.num_workers)
-            rows += t_rows
-            histories.update(t_hist)
-        if rows:
-            table = pd.DataFrame(rows)
-            out = session.output_dir
-            parquet, md = write_table(table, out)
-            pngs = [plot_accuracy_curves(histories, out / "accuracy_curves.png")]
-            if curves:
-                pngs.append(plot_lr_curves(curves, out / "lr_curves.png", "transfer: LR schedules"))
-            log_results([parquet, md, *pngs])
-            print("\n" + to_markdown(table) + "\n")
-            print(f"results: {parquet}, {md} and PNG plots in {out}")
-        if failure is not None:
-            raise failure
-        if "longtail" in sections:
+        rows += t_rows
+        histories.update(t_hist)
+    if rows:
+        table = pd.DataFrame(rows)
+        out = session.output_dir
+        parquet, md = write_table(table, out)
+        pngs = [plot_accuracy_curves(histories, out / "accuracy_curves.png")]
+        if curves:
+            pngs.append(plot_lr_curves(curves, out / "lr_curves.png", "transfer: LR schedules"))
+        log_results([parquet, md, *pngs])
+        print("\n" + to_markdown(table) + "\n")
+        print(f"results: {parquet}, {md} and PNG plots in {out}")
+    if failure is not None:
+        raise failure
+    if "longtail" in sections:
+        with parent.stage("longtail"):
             table = run_longtail_study(cfg.longtail, session)
-        mlflow.log_metric("pipeline_wall_time_s", time.perf_counter() - t0)
-    print(f"MLflow parent run {parent.run_id} in {session.tracking_uri}")
     return table
 
 
@@ -260,10 +283,10 @@ def run_pipeline(
     cfg: PipelineConfig, sections: Sequence[str] | None = None, *, resume: bool = False
 ) -> pd.DataFrame:
     """Run ``sections`` of a pipeline (default: every section it has) in their order
-    (:data:`raymeta.config.SECTIONS`) in one session, and return the results table of the last
-    one (each is also written to ``output_dir``). Every command runs through here: ``raymeta
-    run`` with every section, ``raymeta compare`` with ``compare``, ``raymeta study`` with
-    ``study``.
+    (:data:`raymeta.config.SECTIONS`) in one session under the parent run ``pipeline/{name}``
+    (module docstring), and return the results table of the last one (each is also written to
+    ``output_dir``). Every command runs through here: ``raymeta run`` with every section,
+    ``raymeta compare`` with ``compare``, ``raymeta study`` with ``study``.
 
     Args:
         resume: reopen the parent runs and Ray Tune experiments that an interrupted command
@@ -273,8 +296,12 @@ def run_pipeline(
         ConfigError, DataNotFoundError: a missing section or a bad value, before any training
             (one line).
     """
+    import mlflow
+
+    from raymeta.tracking import as_params
     from raymeta.tune.compare import Comparison
     from raymeta.tune.study import run_transfer_study
+    from raymeta.tune.suite import run_transfer_suite
 
     if sections is None:
         sections = [name for name in SECTIONS if getattr(cfg, name) is not None]
@@ -285,10 +312,17 @@ def run_pipeline(
     check_pipeline(cfg, sections)
     table = pd.DataFrame()
     with open_session(cfg, sections, resume=resume) as session:
-        if {"meta_train", "transfer", "longtail"} & set(sections):
-            table = _run_training_sections(cfg, sections, session)
-        if "compare" in sections:
-            table = Comparison(cfg).run(session)
-        if "study" in sections:
-            table = run_transfer_study(cfg, session)
+        params = as_params(cfg.model_dump(mode="json"))
+        with session.parent_run("pipeline", params=params, state_file=STATE_FILE) as parent:
+            t0 = time.perf_counter()
+            if {"meta_train", "transfer", "longtail"} & set(sections):
+                table = _run_training_sections(cfg, sections, session, parent)
+            if "compare" in sections:
+                table = Comparison(cfg).run(session)
+            if "study" in sections:
+                table = run_transfer_study(cfg, session)
+            if "suite" in sections:
+                table = run_transfer_suite(cfg, session)
+            mlflow.log_metric("pipeline_wall_time_s", time.perf_counter() - t0)
+        print(f"MLflow parent run {parent.run_id} in {session.tracking_uri}")
     return table

@@ -22,8 +22,9 @@ a config the new one may continue). Inside the session SIGTERM is handled as SIG
 :meth:`Session.parent_run` opens a command's (or a stage's) parent MLflow run: resumed by id
 from its state file under ``output_dir`` when the session resumes, its params logged once, its
 status set on exit (``FINISHED``; ``FAILED`` on an error; ``KILLED`` on Ctrl+C, also for every
-run under it still RUNNING). A run that was FINISHED before a resume stays FINISHED whatever
-happens later. A command::
+run under it still RUNNING); inside another parent run it is nested there (the pipeline's run
+holds its stages). :meth:`ParentRun.stage` opens a stage's nested run under it the same way. A
+run that was FINISHED before a resume stays FINISHED whatever happens later. A command::
 
     with open_session(cfg, ["compare"], resume=resume) as session:
         with session.parent_run("compare", state_file="compare_state.json") as parent:
@@ -275,24 +276,32 @@ def resume_state(output_dir: Path, section: str, config: dict[str, Any]) -> dict
 
 def check_resume(cfg: PipelineConfig, sections: Sequence[str], output_dir: Path) -> None:
     """``--resume`` needs saved work: the state of at least one resumable section of
-    ``sections`` (each checked with :func:`resume_state`).
+    ``sections`` (each checked with :func:`resume_state`; the ``suite`` section resumes each
+    task's comparison, saved under ``output_dir/<task>``).
 
     Raises:
         ConfigError: nothing is saved, or a state file is unreadable or does not fit.
     """
-    resumable = [s for s in sections if s in RESUMABLE]
-    if not resumable:
+    states = []  # (folder, section, config now) of every resumable state
+    for s in sections:
+        if s in RESUMABLE:
+            states.append((output_dir, s, getattr(cfg, s).model_dump(mode="json")))
+        elif s == "suite":
+            states += [
+                (output_dir / task.name, "compare", cfg.suite.compare(task).model_dump(mode="json"))
+                for task in cfg.suite.tasks
+            ]
+    if not states:
         raise ConfigError(
-            "--resume: nothing to resume: only compare and study sections resume (the other "
-            "sections run again); run without --resume"
+            "--resume: nothing to resume: only compare, study and suite sections resume (the "
+            "other sections run again); run without --resume"
         )
-    found = [
-        s
-        for s in resumable
-        if resume_state(output_dir, s, getattr(cfg, s).model_dump(mode="json")) is not None
-    ]
+    found = [s for folder, s, config in states if resume_state(folder, s, config) is not None]
     if not found:
-        files = " or ".join(RESUMABLE[s].state_file for s in resumable)
+        files = " or ".join(
+            dict.fromkeys(str((folder / RESUMABLE[s].state_file).relative_to(output_dir))
+                          for folder, s, _ in states)
+        )  # fmt: skip
         raise ConfigError(
             f"--resume: nothing to resume in {output_dir} (no {files}); run without --resume "
             "to start"
@@ -335,6 +344,25 @@ class ParentRun:
     state: dict[str, Any]
     path: Path | None
 
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[str]:
+        """A nested MLflow run ``name`` for one stage of this command (e.g. ``search/cosine``,
+        ``final``), under this run, which must be the active one; reopened by id when the
+        command resumes (the ids are kept in the state under ``stages``). Yields its run id;
+        its status is set on exit as :meth:`Session.parent_run`'s (a stage FINISHED before a
+        resume stays FINISHED), and this run is active again."""
+        import mlflow
+
+        stages = self.state.get("stages", {})
+        run_id = stages.get(name)
+        was_finished = (
+            run_id is not None and mlflow.MlflowClient().get_run(run_id).info.status == "FINISHED"
+        )
+        active = mlflow.start_run(run_id=run_id, run_name=None if run_id else name, nested=True)
+        self.save(stages={**stages, name: active.info.run_id})
+        with _status_on_exit(was_finished=was_finished):
+            yield active.info.run_id
+
     def save(self, **updates: Any) -> None:
         """Record ``updates`` in the state file (written whole, then renamed: a kill during
         the write leaves the previous state)."""
@@ -348,7 +376,14 @@ class ParentRun:
 @dataclass
 class Session:
     """What the runs of a command share (see the module docstring); made by
-    :func:`open_session`."""
+    :func:`open_session`.
+
+    Attributes:
+        scope: the part of the command this session runs when a command runs a stage several
+            times (a task of the transfer suite, :mod:`raymeta.tune.suite`, which replaces
+            ``name``, ``output_dir`` and ``scope``); it names the nested parent runs
+            (:meth:`parent_run`).
+    """
 
     name: str
     output_dir: Path
@@ -358,6 +393,7 @@ class Session:
     ray: RayConfig
     resume: bool = False
     allow_pickle: bool = False
+    scope: str | None = None
     _loaded: dict[str, tuple[Any, str | None]] = field(default_factory=dict, repr=False)
 
     @property
@@ -403,7 +439,9 @@ class Session:
         state_file: str | None = None,
         config: dict[str, Any] | None = None,
     ) -> Iterator[ParentRun]:
-        """Open the parent MLflow run ``{stage}/{name}`` (module docstring).
+        """Open the parent MLflow run ``{stage}/{name}`` (module docstring), or, inside another
+        parent run (a stage of a pipeline), the nested run ``{stage}`` (``{stage}/{scope}``
+        in a scoped session).
 
         Args:
             stage: the command or stage (``pipeline``, ``compare``, ``study``).
@@ -430,36 +468,56 @@ class Session:
                     "created in (--tracking-uri)"
                 ) from None
             was_finished = saved_run.info.status == "FINISHED"
+        nested = mlflow.active_run() is not None
+        if nested:
+            name = f"{stage}/{self.scope}" if self.scope else stage
+        else:
+            name = f"{stage}/{self.name}"
         active = mlflow.start_run(
             run_id=state.get("parent_run_id"),
             experiment_id=self.experiment_id,
-            run_name=None if resumed else f"{stage}/{self.name}",
+            run_name=None if resumed else name,
+            nested=nested,
         )
         parent = ParentRun(active.info.run_id, resumed, state, path)
         parent.save(parent_run_id=parent.run_id, **({"config": config} if config else {}))
-        status = "FAILED"
-        try:
+        with _status_on_exit(was_finished=was_finished):
             if params and not resumed:
                 mlflow.log_params(params)
             yield parent
-            status = "FINISHED"
-        except KeyboardInterrupt:
-            status = "KILLED"
-            raise
-        finally:
-            if status != "FINISHED":
-                end_running_children(self.experiment_id, parent.run_id, status)
-            outcome = "FINISHED" if was_finished else status  # a finished run stays finished
-            try:
-                while (active := mlflow.active_run()) and active.info.run_id != parent.run_id:
-                    mlflow.end_run(status)  # a nested run the failure left open
-                mlflow.end_run(outcome)
-            except Exception as exc:  # the store went away: say so, keep the real error
-                print(
-                    f"raymeta: warning: could not set MLflow run {parent.run_id} to {outcome} "
-                    f"({' '.join(str(exc).split())[:200]})",
-                    file=sys.stderr,
-                )
+
+
+@contextlib.contextmanager
+def _status_on_exit(*, was_finished: bool = False) -> Iterator[None]:
+    """End the active MLflow run on leaving the block: ``FINISHED``; ``FAILED`` on an error;
+    ``KILLED`` on Ctrl+C, also for every run under it still RUNNING and any nested run the
+    failure left active. ``was_finished``: the run was FINISHED before a resume and stays so.
+    A store failure here is a warning line (the real error goes on)."""
+    import mlflow
+
+    active = mlflow.active_run()
+    run_id, experiment_id = active.info.run_id, active.info.experiment_id
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if status != "FINISHED":
+            end_running_children(experiment_id, run_id, status)
+        outcome = "FINISHED" if was_finished else status  # a finished run stays finished
+        try:
+            while (active := mlflow.active_run()) and active.info.run_id != run_id:
+                mlflow.end_run(status)  # a nested run the failure left open
+            mlflow.end_run(outcome)
+        except Exception as exc:  # the store went away: say so, keep the real error
+            print(
+                f"raymeta: warning: could not set MLflow run {run_id} to {outcome} "
+                f"({' '.join(str(exc).split())[:200]})",
+                file=sys.stderr,
+            )
 
 
 def end_running_children(experiment_id: str, run_id: str, status: str) -> None:

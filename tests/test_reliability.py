@@ -211,8 +211,8 @@ def test_resume_of_a_pipeline_without_resumable_sections_says_so(tmp_path):
     with pytest.raises(ConfigError) as err:
         check_resume(cfg, ["meta_train"], tmp_path)
     assert str(err.value) == (
-        "--resume: nothing to resume: only compare and study sections resume (the other "
-        "sections run again); run without --resume"
+        "--resume: nothing to resume: only compare, study and suite sections resume (the "
+        "other sections run again); run without --resume"
     )
 
 
@@ -410,35 +410,45 @@ def test_ctrl_c_marks_the_parent_and_every_running_descendant_killed(store, tmp_
 
 
 def test_epoch_metrics_survive_a_store_that_goes_away_and_comes_back(store, tmp_path, capfd):
-    """A SQLite store moved away after epoch 1 (the issue's case): logging warns once, keeps
-    the metrics and writes them all once the store is back; nothing raises."""
+    """A SQLite store moved away after epoch 1 (the issue's case): logging an epoch's batch of
+    points (epoch metrics and per-step curves, what rank 0 and the Tune driver send) warns
+    once, keeps the points and writes them all once the store is back; nothing raises."""
     import mlflow
 
-    from raymeta.tracking import flush_metrics, log_epoch_metrics
+    from raymeta.tracking import epoch_points, flush_metrics, log_points
+
+    def epoch(k, loss, acc):  # the loop's epoch metrics plus two per-step lr points
+        metrics = {"epoch": k, "train_loss": loss, "val_acc": acc}
+        return epoch_points(metrics) + [("lr", 0.1 / k, 10 * k), ("lr", 0.1 / k, 10 * k + 5)]
 
     uri, exp = store
     run_id = mlflow.MlflowClient().create_run(exp).info.run_id
     db = tmp_path / "mlflow.db"
-    assert log_epoch_metrics(uri, run_id, {"epoch": 1, "train_loss": 2.0, "val_acc": 0.3})
+    assert log_points(uri, run_id, epoch(1, 2.0, 0.3))
     db.rename(tmp_path / "moved.db")
     (tmp_path / "mlflow.db").mkdir()  # the path now cannot be opened as a database
-    assert not log_epoch_metrics(uri, run_id, {"epoch": 2, "train_loss": 1.0, "val_acc": 0.6})
-    assert not log_epoch_metrics(uri, run_id, {"epoch": 3, "train_loss": 0.5, "val_acc": 0.8})
+    assert not log_points(uri, run_id, epoch(2, 1.0, 0.6))
+    assert not log_points(uri, run_id, epoch(3, 0.5, 0.8))
     err = capfd.readouterr().err
     assert err.count("raymeta: warning: MLflow logging to") == 1, err
     (tmp_path / "mlflow.db").rmdir()
     (tmp_path / "moved.db").rename(db)
     assert flush_metrics(uri, run_id, final=True)
     assert "works again" in capfd.readouterr().err
-    history = mlflow.MlflowClient().get_metric_history(run_id, "val_acc")
+    client = mlflow.MlflowClient()
+    history = client.get_metric_history(run_id, "val_acc")
     assert [(m.step, m.value) for m in history] == [(1, 0.3), (2, 0.6), (3, 0.8)]
+    loss = client.get_metric_history(run_id, "train_loss_epoch_mean")
+    assert [(m.step, m.value) for m in loss] == [(1, 2.0), (2, 1.0), (3, 0.5)]
+    lr = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "lr"))
+    assert lr == [(s, pytest.approx(0.1 / k)) for k in (1, 2, 3) for s in (10 * k, 10 * k + 5)]
 
 
 def test_a_store_down_at_the_end_drops_the_buffer_with_a_warning(store, tmp_path, capfd):
-    from raymeta.tracking import flush_metrics, log_epoch_metrics
+    from raymeta.tracking import flush_metrics, log_points
 
     dead = f"sqlite:///{tmp_path}/gone/mlflow.db"  # its folder does not exist
-    assert not log_epoch_metrics(dead, "r1", {"epoch": 1, "train_loss": 1.0})
+    assert not log_points(dead, "r1", [("train_loss_epoch_mean", 1.0, 1)])
     assert not flush_metrics(dead, "r1", final=True)
     assert "1 metric value(s) of run r1 were not logged" in capfd.readouterr().err
     assert flush_metrics(dead, "r1", final=True)  # nothing left buffered

@@ -51,7 +51,9 @@ class RunRequest:
         spec: what to train.
         meta_learner: the registered meta-learner the spec names by ``model_uri``, loaded in
             the driver (see :func:`raymeta.train.build.build_run`).
-        mlflow_run_id: the MLflow run that rank 0 logs the per-epoch metrics to.
+        mlflow_run_id: the MLflow run that rank 0 logs to, once per epoch: the epoch metrics
+            (:func:`raymeta.tracking.epoch_points`) and the per-step curves
+            (:class:`raymeta.tracking.StepCurves`).
         keep_model: False drops the run's weights from its result once it is finished
             (sweeps: keeps checkpoints small).
     """
@@ -137,7 +139,7 @@ def _train_run(
     import ray.train
     import ray.train.torch
 
-    from raymeta.tracking import flush_metrics, log_epoch_metrics
+    from raymeta.tracking import StepCurves, epoch_points, flush_metrics, log_points
     from raymeta.train.build import build_run
     from raymeta.train.device import resolve_device
     from raymeta.train.loop import RunState, Workers
@@ -163,6 +165,7 @@ def _train_run(
     t_start = time.perf_counter() - elapsed
     fail_at = config.get("fail_once_after_epoch")
     payload: dict[str, Any] = {}
+    curves = StepCurves(spec.task.epochs * built.steps_per_epoch)
 
     def on_epoch_end(metrics, run_state, optimizer):
         if metrics["epoch"] in saved_epochs:
@@ -184,8 +187,9 @@ def _train_run(
         if workers.rank != 0:
             ray.train.report(report)
         else:
-            if request.mlflow_run_id:
-                log_epoch_metrics(config["tracking_uri"], request.mlflow_run_id, metrics)
+            if request.mlflow_run_id:  # one log_batch per epoch: epoch metrics, step curves
+                points = epoch_points(metrics) + curves.drain()
+                log_points(config["tracking_uri"], request.mlflow_run_id, points)
             if progress_enabled():
                 elapsed_s = time.perf_counter() - t_start
                 line = _progress_line(spec.label, metrics, spec.task.epochs, elapsed_s)
@@ -198,7 +202,12 @@ def _train_run(
                 f"injected worker failure after epoch {fail_at} (fault-tolerance test)"
             )
 
-    built.train(state=state, optimizer_state=optimizer_state, on_epoch_end=on_epoch_end)
+    built.train(
+        state=state,
+        optimizer_state=optimizer_state,
+        on_epoch_end=on_epoch_end,
+        on_step=curves if workers.rank == 0 and request.mlflow_run_id else None,
+    )
     if request.mlflow_run_id and workers.rank == 0:  # what an MLflow outage held back
         flush_metrics(config["tracking_uri"], request.mlflow_run_id, final=True)
     result = _result_of(payload)

@@ -12,7 +12,9 @@ finished task to a dataset at ``results`` (a local path or any pyarrow filesyste
 an unreadable one is trained again). A grid grown since the saved run (more axis values,
 methods or extra tasks) resumes too: the saved experiment finishes its own tasks and a new one
 (``study-2``, ...) runs only the new tasks; a grid that lost saved tasks is refused on one line.
-MLflow: a parent run, a nested run per task.
+MLflow: the run ``study`` (under the pipeline's run), a nested run per task,
+``study/<method>/<setting>/seed<k>``, with the flat tags of every training run (``stage`` =
+``study``, ``method``, ``family``, ``seed``, ``task``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from raymeta.config import MethodConfig, PipelineConfig, TaskConfig, TransferStu
 from raymeta.errors import ConfigError, RaymetaError
 from raymeta.session import RESUMABLE, Session
 from raymeta.spec import LearnedRun, method_run
+from raymeta.tune.common import TrialRun
 
 TASK_LOG = "task_starts.jsonl"
 STATE_FILE = RESUMABLE["study"].state_file
@@ -183,6 +186,20 @@ def _row(entry: dict, metrics: dict, wall: float, version: str | None) -> dict[s
     return row
 
 
+def _study_run(config: dict, number: int) -> TrialRun:
+    """The MLflow run of a study task: ``study/<method>/<setting>/seed<k>``, where the setting
+    is ``dataset/model/b<batch size>/<epochs>ep``, plus the label noise if any."""
+    entry = config["entry"]
+    task = TaskConfig(**entry["task"])
+    method = MethodConfig(**entry["method"])
+    spec = method_run(method, task)
+    setting = f"{task.dataset}/{task.model}/b{task.batch_size}/{task.epochs}ep"
+    if task.label_noise is not None:
+        setting += f"/{task.label_noise.type}{task.label_noise.rate:g}"
+    name = f"study/{method.label}/{setting}/seed{task.seed}"
+    return TrialRun.of(spec, "study", method.label, name=name)
+
+
 def _study_trainable(config: dict, meta_learners: dict[str, tuple[Any, str | None]]) -> None:
     """One transfer-study task: train it, report every epoch, append its Parquet row.
 
@@ -277,10 +294,10 @@ def _changed(saved: dict[str, Any], study: TransferStudyConfig) -> list[str]:
 
 
 def run_transfer_study(cfg: PipelineConfig, session: Session) -> pd.DataFrame:
-    """Run (or, in a resumed session, resume) ``cfg.study`` in ``session`` under its parent run
-    ``study/{name}``, one Ray Tune experiment per round (module docstring); returns the results
-    table (one row per task). A resumed experiment does not run finished tasks again (a task
-    whose row exists is also skipped).
+    """Run (or, in a resumed session, resume) ``cfg.study`` in ``session`` under its run
+    ``study`` (nested in the pipeline's run), one Ray Tune experiment per round (module
+    docstring); returns the results table (one row per task). A resumed experiment does not
+    run finished tasks again (a task whose row exists is also skipped).
 
     Raises:
         ConfigError: ``--resume`` with a grid that lost saved tasks (before any MLflow run).
@@ -327,8 +344,9 @@ def run_transfer_study(cfg: PipelineConfig, session: Session) -> pd.DataFrame:
                 ),
                 resources=trial_resources(res.cpus_per_task, res.gpus_per_task),
                 tracking_uri=session.tracking_uri,
-                experiment=session.experiment,
+                experiment_id=session.experiment_id,
                 parent_run_id=parent.run_id,
+                describe=_study_run,
                 total=len(grid_tasks),
             )
             with working_dir(out):
