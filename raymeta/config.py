@@ -223,13 +223,18 @@ class OuterLoopConfig(Strict):
     about once per epoch). Very frequent meta steps over-fit the greedy one-step objective and
     collapse the LR (short-horizon bias: on Fashion-MNIST, a meta step every step drove the LR
     from 0.37 to 0.02 within a tenth of the run); the default keeps the meta-learner's drift
-    slow, as the paper's schedule does. ``meta_batch_size``: global meta batch (summed over
+    slow, as the paper's schedule does. ``meta_objective``: ``lookahead`` (the paper's one
+    virtual step) or ``delayed`` (the meta loss at the real weights after the ``horizon`` steps
+    before each meta step, ``1 <= horizon <= meta_every``, default ``meta_every``;
+    :mod:`raymeta.meta.mlrsnet`). ``meta_batch_size``: global meta batch (summed over
     workers). ``meta_lr``, ``meta_weight_decay``: Adam on the meta-learner (paper: 1e-3,
     1e-4). ``hidden_size``, ``mlp_hidden``: the MLR-SNet cell (default: the paper's, as
     :class:`~raymeta.schedules.MLRSNet` defines them).
     """
 
     meta_every: PositiveInt = Field(20, validation_alias=AliasChoices("meta_every", "t_val"))
+    meta_objective: Literal["lookahead", "delayed"] = "lookahead"
+    horizon: PositiveInt | None = None
     meta_batch_size: PositiveInt = META_BATCH_SIZE
     meta_lr: PositiveFloat = 1e-3
     meta_weight_decay: NonNegFloat = 1e-4
@@ -239,6 +244,16 @@ class OuterLoopConfig(Strict):
     mlp_hidden: PositiveInt = Field(
         default_factory=lambda: _lower_default("raymeta.schedules", "MLRSNet", "mlp_hidden")
     )
+
+    @model_validator(mode="after")
+    def _check_objective(self):
+        from raymeta.meta.mlrsnet import check_meta_objective
+
+        try:
+            check_meta_objective(self.meta_objective, self.horizon, self.meta_every)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
     def outer_loop(self) -> OuterLoopConfig:
         """Only the outer-loop settings (of a section that adds more)."""

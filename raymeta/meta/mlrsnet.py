@@ -2,7 +2,10 @@
 
 The meta-learner is the schedule of the task it is meta-trained on: at every optimisation step
 it maps the (worker-averaged) batch loss to the LR of the real SGD step. Every ``meta_every`` steps,
-counted globally across epochs, a one-step look-ahead updates it first:
+counted globally across epochs, a meta step updates it first. Two meta-objectives
+(``meta_objective``):
+
+``lookahead`` (the paper's one-step look-ahead):
 
 1. ``lr = (1 - beta) * gamma * MLRSNet(loss)`` with the current LSTM state, keeping the graph
    (``beta`` the SGD momentum: MLR-SNet's output is the effective step size,
@@ -20,6 +23,16 @@ rebuilds the graph with ``create_graph=True`` (about 2.4 plain steps) and counts
 (our ``meta_every``) within an epoch (so an epoch shorter than ``t_val`` batches never
 meta-updates).
 
+``delayed`` (a longer horizon against the one-step objective's short-horizon bias,
+docs/mlrsnet.md section 4): the ``horizon`` ``k`` real steps before each meta step are the
+meta-objective's window. For them the trainer keeps the cell's inputs, the LSTM state at the
+window's start and the directions ``d_j`` the real steps took (detached); at the meta step the
+meta loss is taken at the real weights ``w_k = w_0 - sum_j lr_j d_j`` reached after those
+steps, and its gradient flows through the ``k`` LRs only (truncated backpropagation through the
+LSTM state over the window; the ``d_j`` are constants: first order in the directions). The
+gradient is exact for that surrogate, ``-sum_j <grad L_meta(w_k), d_j> dlr_j/dtheta``; it costs
+one forward and backward pass on the meta batch plus ``k`` stored directions.
+
 The real step then uses the LR of the *updated* meta-learner, as in the reference; the LSTM
 state advances once per optimisation step and is carried detached.
 """
@@ -29,10 +42,39 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from raymeta.errors import ConfigError
 from raymeta.meta.base import MetaLearner
-from raymeta.meta.lookahead import Average, identity_average, sgd_direction, unwrap
+from raymeta.meta.lookahead import (
+    Average,
+    functional_loss,
+    identity_average,
+    sgd_direction,
+    unwrap,
+)
 from raymeta.schedules.base import Schedule
 from raymeta.schedules.mlrsnet import MLRSNet, gamma_scale, momentum_lr_scale, require_loss
+
+META_OBJECTIVES = ("lookahead", "delayed")
+
+
+def check_meta_objective(meta_objective: str, horizon: int | None, meta_every: int) -> None:
+    """Raise a one-line :class:`ConfigError` for an unknown ``meta_objective`` or a ``horizon``
+    that does not fit it: ``lookahead`` takes no horizon; ``delayed`` takes
+    ``1 <= horizon <= meta_every`` (its window must not contain the previous meta step's
+    update)."""
+    if meta_objective not in META_OBJECTIVES:
+        raise ConfigError(
+            f"meta_objective {meta_objective!r} is unknown; accepted: {', '.join(META_OBJECTIVES)}"
+        )
+    if meta_objective == "lookahead" and horizon is not None:
+        raise ConfigError(
+            f"horizon={horizon} applies to meta_objective delayed, not to lookahead (one step)"
+        )
+    if horizon is not None and not 1 <= horizon <= meta_every:
+        raise ConfigError(
+            f"horizon={horizon} is invalid with meta_every={meta_every}; accepted: "
+            "1 <= horizon <= meta_every (the steps before each meta step)"
+        )
 
 
 class MLRSNetMetaTrainer(MetaLearner, Schedule):
@@ -48,13 +90,19 @@ class MLRSNetMetaTrainer(MetaLearner, Schedule):
         meta_batch_size: meta-set images per meta step, summed over workers.
         meta_lr, meta_weight_decay: Adam hyper-parameters of the outer loop (paper: 1e-3, 1e-4).
         loss_scale: divide the batch loss by this before the cell (1 for images).
-        average: reduces a tensor to its mean over data-parallel workers (identity for one).
+        average: reduces a tensor to its mean over the workers that meta-train this cell
+            (identity for one; in multi-task meta-training, every worker of every task).
         momentum: the task's SGD momentum ``beta``; the real and the virtual step use the LR
             ``(1 - beta) * gamma * MLRSNet(loss)``, so the meta-learner learns the effective
             step size whatever the momentum.
+        meta_objective: ``lookahead`` (one virtual step) or ``delayed`` (the meta loss after
+            the ``horizon`` real steps before each meta step); see the module docstring.
+        horizon: ``k`` of ``delayed``, in optimisation steps (default ``meta_every``: every
+            step since the previous meta step); None for ``lookahead``.
 
     Raises:
-        ConfigError: ``meta_every < 1``.
+        ConfigError: ``meta_every < 1``, an unknown ``meta_objective`` or a bad ``horizon``
+            (:func:`check_meta_objective`).
         ValueError: ``momentum`` not in ``[0, 1)``.
     """
 
@@ -71,6 +119,8 @@ class MLRSNetMetaTrainer(MetaLearner, Schedule):
         loss_scale: float = 1.0,
         average: Average = identity_average,
         momentum: float = 0.0,
+        meta_objective: str = "lookahead",
+        horizon: int | None = None,
     ):
         super().__init__(
             cell,
@@ -79,15 +129,27 @@ class MLRSNetMetaTrainer(MetaLearner, Schedule):
             meta_weight_decay=meta_weight_decay,
             average=average,
         )
+        check_meta_objective(meta_objective, horizon, meta_every)
         self.cell, self.num_classes = cell, num_classes
         self.meta_batch_size, self.loss_scale = meta_batch_size, loss_scale
         self.state = cell.initial_state()
         self.gamma: float | None = None
         self.lr_scale = momentum_lr_scale(momentum)
+        self.meta_objective = meta_objective
+        self.horizon = (horizon or meta_every) if meta_objective == "delayed" else 0
+        self._clear_window()
 
     def start_epoch(self, epoch, mean_train_loss):
         if self.gamma is None:  # gamma from the initial model's mean training loss L0
             self.gamma = gamma_scale(mean_train_loss(), self.num_classes)
+
+    def new_task(self) -> None:
+        """Forget what belongs to the task model, keeping the meta-learner and its optimiser:
+        the LSTM state, gamma (recomputed from the next model's ``L0``) and the delayed
+        objective's window. Multi-task meta-training calls it when a finished task restarts
+        from a fresh initialisation."""
+        self.state, self.gamma = self.cell.initial_state(), None
+        self._clear_window()
 
     def _cell_input(self, loss: float) -> torch.Tensor:
         w = self.cell.head.weight
@@ -95,18 +157,65 @@ class MLRSNetMetaTrainer(MetaLearner, Schedule):
 
     needs_loss = True
 
+    def in_window(self, step: int) -> bool:
+        """True when global step ``step`` (0-based) is one of the ``horizon`` steps before a
+        meta step (the delayed objective's window; never for ``lookahead``)."""
+        until = self.meta_every - 1 - step % self.meta_every  # 0: step is itself a meta step
+        return 0 < (until or self.meta_every) <= self.horizon
+
     @torch.no_grad()
     def lr(self, step, epoch, loss):
         self.check_loss(loss, step, epoch)
         require_loss(loss)
-        unit, self.state = self.cell(self._cell_input(loss), self.state)
+        x = self._cell_input(loss)
+        if self.in_window(step):
+            if not self._inputs:
+                self._window_start = self.state
+            self._inputs.append(x)
+        unit, self.state = self.cell(x, self.state)
         return float(self.lr_scale * self.gamma * unit)
+
+    def observe_step(self, model: nn.Module, optimizer: torch.optim.SGD, step: int) -> None:
+        """Keep the direction ``d (P,)`` (flattened over the parameters) of the real step
+        ``step`` when it is in the delayed objective's window; call after :meth:`lr` and
+        before ``optimizer.step()`` (``d`` is read from the gradients and momentum buffers)."""
+        if self.in_window(step):
+            d = sgd_direction(model, optimizer)
+            self._directions.append(torch.cat([v.reshape(-1) for v in d.values()]).detach())
 
     def virtual_lr(self, loss: float) -> torch.Tensor:
         """The LR ``()`` of the coming step, ``(1 - beta) * gamma * MLRSNet(loss)``, from the
         current LSTM state (not advanced), differentiable w.r.t. the cell's parameters."""
         unit, _ = self.cell(self._cell_input(loss), self.state)
         return self.lr_scale * self.gamma * unit
+
+    def window_lrs(self) -> torch.Tensor:
+        """The LRs ``(k,)`` of the delayed objective's window, recomputed from the LSTM state at
+        its start with the current cell, differentiable w.r.t. the cell's parameters (equal to
+        the LRs the real steps took: the cell has not changed since)."""
+        state, units = self._window_start, []
+        for x in self._inputs:
+            unit, state = self.cell(x, state)
+            units.append(unit)
+        return self.lr_scale * self.gamma * torch.stack(units)
+
+    def delayed_meta_grads(
+        self, model: nn.Module, meta_x: torch.Tensor, meta_y: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """The delayed objective's meta loss ``()`` at the current (real) weights on the meta
+        batch ``(meta_x (B_meta, ...), meta_y (B_meta,))`` and this worker's gradient of its
+        surrogate ``L_meta(w_0 - sum_j lr_j d_j)`` w.r.t. the cell's parameters (None where
+        unused; all None when the window is empty, e.g. just after :meth:`new_task`)."""
+        params = {n: p.detach().requires_grad_(True) for n, p in unwrap(model).named_parameters()}
+        meta_loss = functional_loss(model, params, meta_x, meta_y)
+        if not self._inputs:
+            return meta_loss.detach(), [None] * len(self.meta_params)
+        grad = torch.autograd.grad(meta_loss, list(params.values()))
+        flat = torch.cat([g.reshape(-1) for g in grad])
+        coeffs = -(torch.stack(self._directions) @ flat)  # (k,) dL_meta/dlr_j
+        surrogate = (coeffs.detach() * self.window_lrs()).sum()
+        grads = torch.autograd.grad(surrogate, self.meta_params, allow_unused=True)
+        return meta_loss.detach(), list(grads)
 
     def meta_step(
         self,
@@ -117,7 +226,8 @@ class MLRSNetMetaTrainer(MetaLearner, Schedule):
         meta_y: torch.Tensor,
     ) -> float:
         """One outer-loop update; call after ``backward()`` of the training batch and before
-        :meth:`lr` for the same step. Returns the meta loss (this worker's meta batch).
+        :meth:`lr` for the same step. Returns the meta loss (this worker's meta batch: after
+        the virtual step for ``lookahead``, at the current weights for ``delayed``).
 
         Args:
             model: the task model (possibly DDP-wrapped), gradients already averaged.
@@ -125,16 +235,35 @@ class MLRSNetMetaTrainer(MetaLearner, Schedule):
             loss: the worker-averaged training batch loss (mean cross-entropy).
             meta_x, meta_y: this worker's meta batch ``(B_meta, ...)``, ``(B_meta,)``.
         """
-        params = dict(unwrap(model).named_parameters())
-        direction = sgd_direction(model, optimizer)
-        meta_loss, grads = self.lookahead_meta_grads(
-            model, params, direction, self.virtual_lr(loss), meta_x, meta_y
-        )
+        if self.meta_objective == "delayed":
+            meta_loss, grads = self.delayed_meta_grads(model, meta_x, meta_y)
+            self._clear_window()
+        else:
+            params = dict(unwrap(model).named_parameters())
+            direction = sgd_direction(model, optimizer)
+            meta_loss, grads = self.lookahead_meta_grads(
+                model, params, direction, self.virtual_lr(loss), meta_x, meta_y
+            )
         return self.apply_meta_gradient(meta_loss, grads)
 
+    def _clear_window(self) -> None:
+        self._window_start: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._inputs: list[torch.Tensor] = []
+        self._directions: list[torch.Tensor] = []
+
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "state": self.state, "gamma": self.gamma}
+        """The meta-learner state, the LSTM state, gamma and the delayed objective's window (at
+        most ``horizon`` directions: constant size)."""
+        window = {
+            "start": self._window_start,
+            "inputs": self._inputs,
+            "directions": self._directions,
+        }
+        return {**super().state_dict(), "state": self.state, "gamma": self.gamma, "window": window}
 
     def load_state_dict(self, sd: dict) -> None:
         super().load_state_dict(sd)
         self.state, self.gamma = sd["state"], sd["gamma"]
+        window = sd["window"]
+        self._window_start = window["start"]
+        self._inputs, self._directions = list(window["inputs"]), list(window["directions"])

@@ -133,6 +133,8 @@ def _schedule(spec: RunSpec, data: TaskData, n_steps: int, workers: Workers, met
             loss_scale=scale,
             average=workers.mean,
             momentum=task.momentum,
+            meta_objective=meta.meta_objective,
+            horizon=meta.horizon,
         )
     if isinstance(spec, LearnedRun):
         return MLRSNetSchedule(
