@@ -240,35 +240,41 @@ def test_meta_trainer_checkpoint_does_not_grow_with_meta_steps():
         assert torch.equal(p, q)
 
 
-def run_delayed_window(k=4, momentum=0.9):
-    """k real SGD steps of the double-precision MLP under a delayed-objective trainer whose
-    meta step comes right after them; returns what an independent check needs."""
+def run_delayed_window(k=4, meta_every=5, steps=4, momentum=0.9):
+    """``steps`` real SGD steps of the double-precision MLP under a delayed-objective trainer
+    (meta steps every ``meta_every``, window ``k``); returns, for the last ``k`` steps, what an
+    independent check needs: the weights before them, the LSTM state before the first, the
+    losses and the directions."""
     model, _, cell, _, _, meta = setup_problem(momentum=momentum)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum, weight_decay=5e-4)
     trainer = MLRSNetMetaTrainer(
-        cell, 10, meta_every=k + 1, momentum=momentum, meta_objective="delayed", horizon=k
+        cell, 10, meta_every=meta_every, momentum=momentum, meta_objective="delayed", horizon=k
     )
     trainer.gamma = 0.5
-    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     torch.manual_seed(2)
-    losses, directions = [], []
-    for step in range(k):
+    weights, states, losses, directions = [], [], [], []
+    for step in range(steps):
         x, y = torch.randn(32, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (32,))
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
+        if trainer.is_meta_step(step):
+            trainer.meta_step(model, opt, loss.item(), *meta)
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        states.append(trainer.state)
         lr = trainer.lr(step, 0, loss.item())
         directions.append({n: v.clone() for n, v in sgd_direction(model, opt).items()})
         trainer.observe_step(model, opt, step)
         opt.param_groups[0]["lr"] = lr
         opt.step()
         losses.append(loss.item())
-    return model, trainer, w0, losses, directions, meta
+    window = (weights[-k], states[-k], losses[-k:], directions[-k:])
+    return model, trainer, window, meta
 
 
 def test_delayed_window_reproduces_the_real_weights():
     """The window's stored LRs and directions give back the real weights after its k steps."""
-    model, trainer, w0, _, directions, _ = run_delayed_window()
+    model, trainer, (w0, _, _, directions), _ = run_delayed_window()
     lrs = trainer.window_lrs().detach()
     assert lrs.shape == (4,) and trainer.in_window(3) and not trainer.in_window(4)
     for n, p in model.named_parameters():
@@ -276,16 +282,21 @@ def test_delayed_window_reproduces_the_real_weights():
         torch.testing.assert_close(p.detach(), rebuilt, rtol=1e-10, atol=1e-12)
 
 
-def test_delayed_meta_gradient_matches_finite_differences_of_its_surrogate():
-    """The delayed objective's gradient is exact for L_meta(w0 - sum_j lr_j(theta) d_j) with the
-    d_j fixed: central finite differences, the LRs recomputed by running the cell over the
-    window's losses from the initial LSTM state (independently of the trainer)."""
-    model, trainer, w0, losses, directions, meta = run_delayed_window()
+@pytest.mark.parametrize(("k", "meta_every", "steps"), [(4, 5, 4), (6, 2, 9)])
+def test_delayed_meta_gradient_matches_finite_differences_of_its_surrogate(k, meta_every, steps):
+    """The delayed objective's gradient is exact for L_meta(w0 - sum_j lr_j(theta) d_j) with
+    the d_j fixed: central finite differences, the LRs recomputed by running the cell over the
+    window's losses from the LSTM state before it (independently of the trainer). Also when the
+    window spans earlier meta steps (k > meta_every: the cell changed inside it)."""
+    model, trainer, (w0, state0, losses, directions), meta = run_delayed_window(
+        k, meta_every, steps
+    )
+    assert trainer.meta_steps == steps // meta_every
     cell = trainer.cell
     _, grads = trainer.delayed_meta_grads(model, *meta)
 
     def surrogate():
-        state, w = cell.initial_state(), dict(w0)
+        state, w = state0, dict(w0)
         for loss, d in zip(losses, directions, strict=True):
             unit, state = cell(torch.tensor(loss, dtype=torch.float64), state)
             w = {n: w[n] - 0.1 * 0.5 * unit * d[n] for n in w}
@@ -316,6 +327,8 @@ def test_delayed_window_is_the_horizon_before_each_meta_step():
     assert [s for s in range(12) if trainer.in_window(s)] == [2, 3, 7, 8]
     full = MLRSNetMetaTrainer(MLRSNet(), 10, meta_every=5, meta_objective="delayed")
     assert full.horizon == 5 and all(full.in_window(s) for s in range(12))
+    long = MLRSNetMetaTrainer(MLRSNet(), 10, meta_every=2, meta_objective="delayed", horizon=7)
+    assert all(long.in_window(s) for s in range(12))
     one_step = MLRSNetMetaTrainer(MLRSNet(), 10, meta_every=5)
     assert not any(one_step.in_window(s) for s in range(12))
 
@@ -323,7 +336,7 @@ def test_delayed_window_is_the_horizon_before_each_meta_step():
 @pytest.mark.parametrize(
     ("outer", "message"),
     [
-        ({"meta_every": 5, "meta_objective": "delayed", "horizon": 6}, "horizon=6 is invalid"),
+        ({"meta_objective": "delayed", "horizon": 0}, "horizon: Input should be greater than 0"),
         ({"horizon": 3}, "horizon=3 applies to meta_objective delayed"),
         ({"meta_objective": "unrolled"}, "meta_objective: Input should be 'lookahead' or"),
     ],
@@ -352,7 +365,6 @@ def test_delayed_objective_resumes_mid_window_exactly():
     outer = OuterLoopConfig(meta_every=5, meta_objective="delayed", horizon=3, meta_batch_size=20)
     spec = meta_train_run(outer, task, "delayed")
     whole = build_run(spec)
-    assert whole.steps_per_epoch % 5 in (2, 3)  # epoch 1 ends inside the window of a meta step
     saved = {}
 
     def keep(metrics, state, optimizer):
@@ -369,12 +381,14 @@ def test_delayed_objective_resumes_mid_window_exactly():
             saved.update(torch.load(buf, weights_only=True))
 
     end = whole.train(on_epoch_end=keep)
-    assert len(saved["schedule"]["window"]["directions"]) > 0
+    spe = whole.steps_per_epoch
+    assert whole.schedule.in_window(spe - 1) and whole.schedule.in_window(spe)  # mid-window
+    assert len(saved["schedule"]["window"]) == 3
     resumed = build_run(spec)
     resumed.model.load_state_dict(saved["model"])
     resumed.schedule.load_state_dict(saved["schedule"])
     state = resumed.train(state=RunState(**saved["run"]), optimizer_state=saved["optimizer"])
-    assert state.lrs == end.lrs[whole.steps_per_epoch :]
+    assert state.lrs == end.lrs[spe:]
     cells = [r.schedule.cell.parameters() for r in (whole, resumed, build_run(spec))]
     moved = False
     for p, q, initial in zip(*cells, strict=True):

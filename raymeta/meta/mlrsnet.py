@@ -24,20 +24,27 @@ rebuilds the graph with ``create_graph=True`` (about 2.4 plain steps) and counts
 meta-updates).
 
 ``delayed`` (a longer horizon against the one-step objective's short-horizon bias,
-docs/mlrsnet.md section 4): the ``horizon`` ``k`` real steps before each meta step are the
-meta-objective's window. For them the trainer keeps the cell's inputs, the LSTM state at the
-window's start and the directions ``d_j`` the real steps took (detached); at the meta step the
-meta loss is taken at the real weights ``w_k = w_0 - sum_j lr_j d_j`` reached after those
-steps, and its gradient flows through the ``k`` LRs only (truncated backpropagation through the
-LSTM state over the window; the ``d_j`` are constants: first order in the directions). The
-gradient is exact for that surrogate, ``-sum_j <grad L_meta(w_k), d_j> dlr_j/dtheta``; it costs
-one forward and backward pass on the meta batch plus ``k`` stored directions.
+docs/mlrsnet.md section 4): the last ``horizon`` ``k`` real steps before each meta step are the
+meta-objective's window. For each the trainer keeps the LSTM state before it, the cell's input,
+the LR it applied and the direction ``d_j`` the real step took (detached). At the meta step the
+window's LRs ``lr_j(theta)`` are recomputed from the stored state and inputs with graph
+(truncated backpropagation through the LSTM state over the window), and the meta loss is taken
+at ``w_k(theta) = w_0 - sum_j lr_j(theta) d_j``, ``w_0`` the weights before the window: the
+real weights after those ``k`` steps when the cell has not changed since (``k <= meta_every``),
+and otherwise the weights these steps would have reached with the current cell (the windows of
+successive meta steps overlap when ``k > meta_every``). The ``d_j`` are constants (first order
+in the directions: a direction's dependence on the earlier LRs through the weights is dropped),
+so the gradient ``-sum_j <grad L_meta(w_k), d_j> dlr_j/dtheta`` is exact for this surrogate; it
+costs one forward and backward pass on the meta batch, ``k`` LSTM steps and ``k`` stored
+directions.
 
 The real step then uses the LR of the *updated* meta-learner, as in the reference; the LSTM
 state advances once per optimisation step and is carried detached.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 import torch
 from torch import nn
@@ -57,11 +64,9 @@ from raymeta.schedules.mlrsnet import MLRSNet, gamma_scale, momentum_lr_scale, r
 META_OBJECTIVES = ("lookahead", "delayed")
 
 
-def check_meta_objective(meta_objective: str, horizon: int | None, meta_every: int) -> None:
+def check_meta_objective(meta_objective: str, horizon: int | None) -> None:
     """Raise a one-line :class:`ConfigError` for an unknown ``meta_objective`` or a ``horizon``
-    that does not fit it: ``lookahead`` takes no horizon; ``delayed`` takes
-    ``1 <= horizon <= meta_every`` (its window must not contain the previous meta step's
-    update)."""
+    that does not fit it: ``lookahead`` takes none, ``delayed`` an integer >= 1."""
     if meta_objective not in META_OBJECTIVES:
         raise ConfigError(
             f"meta_objective {meta_objective!r} is unknown; accepted: {', '.join(META_OBJECTIVES)}"
@@ -70,11 +75,8 @@ def check_meta_objective(meta_objective: str, horizon: int | None, meta_every: i
         raise ConfigError(
             f"horizon={horizon} applies to meta_objective delayed, not to lookahead (one step)"
         )
-    if horizon is not None and not 1 <= horizon <= meta_every:
-        raise ConfigError(
-            f"horizon={horizon} is invalid with meta_every={meta_every}; accepted: "
-            "1 <= horizon <= meta_every (the steps before each meta step)"
-        )
+    if horizon is not None and horizon < 1:
+        raise ConfigError(f"horizon={horizon} is invalid; accepted: an integer >= 1 (steps)")
 
 
 class MLRSNetMetaTrainer(MetaLearner, Schedule):
@@ -96,9 +98,9 @@ class MLRSNetMetaTrainer(MetaLearner, Schedule):
             ``(1 - beta) * gamma * MLRSNet(loss)``, so the meta-learner learns the effective
             step size whatever the momentum.
         meta_objective: ``lookahead`` (one virtual step) or ``delayed`` (the meta loss after
-            the ``horizon`` real steps before each meta step); see the module docstring.
-        horizon: ``k`` of ``delayed``, in optimisation steps (default ``meta_every``: every
-            step since the previous meta step); None for ``lookahead``.
+            the last ``horizon`` real steps before each meta step); see the module docstring.
+        horizon: ``k`` of ``delayed``, in optimisation steps (default ``meta_every``: the
+            steps since the previous meta step); None for ``lookahead``.
 
     Raises:
         ConfigError: ``meta_every < 1``, an unknown ``meta_objective`` or a bad ``horizon``
@@ -129,7 +131,7 @@ class MLRSNetMetaTrainer(MetaLearner, Schedule):
             meta_weight_decay=meta_weight_decay,
             average=average,
         )
-        check_meta_objective(meta_objective, horizon, meta_every)
+        check_meta_objective(meta_objective, horizon)
         self.cell, self.num_classes = cell, num_classes
         self.meta_batch_size, self.loss_scale = meta_batch_size, loss_scale
         self.state = cell.initial_state()
@@ -159,7 +161,8 @@ class MLRSNetMetaTrainer(MetaLearner, Schedule):
 
     def in_window(self, step: int) -> bool:
         """True when global step ``step`` (0-based) is one of the ``horizon`` steps before a
-        meta step (the delayed objective's window; never for ``lookahead``)."""
+        meta step (the delayed objective's window; every step when ``horizon >= meta_every``;
+        never for ``lookahead``)."""
         until = self.meta_every - 1 - step % self.meta_every  # 0: step is itself a meta step
         return 0 < (until or self.meta_every) <= self.horizon
 
@@ -167,13 +170,12 @@ class MLRSNetMetaTrainer(MetaLearner, Schedule):
     def lr(self, step, epoch, loss):
         self.check_loss(loss, step, epoch)
         require_loss(loss)
-        x = self._cell_input(loss)
+        x, before = self._cell_input(loss), self.state
+        unit, self.state = self.cell(x, before)
+        lr = float(self.lr_scale * self.gamma * unit)
         if self.in_window(step):
-            if not self._inputs:
-                self._window_start = self.state
-            self._inputs.append(x)
-        unit, self.state = self.cell(x, self.state)
-        return float(self.lr_scale * self.gamma * unit)
+            self._window.append({"state": before, "input": x, "lr": lr})
+        return lr
 
     def observe_step(self, model: nn.Module, optimizer: torch.optim.SGD, step: int) -> None:
         """Keep the direction ``d (P,)`` (flattened over the parameters) of the real step
@@ -181,7 +183,7 @@ class MLRSNetMetaTrainer(MetaLearner, Schedule):
         before ``optimizer.step()`` (``d`` is read from the gradients and momentum buffers)."""
         if self.in_window(step):
             d = sgd_direction(model, optimizer)
-            self._directions.append(torch.cat([v.reshape(-1) for v in d.values()]).detach())
+            self._window[-1]["direction"] = torch.cat([v.reshape(-1) for v in d.values()]).detach()
 
     def virtual_lr(self, loss: float) -> torch.Tensor:
         """The LR ``()`` of the coming step, ``(1 - beta) * gamma * MLRSNet(loss)``, from the
@@ -190,30 +192,42 @@ class MLRSNetMetaTrainer(MetaLearner, Schedule):
         return self.lr_scale * self.gamma * unit
 
     def window_lrs(self) -> torch.Tensor:
-        """The LRs ``(k,)`` of the delayed objective's window, recomputed from the LSTM state at
-        its start with the current cell, differentiable w.r.t. the cell's parameters (equal to
-        the LRs the real steps took: the cell has not changed since)."""
-        state, units = self._window_start, []
-        for x in self._inputs:
-            unit, state = self.cell(x, state)
+        """The LRs ``(k,)`` of the delayed objective's window, recomputed with the current cell
+        from the LSTM state before its first step, differentiable w.r.t. the cell's parameters
+        (equal to the LRs the real steps took when the cell has not changed since)."""
+        state, units = self._window[0]["state"], []
+        for entry in self._window:
+            unit, state = self.cell(entry["input"], state)
             units.append(unit)
         return self.lr_scale * self.gamma * torch.stack(units)
 
     def delayed_meta_grads(
         self, model: nn.Module, meta_x: torch.Tensor, meta_y: torch.Tensor
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        """The delayed objective's meta loss ``()`` at the current (real) weights on the meta
-        batch ``(meta_x (B_meta, ...), meta_y (B_meta,))`` and this worker's gradient of its
-        surrogate ``L_meta(w_0 - sum_j lr_j d_j)`` w.r.t. the cell's parameters (None where
-        unused; all None when the window is empty, e.g. just after :meth:`new_task`)."""
-        params = {n: p.detach().requires_grad_(True) for n, p in unwrap(model).named_parameters()}
+        """The delayed objective's meta loss ``()`` at ``w_k = w_0 - sum_j lr_j d_j`` on the meta
+        batch ``(meta_x (B_meta, ...), meta_y (B_meta,))`` and this worker's gradient of it
+        w.r.t. the cell's parameters, the ``d_j`` held constant (None where unused; all None
+        when the window is empty, e.g. just after :meth:`new_task`). ``w_k`` is the current
+        weights moved by ``sum_j (lr_j applied - lr_j now) d_j``: zero unless the cell changed
+        inside the window."""
+        params = {n: p.detach() for n, p in unwrap(model).named_parameters()}
+        if not self._window:
+            return functional_loss(model, params, meta_x, meta_y).detach(), [None] * len(
+                self.meta_params
+            )
+        lrs = self.window_lrs()
+        directions = torch.stack([entry["direction"] for entry in self._window])  # (k, P)
+        applied = torch.tensor([entry["lr"] for entry in self._window], dtype=lrs.dtype)
+        shift = (applied.to(lrs.device) - lrs.detach()) @ directions  # (P,)
+        offsets = shift.split([p.numel() for p in params.values()])
+        params = {
+            n: (p + o.view_as(p)).requires_grad_(True)
+            for (n, p), o in zip(params.items(), offsets, strict=True)
+        }
         meta_loss = functional_loss(model, params, meta_x, meta_y)
-        if not self._inputs:
-            return meta_loss.detach(), [None] * len(self.meta_params)
         grad = torch.autograd.grad(meta_loss, list(params.values()))
-        flat = torch.cat([g.reshape(-1) for g in grad])
-        coeffs = -(torch.stack(self._directions) @ flat)  # (k,) dL_meta/dlr_j
-        surrogate = (coeffs.detach() * self.window_lrs()).sum()
+        coeffs = -(directions @ torch.cat([g.reshape(-1) for g in grad]))  # (k,) dL_meta/dlr_j
+        surrogate = (coeffs * lrs).sum()
         grads = torch.autograd.grad(surrogate, self.meta_params, allow_unused=True)
         return meta_loss.detach(), list(grads)
 
@@ -237,7 +251,6 @@ class MLRSNetMetaTrainer(MetaLearner, Schedule):
         """
         if self.meta_objective == "delayed":
             meta_loss, grads = self.delayed_meta_grads(model, meta_x, meta_y)
-            self._clear_window()
         else:
             params = dict(unwrap(model).named_parameters())
             direction = sgd_direction(model, optimizer)
@@ -247,23 +260,16 @@ class MLRSNetMetaTrainer(MetaLearner, Schedule):
         return self.apply_meta_gradient(meta_loss, grads)
 
     def _clear_window(self) -> None:
-        self._window_start: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._inputs: list[torch.Tensor] = []
-        self._directions: list[torch.Tensor] = []
+        self._window: deque[dict] = deque(maxlen=max(self.horizon, 1))
 
     def state_dict(self) -> dict:
         """The meta-learner state, the LSTM state, gamma and the delayed objective's window (at
         most ``horizon`` directions: constant size)."""
-        window = {
-            "start": self._window_start,
-            "inputs": self._inputs,
-            "directions": self._directions,
-        }
+        window = list(self._window)
         return {**super().state_dict(), "state": self.state, "gamma": self.gamma, "window": window}
 
     def load_state_dict(self, sd: dict) -> None:
         super().load_state_dict(sd)
         self.state, self.gamma = sd["state"], sd["gamma"]
-        window = sd["window"]
-        self._window_start = window["start"]
-        self._inputs, self._directions = list(window["inputs"]), list(window["directions"])
+        self._clear_window()
+        self._window.extend(sd["window"])
