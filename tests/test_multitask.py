@@ -120,3 +120,176 @@ def test_multitask_data_checks_name_the_task_before_ray_starts():
         ConfigError, match="checkpoint_epochs .3. exceed the 2 epochs of meta-training"
     ):
         check_pipeline(cfg, ["meta_train"])
+
+
+# Two tasks of different lengths: task 0 (digits, small CNN, batch 32, plain SGD) finishes its
+# 35 steps first and restarts with a new seed; task 1 (digits, MLP, batch 64, momentum 0.9)
+# sets meta-training's length: 3 epochs of 17 steps.
+TWO_TASKS = [
+    TaskConfig(
+        dataset="digits", model="small_cnn", batch_size=32, epochs=1, val_size=200,
+        meta_per_class=10, seed=3,
+    ),
+    TaskConfig(
+        dataset="digits", model="mlp", batch_size=64, epochs=3, momentum=0.9, val_size=200,
+        meta_per_class=10, seed=4,
+    ),
+]  # fmt: skip
+TWO_OUTER = OuterLoopConfig(meta_every=5, meta_batch_size=40, meta_lr=1e-2)
+
+
+def two_task_spec(label, tasks=TWO_TASKS):
+    from raymeta.spec import multitask_meta_train_run
+
+    return multitask_meta_train_run(TWO_OUTER, tasks, label, [35, 17], [1, 3])
+
+
+def averaged_in_one_process():
+    """The reference: both tasks in lockstep in this process, written from the definition:
+    each task trains with its own model, optimiser, gamma and LSTM state; at every meta step
+    the two tasks' look-ahead meta-gradients are averaged and one Adam step updates the one
+    cell; a finished task restarts with seed + 1000 (new model, optimiser, state, gamma) and
+    the same data. Returns the final cell and each task's LRs."""
+    import torch.nn.functional as F
+
+    from raymeta.data.batches import endless_batches, epoch_batches
+    from raymeta.meta.lookahead import set_lr, sgd_direction
+    from raymeta.meta.mlrsnet import MLRSNetMetaTrainer
+    from raymeta.schedules import MLRSNet
+    from raymeta.train.loop import (
+        Workers,
+        build_task_model,
+        load_task_data,
+        mean_train_loss,
+    )
+
+    torch.manual_seed(TWO_TASKS[0].seed + 1)
+    cell = MLRSNet()
+    adam = torch.optim.Adam(cell.parameters(), lr=TWO_OUTER.meta_lr, weight_decay=1e-4)
+    runs = []
+    for task in TWO_TASKS:
+        data = load_task_data(task)
+        trainer = MLRSNetMetaTrainer(cell, 10, momentum=task.momentum)
+        runs.append({"task": task, "data": data, "trainer": trainer, "lrs": [], "runs": -1})
+
+    def start(run, step):  # a new run of the task, at global step ``step``
+        run["runs"] += 1
+        task = run["task"].model_copy(update={"seed": run["task"].seed + 1000 * run["runs"]})
+        run["model"] = build_task_model(task, run["data"], "cpu")
+        run["opt"] = torch.optim.SGD(
+            run["model"].parameters(), lr=0.0, momentum=task.momentum, weight_decay=5e-4
+        )
+        run["trainer"].state, run["trainer"].gamma = cell.initial_state(), None
+        run["seed"], run["start"] = task.seed, step
+        meta = endless_batches(len(run["data"].meta_y), 40, seed=task.seed)
+        for _ in range(step // 5):  # the meta batches are indexed by the global meta step
+            next(meta)
+        run["meta"] = meta
+
+    for step in range(51):
+        losses = []
+        for run in runs:
+            task, data = run["task"], run["data"]
+            spe = len(data.train_y) // task.batch_size
+            if run["runs"] < 0 or step - run["start"] == task.epochs * spe:
+                start(run, step)
+            local = step - run["start"]
+            epoch, k = divmod(local, spe)
+            if k == 0:
+                run["batches"] = epoch_batches(
+                    len(data.train_y), task.batch_size, seed=run["seed"], epoch=epoch
+                )
+                if run["trainer"].gamma is None:
+                    run["trainer"].start_epoch(
+                        epoch, lambda r=run: mean_train_loss(r["model"], r["data"], Workers())
+                    )
+            idx = next(run["batches"])
+            run["opt"].zero_grad()
+            loss = F.cross_entropy(run["model"](data.train_x[idx]), data.train_y[idx])
+            loss.backward()
+            losses.append(loss.item())
+        if (step + 1) % 5 == 0:
+            grads = []
+            for run, loss in zip(runs, losses, strict=True):
+                midx = next(run["meta"])
+                meta_x, meta_y = run["data"].meta_x[midx], run["data"].meta_y[midx]
+                params = dict(run["model"].named_parameters())
+                d = sgd_direction(run["model"], run["opt"])
+                lr = run["trainer"].virtual_lr(loss)
+                grads.append(
+                    run["trainer"].lookahead_meta_grads(
+                        run["model"], params, d, lr, meta_x, meta_y
+                    )[1]
+                )
+            adam.zero_grad()
+            for p, g0, g1 in zip(cell.parameters(), *grads, strict=True):
+                p.grad = (g0 + g1) / 2
+            adam.step()
+        for run, loss in zip(runs, losses, strict=True):
+            lr = run["trainer"].lr(step, 0, loss)
+            set_lr(run["opt"], lr)
+            run["opt"].step()
+            run["lrs"].append(lr)
+    return cell, [run["lrs"] for run in runs]
+
+
+@pytest.mark.ray
+def test_two_tasks_on_two_workers_match_one_process_averaging_their_meta_gradients(
+    ray_local, tmp_path
+):
+    from raymeta.train.ray_train import fit
+
+    result = fit(two_task_spec("mt"), num_workers=2, storage_path=tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker: the same reduction order in the matmuls
+    try:
+        cell, lrs = averaged_in_one_process()
+    finally:
+        torch.set_num_threads(threads)
+    assert [len(t["lrs"]) for t in result.tasks] == [51, 51]
+    assert [t["restarts"] for t in result.tasks] == [1, 0]
+    for ray_lrs, ref in zip((t["lrs"] for t in result.tasks), lrs, strict=True):
+        torch.testing.assert_close(torch.tensor(ray_lrs), torch.tensor(ref), rtol=1e-5, atol=1e-7)
+    for key, value in cell.state_dict().items():
+        # Adam divides by sqrt(v): a float-rounding difference in a near-zero gradient moves
+        # a parameter by up to ~1e-5 after 10 meta steps at meta_lr 1e-2
+        torch.testing.assert_close(result.saved_cells[3][key], value, rtol=1e-4, atol=1e-5)
+    first = result.saved_cells[1]
+    assert any(not torch.equal(first[k], v) for k, v in cell.state_dict().items())  # it moved
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert result.history[-1]["task0_restarts"] == 1.0
+    assert result.history[-1]["task1_val_acc"] > 0.5
+
+
+@pytest.mark.ray
+def test_multitask_worker_failure_resumes_exactly_from_the_checkpoint(ray_local, tmp_path):
+    """A failure after meta-training epoch 2 (task 0 restarted, both tasks inside an epoch of
+    their own): the restarted group resumes from every task's checkpointed state and ends as
+    the unbroken run."""
+    from raymeta.train.ray_train import fit
+
+    spec = two_task_spec("mt-fail")
+    whole = fit(spec, num_workers=2, storage_path=tmp_path / "whole")
+    resumed = fit(spec, num_workers=2, storage_path=tmp_path / "r", fail_once_after_epoch=2)
+    assert [t["lrs"] for t in resumed.tasks] == [t["lrs"] for t in whole.tasks]
+    for key, value in whole.saved_cells[3].items():
+        assert torch.equal(resumed.saved_cells[3][key], value), key
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+
+
+@pytest.mark.ray
+def test_a_dead_task_ends_every_worker_with_one_line(ray_local, tmp_path):
+    """Task 1 cannot meet its guard (99 % progress in 5 steps): its workers keep taking part
+    in the meta steps until the end of the meta-training epoch, where every worker ends with
+    its error: no hang, no retry, one line naming the task."""
+    from raymeta.errors import DeadRunError
+    from raymeta.train.ray_train import fit
+
+    strict = TWO_TASKS[1].guard.model_copy(update={"patience_steps": 5, "min_progress": 0.99})
+    tasks = [TWO_TASKS[0], TWO_TASKS[1].model_copy(update={"guard": strict})]
+    with pytest.raises(DeadRunError) as err:
+        fit(two_task_spec("mt-dead", tasks), num_workers=2, storage_path=tmp_path, max_failures=1)
+    msg = str(err.value)
+    assert msg.startswith("run 'mt-dead': task digits/mlp: no progress: training loss ")
+    assert "after 5 steps" in msg and "\n" not in msg
+    assert err.value.__context__ is None  # the run's result, not a retried worker crash
