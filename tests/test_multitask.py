@@ -293,3 +293,52 @@ def test_a_dead_task_ends_every_worker_with_one_line(ray_local, tmp_path):
     assert msg.startswith("run 'mt-dead': task digits/mlp: no progress: training loss ")
     assert "after 5 steps" in msg and "\n" not in msg
     assert err.value.__context__ is None  # the run's result, not a retried worker crash
+
+
+def _group_worker(rank: int, world: int, port: int, spec_json: dict, out: str) -> None:
+    """One process of :func:`test_groups_of_two_workers_match_groups_of_one` (plain
+    torch.distributed, gloo): this worker's task trained to the end of meta-training."""
+    import torch.distributed as dist
+
+    from raymeta.spec import parse_run
+    from raymeta.train.loop import Workers
+    from raymeta.train.multitask import RestartingTask, group_data_parallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    spec = parse_run(spec_json)
+    workers = Workers.for_tasks(len(spec.tasks))
+    task = RestartingTask(
+        build_run(spec, "cpu", workers), group_data_parallel(workers, torch.device("cpu"))
+    )
+    task.train_until(spec.total_steps)
+    if workers.rank == 0:
+        cell = {k: v.clone() for k, v in task.run.schedule.cell.state_dict().items()}
+        torch.save({"lrs": task.lrs, "cell": cell}, f"{out}/world{world}_task{workers.task}.pt")
+    dist.destroy_process_group()
+
+
+def test_groups_of_two_workers_match_groups_of_one(tmp_path):
+    """2 tasks on 4 workers (DDP within each group of 2, over its own process group) meta-train
+    as 2 tasks on 2 workers: each group splits its task's batch, the meta-gradient is averaged
+    over all 4 workers. Models without BatchNorm, so the match is exact to rounding."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    tasks = [TWO_TASKS[0], TWO_TASKS[1].model_copy(update={"model": "small_cnn"})]
+    spec = two_task_spec("groups", tasks).model_dump(mode="json")
+    for world in (2, 4):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_group_worker, args=(world, port, spec, str(tmp_path)), nprocs=world)
+    for i in range(2):
+        one = torch.load(tmp_path / f"world2_task{i}.pt", weights_only=True)
+        two = torch.load(tmp_path / f"world4_task{i}.pt", weights_only=True)
+        assert len(one["lrs"]) == 51
+        torch.testing.assert_close(
+            torch.tensor(two["lrs"]), torch.tensor(one["lrs"]), rtol=1e-5, atol=1e-7
+        )
+        for key, value in one["cell"].items():
+            torch.testing.assert_close(two["cell"][key], value, rtol=1e-4, atol=1e-5)
