@@ -342,3 +342,44 @@ def test_groups_of_two_workers_match_groups_of_one(tmp_path):
         )
         for key, value in one["cell"].items():
             torch.testing.assert_close(two["cell"][key], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.ray
+def test_multitask_pipeline_registers_one_meta_learner(ray_local, tmp_path, monkeypatch):
+    """The shipped multitask_meta_train.yaml, reduced: one row per task in the results table,
+    one registered meta-learner with its first, middle and last checkpoints, the tasks'
+    metrics in the meta-training run."""
+    import mlflow
+    import pandas as pd
+    import yaml
+
+    from raymeta.pipeline import run_pipeline
+    from raymeta.pipelines import find_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    data = yaml.safe_load(find_pipeline("multitask_meta_train.yaml").read_text())
+    fashion, digits = data["meta_train"]["tasks"]
+    fashion.update(train_subset=1536, val_size=500, epochs=3)  # 3 x 12 steps
+    digits.update(batch_size=64, epochs=1)  # 17 steps: restarts after steps 17 and 34
+    data["output_dir"] = str(tmp_path / "out")
+    data["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
+    run_pipeline(parse(PipelineConfig, data, "reduced multitask"))
+    rows = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    assert list(rows["method"]) == [
+        "MLR-SNet (meta-training) task 0",
+        "MLR-SNet (meta-training) task 1",
+    ]
+    assert list(rows["model"]) == ["small_cnn", "mlp"] and (rows["test_acc"] > 0.5).all()
+    assert set(rows["meta_learner_version"]) == {"1"}
+    mlflow.set_tracking_uri(data["mlflow"]["tracking_uri"])
+    bundle = mlflow.pytorch.load_model("models:/mlrsnet-multitask@champion")
+    assert bundle.checkpoint_epochs == [1, 2, 3]
+    assert "fashion_mnist/small_cnn + digits/mlp" in bundle.source
+    client = mlflow.MlflowClient()
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name(data["mlflow"]["experiment"]).experiment_id],
+        "attributes.run_name = 'meta-train'",
+    )
+    history = client.get_metric_history(run.info.run_id, "task1_restarts")
+    assert [(m.step, m.value) for m in history] == [(1, 0.0), (2, 1.0), (3, 2.0)]
+    assert run.data.params["kind"] == "multitask_meta_train"
