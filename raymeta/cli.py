@@ -315,10 +315,16 @@ def _add_mfm(sub) -> None:
 
 
 def _ui(args) -> None:
+    """``raymeta ui``: the MLflow UI on 127.0.0.1, started with this interpreter
+    (``sys.executable -m mlflow``), so it works from a venv that is not activated."""
     from raymeta.tracking import resolve_tracking_uri
 
+    if args.workers < 1:
+        raise RaymetaError(f"--workers {args.workers}: expected an integer >= 1")
     uri = resolve_tracking_uri(args.tracking_uri)
     cmd = [
+        sys.executable,
+        "-m",
         "mlflow",
         "ui",
         "--backend-store-uri",
@@ -327,9 +333,11 @@ def _ui(args) -> None:
         "127.0.0.1",
         "--port",
         str(args.port),
+        "--workers",
+        str(args.workers),
     ]
     print(" ".join(cmd), flush=True)
-    os.execvp(cmd[0], cmd)
+    os.execv(cmd[0], cmd)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -495,7 +503,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the local store")
     p.add_argument("--port", type=int, default=5000)
-    p.add_argument("--tracking-uri")
+    p.add_argument(
+        "--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI or ./mlflow.db)"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server worker processes (default 1: several keep restarting on a loaded machine)",
+    )
     p.set_defaults(func=_ui)
     return parser
 

@@ -104,7 +104,8 @@ class GuardConfig(Strict):
     one-line error when its training loss is NaN or infinite, when the mean loss of its last
     ``window`` steps exceeds ``max_loss_ratio`` times the initial loss L0 (the first step's
     batch loss, before any update), or when, after ``patience_steps`` optimisation steps
-    (default: one epoch), that mean is not at least ``min_progress`` (a fraction) below L0.
+    (default: one epoch, at least ``window`` steps), that mean is not at least ``min_progress``
+    (a fraction) below L0.
     ``enabled: false`` switches it off."""
 
     enabled: bool = True
@@ -524,22 +525,59 @@ class SearchConfig(Strict):
 
     Every family gets the same ``trials_per_family`` budget and the task's epochs per trial;
     ASHA stops weak trials after ``grace_period`` epochs. ``ranges`` overrides the default
-    ``[low, high]`` of a family's parameter.
+    ``[low, high]`` of a family's parameter (or of ``pbt``'s and ``pb2``'s).
+
+    ``momentum``: the SGD momentum values searched, as a categorical choice, beside every SGD
+    family's own hyper-parameters (users run SGD with momentum 0.9); ``search_momentum:
+    false`` trains every family at the task's momentum instead (``search_momentum: true``, the
+    old key's way to search it, now means the choices of ``momentum``). ``search_weight_decay``
+    adds a log-uniform weight decay.
+
+    ``online``: population-based online schedule learners run as rows of the comparison
+    (:mod:`raymeta.tune.online`): ``pbt`` (Ray Tune's ``PopulationBasedTraining``) and ``pb2``
+    (``PB2``), each with a population of ``trials_per_family`` members that train the task's
+    epochs; the LR and momentum are exploited and explored every ``perturbation_interval``
+    epochs. ``max_concurrent`` does not limit them (the scheduler needs the whole population):
+    the trials' resources do.
     """
 
-    families: list[str] = Field(
-        default_factory=lambda: ["fixed", "multistep", "cosine"], min_length=1
-    )
+    families: list[str] = Field(default_factory=lambda: ["fixed", "multistep", "cosine"])
     trials_per_family: PositiveInt = 8
     ranges: dict[str, dict[str, list[float]]] = Field(default_factory=dict)
-    search_momentum: bool = False
+    momentum: list[Annotated[float, Field(ge=0, lt=1)]] = Field(
+        default_factory=lambda: [0.0, 0.9], min_length=1
+    )
+    search_momentum: bool = True
     search_weight_decay: bool = False
+    online: list[Literal["pbt", "pb2"]] = Field(default_factory=list)
+    perturbation_interval: PositiveInt = 1
     seed: Int = 0
     max_concurrent: PositiveInt = 2
     cpus_per_trial: PositiveFloat = 1.0
     gpus_per_trial: Annotated[float, Field(ge=0, le=1)] = 0.0
     grace_period: PositiveInt = 1
     reduction_factor: Annotated[int, Field(ge=2)] = 2
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.families and not self.online:
+            raise ValueError("families and online are both empty: nothing to search")
+        for key in ("families", "momentum", "online"):
+            values = getattr(self, key)
+            if len(set(values)) < len(values):
+                raise ValueError(f"{key} lists a value twice: {values}")
+        if not self.search_momentum and "momentum" in self.model_fields_set:
+            raise ValueError(
+                "search_momentum: false and momentum: [...] contradict each other; give "
+                "momentum (the values searched) or search_momentum: false (the task's momentum)"
+            )
+        return self
+
+    @property
+    def momentum_choices(self) -> list[float] | None:
+        """The momentum values searched, ascending (PBT shifts along this order); None when
+        every run keeps the task's momentum."""
+        return sorted(self.momentum) if self.search_momentum else None
 
 
 class CompareMetaTrainConfig(OuterLoopConfig):
@@ -554,7 +592,9 @@ class CompareConfig(Section):
 
     ``task`` must have a validation split (``val_size > 0``) for the search; the final runs
     use train + validation and the test split, ``seeds`` seeds (0..seeds-1) per method.
-    ``learned``: MLR-SNet (Test) entries (``schedule: mlrsnet`` with a ``model_uri``).
+    ``learned``: MLR-SNet (Test) entries (``schedule: mlrsnet`` with a ``model_uri``). The
+    learned rows (MLR-SNet (Test) and (Train)) run at ``task.momentum``: their LR is scaled by
+    ``1 - momentum``, so the effective step is the one the meta-learner chose.
     """
 
     task: TaskConfig = TaskConfig(meta_per_class=0)
@@ -573,6 +613,12 @@ class CompareConfig(Section):
             raise ValueError(
                 "task.meta_per_class must be 0 (MLR-SNet (Train) carves its own meta set)"
             )
+        choices = self.search.momentum_choices
+        if self.task.nesterov and choices and choices[0] == 0:
+            raise ValueError(
+                "search.momentum includes 0 but task.nesterov is true (Nesterov needs momentum "
+                "> 0); drop 0 from search.momentum or set task.nesterov: false"
+            )
         for m in self.learned:
             if m.schedule != "mlrsnet" or not m.model_uri:
                 raise ValueError(
@@ -582,6 +628,65 @@ class CompareConfig(Section):
 
     def loads(self) -> dict[str, str]:
         return {m.model_uri: "mlrsnet" for m in self.learned}
+
+
+class SuiteTaskConfig(Strict):
+    """One task of a transfer suite: ``name`` (a folder name under the suite's output) and the
+    task (with a validation split for the search and no meta set)."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    task: TaskConfig
+
+
+class TransferSuiteConfig(Section):
+    """The transfer benchmark a learned schedule must win (``suite``; issue 10 item 7,
+    :mod:`raymeta.tune.suite`): on every task, a schedule comparison (:class:`CompareConfig`)
+    of the frozen learned schedule ``learned`` (MLR-SNet (Test), no search on the task) with
+    the hand-designed families that ``search`` searches (and the online schedule learners it
+    names), ``seeds`` final runs each.
+
+    The verdict of a task compares the learned row with the *best searched family*, chosen by
+    its search's best validation accuracy (never by test accuracy): "win" when the learned mean
+    test accuracy is at least the family's, "within" when it trails by at most ``tolerance``
+    (a fraction: 0.003 = 0.3 points), else "loss". The suite's target: a win on at least
+    ``wins_needed`` tasks and no loss.
+    """
+
+    learned: MethodConfig
+    search: SearchConfig = SearchConfig(families=["multistep", "cosine"], trials_per_family=20)
+    seeds: PositiveInt = 3
+    tasks: list[SuiteTaskConfig] = Field(min_length=1)
+    tolerance: Annotated[float, Field(ge=0, lt=1)] = 0.003
+    wins_needed: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")
+        for i, t in enumerate(self.tasks):
+            try:
+                self.compare(t)
+            except ValidationError as exc:
+                detail = format_validation_error(exc).removeprefix("<root>: ")
+                raise ValueError(f"tasks.{i} ({t.name}): {detail}") from None
+        if self.wins_needed is not None and self.wins_needed > len(self.tasks):
+            raise ValueError(f"wins_needed={self.wins_needed} exceeds the {len(names)} tasks")
+        return self
+
+    @property
+    def wins_target(self) -> int:
+        """Wins needed: ``wins_needed``, default all tasks but one (3 of 4)."""
+        return self.wins_needed or max(1, len(self.tasks) - 1)
+
+    def compare(self, task: SuiteTaskConfig) -> CompareConfig:
+        """The comparison of one task."""
+        return CompareConfig(
+            task=task.task, search=self.search, seeds=self.seeds, learned=[self.learned]
+        )
+
+    def loads(self) -> dict[str, str]:
+        return {self.learned.model_uri: "mlrsnet"}
 
 
 class TransferStudyResources(Strict):
@@ -643,7 +748,9 @@ class PipelineConfig(Strict):
     - ``longtail`` (old name ``mfm``, still accepted): the long-tail study (MFM, its
       baselines, registration of the modulator network and its transfer);
     - ``compare``: a schedule comparison (Ray Tune + Optuna; also ``raymeta compare``);
-    - ``study``: a transfer study (a grid of tasks; also ``raymeta study``).
+    - ``study``: a transfer study (a grid of tasks; also ``raymeta study``);
+    - ``suite``: the transfer benchmark (a schedule comparison on each of its tasks, with a
+      verdict for the learned schedule).
 
     ``meta_train_workers``: Ray Train workers of meta-training (default ``ray.num_workers``;
     with ``meta_train.tasks``, a multiple of the number of tasks).
@@ -661,6 +768,7 @@ class PipelineConfig(Strict):
     )
     compare: CompareConfig | None = None
     study: TransferStudyConfig | None = None
+    suite: TransferSuiteConfig | None = None
 
     @model_validator(mode="after")
     def _check(self):
@@ -677,7 +785,7 @@ class PipelineConfig(Strict):
         return self
 
 
-SECTIONS = ("meta_train", "transfer", "longtail", "compare", "study")  # in the order they run
+SECTIONS = ("meta_train", "transfer", "longtail", "compare", "study", "suite")  # run order
 
 
 def format_validation_error(exc: ValidationError, where: str = "") -> str:

@@ -11,8 +11,10 @@ runs, inside the pipeline's parent MLflow run:
    The runs go through :func:`~raymeta.train.ray_train.fit_runs`: one ``TorchTrainer`` worker
    group trains them one after the other (Ray Train's start-up, 10-18 s here, is paid once per
    group; ``max_concurrent`` groups run at once on a larger cluster), with a checkpoint every
-   epoch and resume after a failure. Each run is a nested MLflow run (tags ``stage`` and
-   ``target``): its run spec as params, the exact class counts (param ``class_counts`` and artifact ``split.json``),
+   epoch and resume after a failure. Each run is a nested MLflow run under the active (stage)
+   run, named ``longtail/<method>/<target> IF=<factor>/seed<k>`` (``longtail-transfer/...``
+   for a transfer run) with the flat tags of every training run (``stage``, ``method``,
+   ``family`` = the LR schedule, ``seed``, ``task``) and ``target``: its run spec as params, the exact class counts (param ``class_counts`` and artifact ``split.json``),
    per-epoch metrics from rank 0 (overall, many / medium / few-shot and per-class test
    accuracy), its wall time.
 2. **Registry.** The modulator network of one ``mfm_network`` run (``register_*``; default the
@@ -26,7 +28,7 @@ runs, inside the pipeline's parent MLflow run:
 4. **Report.** ``mfm_runs.parquet``/``.md`` (one row per run, with per-class accuracies and
    class counts), ``mfm_summary.parquet``/``.md`` (mean and std over seeds of overall, many,
    medium and few-shot top-1) and ``mfm_per_class.png`` (per-class accuracy, head to tail), in
-   ``output_dir`` and as artifacts of the parent run.
+   ``output_dir`` and as artifacts of the active (stage) run, ``longtail`` in a pipeline.
 """
 
 from __future__ import annotations
@@ -141,18 +143,26 @@ def _runs_for(cfg, task, methods, num_workers: int, stage: str, target: str) -> 
     return planned
 
 
+MLFLOW_STAGES = {"grid": "longtail", "transfer": "longtail-transfer"}  # the runs' stage tags
+
+
 def _start_mlflow_runs(runs: list[PlannedRun], num_workers: int):
-    """A nested MLflow run per run (under the active run), with params and ``split.json``."""
+    """A nested MLflow run per run (under the active run), with tags, params and
+    ``split.json`` (module docstring)."""
     import mlflow
     from mlflow import MlflowClient
 
-    from raymeta.tracking import as_params
+    from raymeta.tracking import as_params, run_tags
 
     parent = mlflow.active_run()
     client = MlflowClient()
     for run in runs:
-        tags = {"mlflow.parentRunId": parent.info.run_id, "stage": run.stage, "target": run.target}
-        created = client.create_run(parent.info.experiment_id, run_name=run.spec.label, tags=tags)
+        stage, method = MLFLOW_STAGES[run.stage], run.method.label
+        where = f"{run.target} IF={run.task.imbalance_factor:g}"
+        tags = {"mlflow.parentRunId": parent.info.run_id, "target": run.target}
+        tags |= run_tags(run.spec, stage, method)
+        name = f"{stage}/{method}/{where}/seed{run.task.seed}"
+        created = client.create_run(parent.info.experiment_id, run_name=name, tags=tags)
         run.run_id = created.info.run_id
         params = as_params(run.spec.model_dump(mode="json")) | {
             "class_counts": "/".join(map(str, run.counts)),

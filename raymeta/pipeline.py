@@ -1,10 +1,15 @@
 """Declarative workflows (``raymeta run FILE``): every section of a pipeline, in one session.
 
 Flow: the sections' data checks in the driver -> :func:`raymeta.session.open_session` (output
-folder, MLflow, registry inputs, Ray) -> ``meta_train``, ``transfer`` and ``longtail`` under
-one parent run ``pipeline/{name}`` (a nested run per Ray Train run), then ``compare`` and
-``study`` under their own parent runs -> a Parquet/Markdown table and PNG plots per section in
-``output_dir``.
+folder, MLflow, registry inputs, Ray) -> every section under one parent run ``pipeline/{name}``
+-> a Parquet/Markdown table and PNG plots per section in ``output_dir``.
+
+MLflow holds one tree: the pipeline's run holds a run per stage (``meta-train``, ``transfer``,
+``longtail``, ``compare``, ``study``; the suite a ``compare/<task>`` per task of the suite),
+and each stage holds its runs, named ``<stage>/<method>/seed<k>`` and tagged ``stage``,
+``method``, ``family``, ``seed`` and ``task`` (:func:`raymeta.tracking.run_tags`); the
+comparison's stages are ``search/<family>`` (``search/pbt``, ``search/pb2`` for the online
+rows) and ``final``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from raymeta.errors import ConfigError
 from raymeta.report import plot_accuracy_curves, plot_lr_curves, to_markdown, write_table
 from raymeta.session import Session, open_session
 from raymeta.spec import MetaTrainRun
+
+STATE_FILE = "pipeline_state.json"  # the pipeline run's id, reopened by --resume
+META_TRAIN_LABEL = "MLR-SNet (meta-training)"
 
 
 def _result_row(
@@ -102,12 +110,19 @@ def run_meta_train(cfg: MetaTrainConfig, session: Session, num_workers: int):
     import mlflow
 
     from raymeta.schedules import MLRSNetBundle
-    from raymeta.tracking import as_params, log_meta_learner
+    from raymeta.tracking import as_params, log_meta_learner, run_name, run_tags
     from raymeta.train.ray_train import fit
 
     spec = meta_train_spec(cfg, num_workers)
     stage(_describe_meta_train(spec, num_workers))
-    with mlflow.start_run(run_name="meta-train", nested=True) as run:
+    names = " + ".join(f"{t.dataset}/{t.model}" for t in cfg.meta_tasks)
+    single = spec if isinstance(spec, MetaTrainRun) else spec.task_run(0)
+    tags = run_tags(single, "meta-train", META_TRAIN_LABEL) | {"task": names}
+    with mlflow.start_run(
+        run_name=run_name("meta-train", META_TRAIN_LABEL, cfg.meta_tasks[0].seed),
+        nested=True,
+        tags=tags,
+    ) as run:
         mlflow.log_params(
             as_params(spec.model_dump(mode="json"))
             | {"registered_model": cfg.registered_model, "alias": cfg.alias}
@@ -123,7 +138,6 @@ def run_meta_train(cfg: MetaTrainConfig, session: Session, num_workers: int):
             max_failures=session.ray.max_failures,
         )
         epochs = sorted(result.saved_cells)
-        names = " + ".join(f"{t.dataset}/{t.model}" for t in cfg.meta_tasks)
         bundle = MLRSNetBundle(
             [result.saved_cells[e] for e in epochs],
             epochs,
@@ -134,12 +148,11 @@ def run_meta_train(cfg: MetaTrainConfig, session: Session, num_workers: int):
         if result.gamma is not None:
             mlflow.log_metric("gamma", result.gamma)
         mlflow.log_metric("wall_time_s", result.wall_time_s)
-        label = "MLR-SNet (meta-training)"
         if isinstance(spec, MetaTrainRun):  # (label, task, history, LRs, steps per epoch)
-            runs = [(label, cfg.task, result.history, result.lrs, None)]
+            runs = [(META_TRAIN_LABEL, cfg.task, result.history, result.lrs, None)]
         else:
             runs = [
-                (f"{label} task {i}", t, r["history"], r["lrs"], n)
+                (f"{META_TRAIN_LABEL} task {i}", t, r["history"], r["lrs"], n)
                 for i, (t, r, n) in enumerate(
                     zip(spec.tasks, result.tasks, spec.epoch_steps, strict=True)
                 )
@@ -192,7 +205,7 @@ def run_transfer(
     import mlflow
 
     from raymeta.spec import LearnedRun, method_run
-    from raymeta.tracking import as_params
+    from raymeta.tracking import as_params, run_name, run_tags
     from raymeta.train.ray_train import fit
 
     rows, curves, histories = [], {}, {}
@@ -205,7 +218,11 @@ def run_transfer(
             f"transfer: {method.label} on {cfg.task.dataset}/{cfg.task.model}, "
             f"batch {cfg.task.batch_size}"
         )
-        with mlflow.start_run(run_name=spec.label, nested=True) as run:
+        with mlflow.start_run(
+            run_name=run_name("transfer", method.label, cfg.task.seed),
+            nested=True,
+            tags=run_tags(spec, "transfer", method.label),
+        ) as run:
             mlflow.log_params(as_params(spec.model_dump(mode="json")))
             if version is not None:
                 mlflow.set_tag("meta_learner_version", version)
@@ -253,6 +270,9 @@ def check_pipeline(cfg: PipelineConfig, sections: Sequence[str]) -> None:
         Comparison(cfg).check_data()
     if "study" in sections:
         check_transfer_study(cfg.study)
+    if "suite" in sections:
+        for task in cfg.suite.tasks:
+            Comparison(cfg.model_copy(update={"compare": cfg.suite.compare(task)})).check_data()
 
 
 def _meta_train_workers(cfg: PipelineConfig) -> int:
@@ -262,47 +282,44 @@ def _meta_train_workers(cfg: PipelineConfig) -> int:
 def _run_training_sections(
     cfg: PipelineConfig, sections: Sequence[str], session: Session
 ) -> pd.DataFrame:
-    """``meta_train``, ``transfer`` and ``longtail`` (those in ``sections``) under the parent
-    run ``pipeline/{name}``; returns the table of the last of them."""
+    """``meta_train``, ``transfer`` and ``longtail`` (those in ``sections``), each in its stage
+    run under the active pipeline run; returns the table of the last of them."""
     import mlflow
 
     from raymeta.longtail_study import run_longtail_study
-    from raymeta.tracking import as_params
 
-    t0 = time.perf_counter()
     rows, curves, histories = [], {}, {}
     table = pd.DataFrame()
-    with session.parent_run("pipeline", params=as_params(cfg.model_dump(mode="json"))) as parent:
-        if "meta_train" in sections:
+    if "meta_train" in sections:
+        with mlflow.start_run(run_name="meta-train", nested=True):
             _, _, result, meta_rows = run_meta_train(
                 cfg.meta_train, session, _meta_train_workers(cfg)
             )
-            rows += meta_rows
-            if result.tasks:  # each task's first run
-                for row, task in zip(meta_rows, result.tasks, strict=True):
-                    first = [h for h in task["history"] if h["restarts"] == 0]
-                    histories[row["method"]] = first
-            else:
-                histories[meta_rows[0]["method"]] = result.history
-        if "transfer" in sections:
+        rows += meta_rows
+        if result.tasks:  # each task's first run
+            for row, task in zip(meta_rows, result.tasks, strict=True):
+                histories[row["method"]] = [h for h in task["history"] if h["restarts"] == 0]
+        else:
+            histories[META_TRAIN_LABEL] = result.history
+    if "transfer" in sections:
+        with mlflow.start_run(run_name="transfer", nested=True):
             t_rows, curves, t_hist = run_transfer(cfg.transfer, session, cfg.ray.num_workers)
-            rows += t_rows
-            histories.update(t_hist)
-        if rows:
-            table = pd.DataFrame(rows)
-            out = session.output_dir
-            parquet, md = write_table(table, out)
-            pngs = [plot_accuracy_curves(histories, out / "accuracy_curves.png")]
-            if curves:
-                pngs.append(plot_lr_curves(curves, out / "lr_curves.png", "transfer: LR schedules"))
-            for path in (parquet, md, *pngs):
-                mlflow.log_artifact(str(path))
-            print("\n" + to_markdown(table) + "\n")
-            print(f"results: {parquet}, {md} and PNG plots in {out}")
-        if "longtail" in sections:
+        rows += t_rows
+        histories.update(t_hist)
+    if rows:
+        table = pd.DataFrame(rows)
+        out = session.output_dir
+        parquet, md = write_table(table, out)
+        pngs = [plot_accuracy_curves(histories, out / "accuracy_curves.png")]
+        if curves:
+            pngs.append(plot_lr_curves(curves, out / "lr_curves.png", "transfer: LR schedules"))
+        for path in (parquet, md, *pngs):
+            mlflow.log_artifact(str(path))
+        print("\n" + to_markdown(table) + "\n")
+        print(f"results: {parquet}, {md} and PNG plots in {out}")
+    if "longtail" in sections:
+        with mlflow.start_run(run_name="longtail", nested=True):
             table = run_longtail_study(cfg.longtail, session)
-        mlflow.log_metric("pipeline_wall_time_s", time.perf_counter() - t0)
-    print(f"MLflow parent run {parent.run_id} in {session.tracking_uri}")
     return table
 
 
@@ -310,10 +327,10 @@ def run_pipeline(
     cfg: PipelineConfig, sections: Sequence[str] | None = None, *, resume: bool = False
 ) -> pd.DataFrame:
     """Run ``sections`` of a pipeline (default: every section it has) in their order
-    (:data:`raymeta.config.SECTIONS`) in one session, and return the results table of the last
-    one (each is also written to ``output_dir``). Every command runs through here: ``raymeta
-    run`` with every section, ``raymeta compare`` with ``compare``, ``raymeta study`` with
-    ``study``.
+    (:data:`raymeta.config.SECTIONS`) in one session under the parent run ``pipeline/{name}``
+    (module docstring), and return the results table of the last one (each is also written to
+    ``output_dir``). Every command runs through here: ``raymeta run`` with every section,
+    ``raymeta compare`` with ``compare``, ``raymeta study`` with ``study``.
 
     Args:
         resume: reopen the parent runs and Ray Tune experiments that an interrupted command
@@ -323,8 +340,12 @@ def run_pipeline(
         ConfigError, DataNotFoundError: a missing section or a bad value, before any training
             (one line).
     """
+    import mlflow
+
+    from raymeta.tracking import as_params
     from raymeta.tune.compare import Comparison
     from raymeta.tune.study import run_transfer_study
+    from raymeta.tune.suite import run_transfer_suite
 
     if sections is None:
         sections = [name for name in SECTIONS if getattr(cfg, name) is not None]
@@ -335,10 +356,17 @@ def run_pipeline(
     check_pipeline(cfg, sections)
     table = pd.DataFrame()
     with open_session(cfg, sections, resume=resume) as session:
-        if {"meta_train", "transfer", "longtail"} & set(sections):
-            table = _run_training_sections(cfg, sections, session)
-        if "compare" in sections:
-            table = Comparison(cfg).run(session)
-        if "study" in sections:
-            table = run_transfer_study(cfg, session)
+        params = as_params(cfg.model_dump(mode="json"))
+        with session.parent_run("pipeline", params=params, state_file=STATE_FILE) as parent:
+            t0 = time.perf_counter()
+            if {"meta_train", "transfer", "longtail"} & set(sections):
+                table = _run_training_sections(cfg, sections, session)
+            if "compare" in sections:
+                table = Comparison(cfg).run(session)
+            if "study" in sections:
+                table = run_transfer_study(cfg, session)
+            if "suite" in sections:
+                table = run_transfer_suite(cfg, session)
+            mlflow.log_metric("pipeline_wall_time_s", time.perf_counter() - t0)
+        print(f"MLflow parent run {parent.run_id} in {session.tracking_uri}")
     return table

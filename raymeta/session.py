@@ -14,7 +14,9 @@
 
 :meth:`Session.parent_run` opens a command's (or a stage's) parent MLflow run: resumed by id
 from its state file under ``output_dir`` when the session resumes, its params logged once, its
-status set on exit (``FINISHED``; ``FAILED`` on an error; ``KILLED`` on Ctrl+C). A command::
+status set on exit (``FINISHED``; ``FAILED`` on an error; ``KILLED`` on Ctrl+C); inside another
+parent run it is nested there (the pipeline's run holds its stages). :meth:`ParentRun.stage`
+opens a stage's nested run under it the same way. A command::
 
     with open_session(cfg, ["compare"], resume=resume) as session:
         with session.parent_run("compare", state_file="compare_state.json") as parent:
@@ -124,6 +126,22 @@ class ParentRun:
     state: dict[str, Any]
     path: Path | None
 
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[str]:
+        """A nested MLflow run ``name`` for one stage of this command (e.g. ``search/cosine``,
+        ``final``), under this run, which must be the active one; reopened by id when the
+        command resumes (the ids are kept in the state under ``stages``). Yields its run id;
+        its status is set on exit, and this run is active again."""
+        import mlflow
+
+        stages = self.state.get("stages", {})
+        active = mlflow.start_run(
+            run_id=stages.get(name), run_name=None if name in stages else name, nested=True
+        )
+        self.save(stages={**stages, name: active.info.run_id})
+        with _status_on_exit():
+            yield active.info.run_id
+
     def save(self, **updates: Any) -> None:
         """Record ``updates`` in the state file (written whole, then renamed: a kill during
         the write leaves the previous state)."""
@@ -137,7 +155,14 @@ class ParentRun:
 @dataclass
 class Session:
     """What the runs of a command share (see the module docstring); made by
-    :func:`open_session`."""
+    :func:`open_session`.
+
+    Attributes:
+        scope: the part of the command this session runs when a command runs a stage several
+            times (a task of the transfer suite, :mod:`raymeta.tune.suite`, which replaces
+            ``name``, ``output_dir`` and ``scope``); it names the nested parent runs
+            (:meth:`parent_run`).
+    """
 
     name: str
     output_dir: Path
@@ -146,6 +171,7 @@ class Session:
     experiment_id: str
     ray: RayConfig
     resume: bool = False
+    scope: str | None = None
     _loaded: dict[str, tuple[Any, str | None]] = field(default_factory=dict, repr=False)
 
     @property
@@ -176,7 +202,9 @@ class Session:
     def parent_run(
         self, stage: str, *, params: dict[str, Any] | None = None, state_file: str | None = None
     ) -> Iterator[ParentRun]:
-        """Open the parent MLflow run ``{stage}/{name}`` (module docstring).
+        """Open the parent MLflow run ``{stage}/{name}`` (module docstring), or, inside another
+        parent run (a stage of a pipeline), the nested run ``{stage}`` (``{stage}/{scope}``
+        in a scoped session).
 
         Args:
             stage: the command or stage (``pipeline``, ``compare``, ``study``).
@@ -190,24 +218,40 @@ class Session:
         if self.resume and path is not None and path.exists():
             state = json.loads(path.read_text())
         resumed = "parent_run_id" in state
+        nested = mlflow.active_run() is not None
+        if nested:
+            name = f"{stage}/{self.scope}" if self.scope else stage
+        else:
+            name = f"{stage}/{self.name}"
         active = mlflow.start_run(
             run_id=state.get("parent_run_id"),
             experiment_id=self.experiment_id,
-            run_name=None if resumed else f"{stage}/{self.name}",
+            run_name=None if resumed else name,
+            nested=nested,
         )
         parent = ParentRun(active.info.run_id, resumed, state, path)
         parent.save(parent_run_id=parent.run_id)
-        status = "FAILED"
-        try:
+        with _status_on_exit():
             if params and not resumed:
                 mlflow.log_params(params)
             yield parent
-            status = "FINISHED"
-        except KeyboardInterrupt:
-            status = "KILLED"
-            raise
-        finally:
-            mlflow.end_run(status)
+
+
+@contextlib.contextmanager
+def _status_on_exit() -> Iterator[None]:
+    """End the active MLflow run on leaving the block: ``FINISHED``; ``FAILED`` on an error;
+    ``KILLED`` on Ctrl+C."""
+    import mlflow
+
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        mlflow.end_run(status)
 
 
 @contextlib.contextmanager

@@ -15,11 +15,15 @@ runs code from the store: load only from stores you trust (your own tracking ser
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raymeta.errors import ConfigError
+
+if TYPE_CHECKING:
+    from raymeta.spec import RunSpec
 
 
 def pip_requirements() -> list[str]:
@@ -88,18 +92,101 @@ def as_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return {k: str(v)[:PARAM_VALUE_LIMIT] for k, v in flatten(d, prefix).items()}
 
 
-def log_epoch_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float]) -> None:
-    """Log one epoch's metrics (step = the 1-based ``metrics["epoch"]``) to a run by id;
-    used by rank 0 of a Ray Train run, which has no active run of its own."""
+STEP_POINTS = 1000  # per-step curves keep at most about this many points per run and metric
+
+EPOCH_METRIC_NAMES = {
+    "lr": "lr_epoch_mean",
+    "train_loss": "train_loss_epoch_mean",
+    "meta_loss": "meta_loss_epoch_mean",
+}
+"""The loop's epoch means (:func:`raymeta.train.loop.train`) under their MLflow names: the
+plain names ``lr``, ``train_loss`` and ``meta_loss`` are the per-step curves
+(:class:`StepCurves`)."""
+
+MetricPoint = tuple[str, float, int]
+"""One metric value as logged: ``(key, value, step)``."""
+
+
+class StepCurves:
+    """The per-step curves of one run, subsampled for MLflow: ``lr`` and ``train_loss`` (the
+    batch loss averaged across workers) at every ``stride``-th optimisation step, and
+    ``meta_loss`` (this worker's) at the first meta step of every ``stride`` steps; step = the
+    global optimisation step (0-based, counted across epochs). Pass it as the loop's
+    ``on_step`` and :meth:`drain` the points at the end of each epoch.
+
+    Args:
+        total_steps: the run's optimisation steps (epochs x steps per epoch).
+        points: at most about this many points per curve; ``stride = ceil(total_steps /
+            points)``.
+    """
+
+    def __init__(self, total_steps: int, points: int = STEP_POINTS):
+        self.stride = max(1, math.ceil(total_steps / points))
+        self._points: list[MetricPoint] = []
+        self._meta_bucket = -1
+
+    def __call__(self, step: int, result) -> None:
+        """Record step ``step`` (a :class:`~raymeta.train.rules.StepResult`)."""
+        if step % self.stride == 0:
+            self._points += [("lr", result.lr, step), ("train_loss", result.loss, step)]
+        if result.meta_loss is not None and step // self.stride > self._meta_bucket:
+            self._meta_bucket = step // self.stride
+            self._points.append(("meta_loss", result.meta_loss, step))
+
+    def drain(self) -> list[MetricPoint]:
+        """The points recorded since the last call."""
+        points, self._points = self._points, []
+        return points
+
+
+def epoch_points(metrics: dict[str, float]) -> list[MetricPoint]:
+    """One epoch's metrics from the loop (step = the 1-based ``metrics["epoch"]``), renamed by
+    :data:`EPOCH_METRIC_NAMES`; NaN values (no validation split) are left out."""
+    step = int(metrics["epoch"])
+    return [
+        (EPOCH_METRIC_NAMES.get(k, k), float(v), step)
+        for k, v in metrics.items()
+        if k != "epoch" and v == v
+    ]
+
+
+def log_points(tracking_uri: str, run_id: str, points: list[MetricPoint]) -> None:
+    """Log metric points to a run by id in one ``log_batch`` (MLflow splits it into requests
+    of 1000 metrics); NaN values are left out. Used once per epoch by rank 0 of a Ray Train run
+    and by the driver for Tune trials, never once per step."""
     import time
 
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
-    step = int(metrics["epoch"])
-    batch = [Metric(k, float(v), ts, step) for k, v in metrics.items() if k != "epoch" and v == v]
-    MlflowClient(tracking_uri).log_batch(run_id, metrics=batch)
+    batch = [Metric(k, float(v), ts, int(step)) for k, v, step in points if v == v]
+    if batch:
+        MlflowClient(tracking_uri).log_batch(run_id, metrics=batch)
+
+
+def run_name(stage: str, method: str, seed: int | str) -> str:
+    """A run's name: ``<stage>/<method>/seed<k>``, e.g. ``final/MLR-SNet (Test)/seed0``."""
+    return f"{stage}/{method}/seed{seed}"
+
+
+def run_tags(spec: RunSpec, stage: str, method: str, family: str | None = None) -> dict[str, str]:
+    """The flat tags of a training run, with the same names in every stage: ``stage``,
+    ``method`` (the label of the results tables), ``family`` (default: the spec's LR schedule
+    family; ``mlrsnet`` for a learned or meta-trained MLR-SNet; a comparison passes its search
+    family, e.g. ``adam``), ``seed`` and ``task`` (``dataset/model``). Filter with e.g.
+    ``tags.method = 'cosine'`` in the MLflow UI."""
+    schedule = getattr(spec, "schedule", None)
+    task = spec.task
+    if family is None:
+        family = schedule.family if schedule is not None else "mlrsnet"
+    return {
+        "stage": stage,
+        "method": method,
+        "family": family,
+        "seed": str(task.seed),
+        "task": f"{task.dataset}/{task.model}",
+    }
 
 
 def _registry_metadata(model) -> dict[str, Any]:

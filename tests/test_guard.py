@@ -1,5 +1,6 @@
 """The dead-run guard on real data (sklearn digits, an MLP) and on loss sequences."""
 
+import json
 import math
 
 import pytest
@@ -126,11 +127,16 @@ def test_a_dead_search_trial_is_a_poor_result_and_a_final_run_an_error():
     """Inside a search, a configuration that kills training reports val_acc 0 and ends (the
     search goes on); a run whose result a user reads fails with the one-line error."""
     from raymeta.spec import HandRun, ScheduleSpec
-    from raymeta.tune.common import train_trial
+    from raymeta.tune.common import MLFLOW_METRICS, train_trial
 
     dead = HandRun(label="t", task=TASK, schedule=ScheduleSpec(family="fixed", lr=1e-7))
     reports = []
     train_trial(dead, reports.append, dead_run_is_result=True)
-    assert reports == [{"val_acc": 0.0, "dead_run": 1.0}]
+    (report,) = reports
+    points = json.loads(report.pop(MLFLOW_METRICS))
+    assert report == {"val_acc": 0.0, "dead_run": 1.0}
+    assert points[0] == ["dead_run", 1.0, 0]  # and the run's per-step curves up to its stop
+    lr = [step for key, _, step in points if key == "lr"]
+    assert lr == list(range(len(lr))) and len(lr) > 1
     with pytest.raises(DeadRunError):
         train_trial(dead, reports.append)

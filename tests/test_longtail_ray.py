@@ -92,11 +92,27 @@ def test_mfm_and_baseline_register_reload_and_transfer(ray_local, tmp_path, monk
 
     # MLflow: a parent run, a nested run per (method, IF, seed) with counts and metrics
     exp = mlflow.get_experiment_by_name("mfm-test")
-    nested = mlflow.search_runs([exp.experiment_id], filter_string="tags.stage = 'grid'")
+    nested = mlflow.search_runs([exp.experiment_id], filter_string="tags.stage = 'longtail'")
     assert len(nested) == 2 and nested["tags.mlflow.parentRunId"].nunique() == 1
+    stage = client.get_run(nested["tags.mlflow.parentRunId"].iloc[0])
+    assert stage.info.run_name == "longtail"
+    assert (
+        stage.data.tags["mlflow.parentRunId"]
+        == mlflow.search_runs(
+            [exp.experiment_id], filter_string="attributes.run_name = 'pipeline/mfm-test'"
+        ).run_id.iloc[0]
+    )
+    assert sorted(nested["tags.mlflow.runName"]) == [
+        "longtail/CE/fashion_mnist-LT IF=10/seed3",
+        "longtail/MFM (network)/fashion_mnist-LT IF=10/seed3",
+    ]
+    assert set(nested["tags.family"]) == {"warmup_cosine"} and set(nested["tags.seed"]) == {"3"}
     assert set(nested["params.class_counts"]) == {grid.class_counts.iloc[0]}
     history = client.get_metric_history(nested.run_id.iloc[0], "test_many_acc")
     assert [m.step for m in history] == [1, 2, 3]
+    mfm = nested[nested["tags.method"] == "MFM (network)"].run_id.iloc[0]
+    assert len(client.get_metric_history(mfm, "lr")) > 3  # per step, with the warm-up
+    assert len(client.get_metric_history(mfm, "meta_loss")) > 3
 
 
 def _fit_two_methods(num_workers, tmp_path):

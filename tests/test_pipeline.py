@@ -66,18 +66,39 @@ def test_quickstart_end_to_end(ray_local, tmp_path, monkeypatch):
     exp = client.get_experiment_by_name(cfg.mlflow.experiment)
     runs = client.search_runs([exp.experiment_id])
     by_name = {r.info.run_name: r for r in runs}
-    pipeline, compare = by_name["pipeline/quickstart"], by_name["compare/quickstart"]
-    children = {
-        r.info.run_name
-        for r in runs
-        if r.data.tags.get("mlflow.parentRunId") == pipeline.info.run_id
-    }
-    assert children == {"meta-train", "transfer/MLR-SNet (frozen)"}
-    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == compare.info.run_id]
-    assert len(trials) == 2 + 2 + 3  # search trials and final runs
-    history = client.get_metric_history(by_name["meta-train"].info.run_id, "test_acc")
+
+    def names(run):
+        parent = run.info.run_id
+        return {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
+
+    # one tree: the pipeline's run holds its stages, each stage its runs
+    pipeline = by_name["pipeline/quickstart"]
+    assert names(pipeline) == {"meta-train", "transfer", "compare"}
+    meta_name = f"meta-train/MLR-SNet (meta-training)/seed{cfg.meta_train.task.seed}"
+    transfer_name = f"transfer/MLR-SNet (frozen)/seed{cfg.transfer.task.seed}"
+    assert names(by_name["meta-train"]) == {meta_name}
+    assert names(by_name["transfer"]) == {transfer_name}
+    assert names(by_name["compare"]) == {"search/fixed", "search/multistep", "final"}
+    assert len(names(by_name["search/fixed"])) == 2 and len(names(by_name["final"])) == 3
+    meta_run, transfer_run = by_name[meta_name], by_name[transfer_name]
+    assert meta_run.data.tags["stage"] == "meta-train" and meta_run.data.tags["family"] == "mlrsnet"
+    assert transfer_run.data.tags["method"] == "MLR-SNet (frozen)"
+
+    # rank 0 of a Ray Train run: epoch metrics at step = epoch, per-step curves at step = the
+    # global optimisation step
+    history = client.get_metric_history(meta_run.info.run_id, "test_acc")
     assert [m.step for m in history] == [1, 2]
-    assert by_name["transfer/MLR-SNet (frozen)"].data.tags["meta_learner_version"] == "1"
+    lr = client.get_metric_history(meta_run.info.run_id, "lr")
+    meta_loss = client.get_metric_history(meta_run.info.run_id, "meta_loss")
+    assert len(lr) > 20 and [m.step for m in lr] == list(range(len(lr)))
+    every = cfg.meta_train.meta_every  # under 1000 steps: every step and every meta step
+    assert [m.step for m in meta_loss] == [s for s in range(len(lr)) if (s + 1) % every == 0]
+    assert len(client.get_metric_history(meta_run.info.run_id, "lr_epoch_mean")) == 2
+    assert (
+        "lr" in transfer_run.data.metrics and "train_loss_epoch_mean" in transfer_run.data.metrics
+    )
+
+    assert transfer_run.data.tags["meta_learner_version"] == "1"
     assert str(client.get_model_version_by_alias("mlrsnet-fashion", "champion").version) == "1"
     assert {"results.parquet", "lr_curves.png"} <= {
         a.path for a in client.list_artifacts(pipeline.info.run_id)

@@ -67,7 +67,7 @@ def test_every_kind_round_trips_through_json():
 @pytest.mark.parametrize(
     ("patch", "expected"),
     [
-        ({"kind": "magic"}, "'hand', 'learned', 'meta_train', 'longtail'"),
+        ({"kind": "magic"}, "'hand', 'learned', 'meta_train', 'multitask_meta_train', 'longtail'"),
         ({"schedule": {"family": "stepwise", "lr": 0.1}}, "unknown schedule 'stepwise'"),
         ({"epochs": 3}, "epochs: unknown key"),
     ],
@@ -102,7 +102,7 @@ def test_old_names_are_accepted_once():
     with pytest.raises(ConfigError) as err:
         parse(PipelineConfig, {"name": "x"}, "p.yaml")
     assert str(err.value) == (
-        "p.yaml: <root>: a pipeline needs meta_train, transfer, longtail, compare, study or several"
+        "p.yaml: <root>: a pipeline needs meta_train, transfer, longtail, compare, study, suite or several"
     )
     # derived, not copied: the MLR-SNet sizes are the meta-learner's own defaults
     from raymeta.schedules import MLRSNet

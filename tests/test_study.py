@@ -155,3 +155,23 @@ def test_raymeta_run_runs_a_study_only_pipeline(ray_local, tmp_path):
     table = run_pipeline(cfg)
     assert len(table) == 3 and (table["test_acc"] > 0.5).all()
     assert (tmp_path / "out" / "report.md").stat().st_size > 0
+    # MLflow: pipeline/tiny-study -> study -> a run per task, named and tagged like every run
+    import mlflow
+
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("s").experiment_id])
+    by_name = {r.info.run_name: r for r in runs}
+    study = by_name["study"]
+    assert study.data.tags["mlflow.parentRunId"] == by_name["pipeline/tiny-study"].info.run_id
+    tasks = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == study.info.run_id]
+    assert sorted(r.info.run_name for r in tasks) == [
+        "study/cosine/digits/mlp/b32/2ep/seed0",
+        "study/fixed/digits/mlp/b32/2ep/seed0",
+        "study/fixed/digits/mlp/b64/2ep/seed0",
+    ]
+    for run in tasks:
+        tags = run.data.tags
+        assert (tags["stage"], tags["task"], tags["seed"]) == ("study", "digits/mlp", "0")
+        assert tags["family"] == tags["method"]  # the methods are named after their families
+        assert {"lr", "train_loss", "test_acc", "lr_epoch_mean"} <= set(run.data.metrics)
+        assert not {"batch_size", "epochs", "seed", "noise_rate"} & set(run.data.metrics)

@@ -113,3 +113,67 @@ def test_registry_inputs_are_checked_before_ray_with_the_accepted_values(store, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("raymeta: error: registered model 'lr-net' has no alias 'champoin'")
     assert "\n" not in err
+
+
+def test_step_curves_keep_at_most_the_point_budget_on_the_global_step():
+    from raymeta.tracking import StepCurves, epoch_points
+    from raymeta.train.rules import StepResult
+
+    curves = StepCurves(total_steps=2500, points=1000)  # stride 3
+    assert curves.stride == 3
+    for step in range(2500):
+        meta = float(step) if step % 2 == 0 else None  # a meta step every 2 steps
+        curves(
+            step, StepResult(loss=1.0 / (step + 1), lr=0.1 * 0.5 ** (step // 1000), meta_loss=meta)
+        )
+    points = curves.drain()
+    assert curves.drain() == []
+    lr = [(step, v) for k, v, step in points if k == "lr"]
+    assert len(lr) == 834 and lr[0] == (0, 0.1) and lr[-1][0] == 2499
+    assert [s for s, _ in lr[:3]] == [0, 3, 6]
+    assert (999, 0.1) in lr and (1002, 0.05) in lr  # the step of a MultiStep-like drop shows
+    meta = [step for k, _, step in points if k == "meta_loss"]
+    assert len(meta) == 833 and meta[:3] == [0, 4, 6]  # first meta step of each stride
+    loss = {step: v for k, v, step in points if k == "train_loss"}
+    assert loss[3] == 0.25
+    epoch = epoch_points(
+        {"epoch": 2, "lr": 0.05, "train_loss": 0.3, "val_acc": float("nan"), "test_acc": 0.9}
+    )
+    assert epoch == [
+        ("lr_epoch_mean", 0.05, 2),
+        ("train_loss_epoch_mean", 0.3, 2),
+        ("test_acc", 0.9, 2),
+    ]
+
+
+def test_points_and_tags_land_in_one_run(store):
+    from raymeta.config import MethodConfig, TaskConfig
+    from raymeta.spec import method_run
+    from raymeta.tracking import log_points, run_name, run_tags
+
+    task = TaskConfig(dataset="digits", model="mlp", seed=3)
+    spec = method_run(MethodConfig(schedule="multistep", lr=0.1), task)
+    tags = run_tags(spec, "final", "multistep")
+    assert tags == {
+        "stage": "final",
+        "method": "multistep",
+        "family": "multistep",
+        "seed": "3",
+        "task": "digits/mlp",
+    }
+    learned = method_run(MethodConfig(schedule="mlrsnet", model_uri="models:/x@champion"), task)
+    assert run_tags(learned, "transfer", "MLR-SNet")["family"] == "mlrsnet"
+    name = run_name("final", "MLR-SNet (Test)", 0)
+    assert name == "final/MLR-SNet (Test)/seed0"
+    with mlflow.start_run(experiment_id=store[1], run_name=name, tags=tags) as run:
+        pass
+    points = [("lr", 0.1, s) for s in range(1500)] + [
+        ("test_acc", 0.5, 1),
+        ("val_acc", float("nan"), 1),
+    ]
+    log_points(store[0], run.info.run_id, points)  # > 1000: MLflow splits the batch
+    client = mlflow.MlflowClient()
+    assert len(client.get_metric_history(run.info.run_id, "lr")) == 1500
+    found = mlflow.search_runs([store[1]], filter_string="tags.method = 'multistep'")
+    assert list(found["tags.mlflow.runName"]) == [name]
+    assert set(client.get_run(run.info.run_id).data.metrics) == {"lr", "test_acc"}

@@ -57,7 +57,7 @@ class Run:
         return self.spec.task
 
     def train(self, **options) -> RunState:
-        """:func:`raymeta.train.loop.train` on this run (``options``: ``state``,
+        """:func:`raymeta.train.loop.train` on this run (``options``: ``state``, ``on_step``,
         ``optimizer_state``, ``on_epoch_end``)."""
         return train(
             self.task,

@@ -35,7 +35,7 @@ from raymeta.meta.lookahead import functional_loss, unwrap
 from raymeta.models import build_model
 from raymeta.schedules.base import Schedule
 from raymeta.train.guard import ProgressGuard
-from raymeta.train.rules import SGDRule, UpdateRule
+from raymeta.train.rules import SGDRule, StepResult, UpdateRule
 
 L0_SAMPLES = 10_000  # mean training loss (gamma's L0) is estimated on this many training images
 
@@ -351,6 +351,7 @@ def train(
     state: RunState | None = None,
     optimizer_state: dict | None = None,
     on_epoch_end: Callable[[dict, RunState, torch.optim.Optimizer], None] | None = None,
+    on_step: Callable[[int, StepResult], None] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     stop_step: int | None = None,
 ) -> RunState:
@@ -375,6 +376,10 @@ def train(
             for long-tailed data also ``test_many_acc``, ``test_medium_acc``,
             ``test_few_acc`` and ``test_acc_class_{c}``), the run state and the optimiser,
             e.g. to report and checkpoint.
+        on_step: called after every optimisation step with the global step (0-based, counted
+            across epochs) and its :class:`~raymeta.train.rules.StepResult` (batch loss
+            averaged across workers, LR, this worker's meta loss), e.g. to record per-step
+            curves (:class:`raymeta.tracking.StepCurves`).
         optimizer: the optimiser to step (default: a new one, :func:`build_optimizer`); pass
             the one of a run that stopped at ``stop_step`` to continue it.
         stop_step: return once ``state.step`` (the global step count) reaches it, inside an
@@ -420,7 +425,7 @@ def train(
 
     num_classes = data.num_classes if data.class_counts is not None else 0
     guard = ProgressGuard(
-        task.guard.patience_steps or n_steps,
+        task.guard.patience_steps or max(n_steps, task.guard.window),
         min_progress=task.guard.min_progress,
         max_loss_ratio=task.guard.max_loss_ratio,
         window=task.guard.window,
@@ -469,6 +474,8 @@ def train(
             guard.check(state.step - state.start_step, out.loss, out.lr)
             state.initial_loss = guard.initial_loss
             state.lrs.append(out.lr)
+            if on_step is not None:
+                on_step(state.step, out)
             sums["loss"] += out.loss
             sums["lr"] += out.lr
             state.step += 1

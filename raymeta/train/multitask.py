@@ -156,14 +156,16 @@ class RestartingTask:
 
 def task_summary(task_state: dict, steps: int) -> dict[str, float]:
     """One task's numbers for a meta-training epoch of ``steps`` steps, from its
-    :meth:`RestartingTask.state_dict`: the mean LR of those steps, its restarts so far, and
-    the metrics of its last finished epoch (``train_loss``, ``val_acc``, ``test_acc``,
-    ``meta_loss``, ``chance_acc``; none before its first)."""
+    :meth:`RestartingTask.state_dict`: ``lr_epoch_mean``, the mean LR of those steps;
+    ``restarts`` so far; and of its last finished epoch ``train_loss_epoch_mean``,
+    ``meta_loss_epoch_mean``, ``val_acc``, ``test_acc`` and ``chance_acc`` (none before its
+    first)."""
     lrs = (task_state["done_lrs"] + task_state["run"]["lrs"])[-steps:]
-    out = {"lr": sum(lrs) / len(lrs), "restarts": float(task_state["restarts"])}
+    out = {"lr_epoch_mean": sum(lrs) / len(lrs), "restarts": float(task_state["restarts"])}
     last = task_state["history"][-1] if task_state["history"] else {}
-    keys = ("train_loss", "val_acc", "test_acc", "meta_loss", "chance_acc")
-    return out | {k: last[k] for k in keys if k in last}
+    names = {"train_loss": "train_loss_epoch_mean", "meta_loss": "meta_loss_epoch_mean"}
+    keys = ("train_loss", "meta_loss", "val_acc", "test_acc", "chance_acc")
+    return out | {names.get(k, k): last[k] for k in keys if k in last}
 
 
 def owe_meta_steps(

@@ -51,7 +51,9 @@ class RunRequest:
         spec: what to train.
         meta_learner: the registered meta-learner the spec names by ``model_uri``, loaded in
             the driver (see :func:`raymeta.train.build.build_run`).
-        mlflow_run_id: the MLflow run that rank 0 logs the per-epoch metrics to.
+        mlflow_run_id: the MLflow run that rank 0 logs to, once per epoch: the epoch metrics
+            (:func:`raymeta.tracking.epoch_points`) and the per-step curves
+            (:class:`raymeta.tracking.StepCurves`).
         keep_model: False drops the run's weights from its result once it is finished
             (sweeps: keeps checkpoints small).
     """
@@ -137,7 +139,7 @@ def _train_run(
     import ray.train
     import ray.train.torch
 
-    from raymeta.tracking import log_epoch_metrics
+    from raymeta.tracking import StepCurves, epoch_points, log_points
     from raymeta.train.build import build_run
     from raymeta.train.device import resolve_device
     from raymeta.train.loop import RunState, Workers
@@ -165,6 +167,7 @@ def _train_run(
     t_start = time.perf_counter() - elapsed
     fail_at = config.get("fail_once_after_epoch")
     payload: dict[str, Any] = {}
+    curves = StepCurves(spec.task.epochs * built.steps_per_epoch)
 
     def on_epoch_end(metrics, run_state, optimizer):
         if metrics["epoch"] in saved_epochs:
@@ -186,8 +189,9 @@ def _train_run(
         if workers.rank != 0:
             ray.train.report(report)
         else:
-            if request.mlflow_run_id:
-                log_epoch_metrics(config["tracking_uri"], request.mlflow_run_id, metrics)
+            if request.mlflow_run_id:  # one log_batch per epoch: epoch metrics, step curves
+                points = epoch_points(metrics) + curves.drain()
+                log_points(config["tracking_uri"], request.mlflow_run_id, points)
             if progress_enabled():
                 elapsed_s = time.perf_counter() - t_start
                 line = _progress_line(spec.label, metrics, spec.task.epochs, elapsed_s)
@@ -200,7 +204,12 @@ def _train_run(
                 f"injected worker failure after epoch {fail_at} (fault-tolerance test)"
             )
 
-    built.train(state=state, optimizer_state=optimizer_state, on_epoch_end=on_epoch_end)
+    built.train(
+        state=state,
+        optimizer_state=optimizer_state,
+        on_epoch_end=on_epoch_end,
+        on_step=curves if workers.rank == 0 and request.mlflow_run_id else None,
+    )
     result = _result_of(payload)
     if not request.keep_model:
         result["model_state"] = {}
@@ -224,7 +233,7 @@ def _train_multitask(
     import ray.train
     import torch.distributed as dist
 
-    from raymeta.tracking import log_epoch_metrics
+    from raymeta.tracking import epoch_points, log_points
     from raymeta.train.build import build_run
     from raymeta.train.device import resolve_device
     from raymeta.train.loop import Workers
@@ -289,10 +298,10 @@ def _train_multitask(
         payload = {"tasks": tasks, "saved_cells": saved_cells, "history": history}
         payload["elapsed_s"] = elapsed_s
         if request.mlflow_run_id:
-            log_epoch_metrics(config["tracking_uri"], request.mlflow_run_id, metrics)
+            log_points(config["tracking_uri"], request.mlflow_run_id, epoch_points(metrics))
         if progress_enabled():
             lines = ", ".join(
-                f"task{i} lr {metrics[f'task{i}_lr']:.4g} val_acc "
+                f"task{i} lr {metrics[f'task{i}_lr_epoch_mean']:.4g} val_acc "
                 f"{metrics.get(f'task{i}_val_acc', math.nan):.2%} (restarts {t['restarts']})"
                 for i, t in enumerate(tasks)
             )

@@ -1,6 +1,13 @@
 """Ray Tune plumbing shared by the comparison and the transfer study: training one run spec in
 a trial, resumable ``Tuner``s with per-trial resources and MLflow runs nested under a parent
-run."""
+run.
+
+MLflow: the driver logs every trial (:func:`trial_runs_callback`), not the trials themselves
+(a SQLite store takes one writer at a time). A trial puts what its run gets under the
+:data:`MLFLOW_METRICS` key of each result (epoch metrics and the per-step curves of the epoch,
+:mod:`raymeta.tracking`); the rest of a result (Ray Tune's bookkeeping such as ``pid``,
+``timestamp``, ``time_*``, ``training_iteration`` and the ``config``) is never logged, and the
+run's params are its run spec, logged once when the trial starts."""
 
 from __future__ import annotations
 
@@ -10,10 +17,12 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 LR_POINTS = 400  # LR curves are subsampled to this many points in the reported metrics
+MLFLOW_METRICS = "mlflow_metrics"  # result key: the run's (key, value, step) points, as JSON
 
 
 def train_trial(
@@ -26,8 +35,12 @@ def train_trial(
 ) -> None:
     """Train the run ``spec`` (:mod:`raymeta.spec`) in this process (a Tune trial) and call
     ``report(metrics)`` every epoch (``tune.report``); NaN metrics (no validation split) are
-    left out. The last report also carries ``lrs`` (the per-step LR curve subsampled to at most
-    about :data:`LR_POINTS` points) and ``lr_stride_epochs`` (epochs between two of them).
+    left out. Every report carries, under :data:`MLFLOW_METRICS`, the points the trial's MLflow
+    run gets for the epoch (:func:`raymeta.tracking.epoch_points` and the per-step curves of
+    :class:`raymeta.tracking.StepCurves`) as a JSON string, which Tune's own loggers skip.
+    The last report also carries ``lrs`` (the per-step
+    LR curve subsampled to at most about :data:`LR_POINTS` points, for the plots) and
+    ``lr_stride_epochs`` (epochs between two of them).
 
     Args:
         meta_learner: the registered meta-learner ``spec`` names, loaded in the driver.
@@ -41,27 +54,36 @@ def train_trial(
         DeadRunError, NonFiniteLossError: the run is dead and ``dead_run_is_result`` is False.
     """
     from raymeta.errors import DeadRunError, NonFiniteLossError
+    from raymeta.tracking import StepCurves, epoch_points
     from raymeta.train.build import build_run
     from raymeta.train.device import resolve_device
 
     run = build_run(spec, resolve_device(use_gpu), meta_learner=meta_learner)
     epochs = spec.task.epochs
+    curves = StepCurves(epochs * run.steps_per_epoch)
 
     def on_epoch_end(metrics, state, optimizer):
         out = {k: v for k, v in metrics.items() if v == v}
+        out[MLFLOW_METRICS] = json.dumps(epoch_points(metrics) + curves.drain())
         if metrics["epoch"] == epochs:
-            stride = max(1, len(state.lrs) // LR_POINTS)
-            out["lrs"] = state.lrs[::stride]
-            out["lr_stride_epochs"] = stride / run.steps_per_epoch
+            out |= lr_curve(state.lrs, run.steps_per_epoch)
         report(out)
 
     try:
-        run.train(on_epoch_end=on_epoch_end)
+        run.train(on_epoch_end=on_epoch_end, on_step=curves)
     except (DeadRunError, NonFiniteLossError) as exc:
         if not dead_run_is_result:
             raise
         print(f"[{spec.label}] stopped: {exc}", flush=True)
-        report({"val_acc": 0.0, "dead_run": 1.0})
+        points = [("dead_run", 1.0, 0), *curves.drain()]  # with its curves up to the stop
+        report({"val_acc": 0.0, "dead_run": 1.0, MLFLOW_METRICS: json.dumps(points)})
+
+
+def lr_curve(lrs: list[float], steps_per_epoch: int) -> dict[str, Any]:
+    """The per-step LR curve ``lrs`` as a trial's last report carries it: ``lrs`` subsampled to
+    at most about :data:`LR_POINTS` points and ``lr_stride_epochs`` (epochs between two)."""
+    stride = max(1, len(lrs) // LR_POINTS)
+    return {"lrs": lrs[::stride], "lr_stride_epochs": stride / steps_per_epoch}
 
 
 @contextlib.contextmanager
@@ -110,6 +132,96 @@ def progress_callback(label: str, total: int):
     return TrialProgress()
 
 
+@dataclass
+class TrialRun:
+    """What a trial's MLflow run is called and carries: its name, flat tags
+    (:func:`raymeta.tracking.run_tags`) and params (its run spec)."""
+
+    name: str
+    tags: dict[str, str]
+    params: dict[str, str]
+
+    @classmethod
+    def of(
+        cls, spec, stage: str, method: str, *, name: str | None = None, family: str | None = None
+    ) -> TrialRun:
+        """The run of ``spec`` in ``stage``, named ``<stage>/<method>/seed<k>`` unless
+        ``name`` is given; ``family`` as :func:`raymeta.tracking.run_tags`."""
+        from raymeta.tracking import as_params, run_name, run_tags
+
+        return cls(
+            name or run_name(stage, method, spec.task.seed),
+            run_tags(spec, stage, method, family),
+            as_params(spec.model_dump(mode="json")),
+        )
+
+
+def trial_runs_callback(
+    tracking_uri: str,
+    experiment_id: str,
+    parent_run_id: str,
+    describe: Callable[[dict, int], TrialRun],
+):
+    """A Tune callback, in the driver, that gives every trial an MLflow run nested under
+    ``parent_run_id``: created when the trial starts (name, tags and params from
+    ``describe(trial.config, number)``, ``number`` counting the experiment's trials from 0
+    in the order they start, plus the tag ``trial_id``), the
+    :data:`MLFLOW_METRICS` points of every result logged in one ``log_batch``, ``wall_time_s``
+    and the status set when it ends. Its trial -> run map is part of the experiment's saved
+    state, so a restored experiment logs a resumed trial to the same run."""
+    from ray import tune
+
+    class TrialRuns(tune.Callback):
+        def __init__(self):
+            self.runs: dict[str, str] = {}  # trial id -> MLflow run id
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            from mlflow import MlflowClient
+            from mlflow.entities import Param
+
+            if trial.trial_id in self.runs:
+                return
+            run = describe(trial.config, len(self.runs))
+            tags = {"mlflow.parentRunId": parent_run_id, "trial_id": trial.trial_id, **run.tags}
+            client = MlflowClient(tracking_uri)
+            created = client.create_run(experiment_id, run_name=run.name, tags=tags)
+            params = [Param(k, v) for k, v in run.params.items()]
+            client.log_batch(created.info.run_id, params=params)
+            self.runs[trial.trial_id] = created.info.run_id
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            from raymeta.tracking import log_points
+
+            points = json.loads(result.get(MLFLOW_METRICS, "[]"))
+            log_points(tracking_uri, self.runs[trial.trial_id], points)
+
+        def _end(self, trial, status: str) -> None:
+            from mlflow import MlflowClient
+
+            run_id = self.runs.get(trial.trial_id)
+            if run_id is None:
+                return
+            client = MlflowClient(tracking_uri)
+            wall = (trial.last_result or {}).get("time_total_s")
+            if wall is not None:
+                client.log_metric(run_id, "wall_time_s", float(wall))
+            client.set_terminated(run_id, status)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._end(trial, "FINISHED")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._end(trial, "FAILED")
+
+        def get_state(self) -> dict | None:
+            return {"runs": dict(self.runs)} if self.runs else None
+
+        def set_state(self, state: dict) -> None:
+            self.runs = dict(state["runs"])
+
+    return TrialRuns()
+
+
 def trial_dirname(trial) -> str:
     """Short trial folder names (Tune's default embeds the whole config)."""
     return f"trial_{trial.trial_id}"
@@ -145,17 +257,22 @@ def make_tuner(
     tune_config,
     resources: dict[str, float],
     tracking_uri: str,
-    experiment: str,
+    experiment_id: str,
     parent_run_id: str,
+    describe: Callable[[dict, int], TrialRun],
     total: int,
+    stop: dict[str, Any] | None = None,
 ):
     """A ``Tuner`` whose state lives in ``tune_dir/name``: restored (finished trials kept,
     unfinished and errored ones re-run) when ``resume`` and a state exists, else new; a state
     left truncated by a kill (:func:`saved_state_is_intact`) is discarded and the stage rerun. Every
-    trial is an MLflow run tagged as a child of ``parent_run_id`` (``MLflowLoggerCallback``);
-    a progress line is printed as each of the ``total`` trials finishes."""
+    trial is an MLflow run nested under ``parent_run_id``, named, tagged and with params as
+    ``describe(config, number)`` says (:func:`trial_runs_callback`; the params are logged once,
+    at the trial's first start: PBT and PB2 restart a trial with a mutated config, whose values
+    its run gets as per-step and per-epoch metrics); a progress line is printed as each of the
+    ``total`` trials finishes; ``stop``: Tune's stopping criteria (checked before the scheduler
+    sees a result)."""
     from ray import tune
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     # quiet driver output: no progress tables and no per-result INFO lines (MLflow has it all)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -179,12 +296,7 @@ def make_tuner(
             flush=True,
         )
         shutil.rmtree(path)
-    callback = MLflowLoggerCallback(
-        tracking_uri=tracking_uri,
-        experiment_name=experiment,
-        tags={"mlflow.parentRunId": parent_run_id, "raymeta.stage": name},
-        save_artifact=False,
-    )
+    callback = trial_runs_callback(tracking_uri, experiment_id, parent_run_id, describe)
     return tune.Tuner(
         trainable,
         param_space=param_space,
@@ -193,6 +305,7 @@ def make_tuner(
             name=name,
             storage_path=str(tune_dir),
             callbacks=[callback, progress_callback(name, total)],
+            stop=stop,
             verbose=0,
         ),
     )

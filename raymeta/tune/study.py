@@ -8,7 +8,9 @@ task), minus ``exclude`` rules. It runs as **one** Ray Tune experiment (a grid, 
 task, ``max_concurrent`` at once with per-task resources) and appends one Parquet row per
 finished task to a dataset at ``results`` (a local path or any pyarrow filesystem URI such as
 ``s3://bucket/study``). ``--resume`` restores the experiment: finished tasks are not run again
-(a task whose row exists is also skipped). MLflow: a parent run, a nested run per task.
+(a task whose row exists is also skipped). MLflow: the run ``study`` (under the pipeline's
+run), a nested run per task, ``study/<method>/<setting>/seed<k>``, with the flat tags of every
+training run (``stage`` = ``study``, ``method``, ``family``, ``seed``, ``task``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from raymeta.config import MethodConfig, PipelineConfig, TaskConfig, TransferStu
 from raymeta.errors import ConfigError
 from raymeta.session import Session
 from raymeta.spec import LearnedRun, method_run
+from raymeta.tune.common import TrialRun
 
 TASK_LOG = "task_starts.jsonl"
 STATE_FILE = "study_state.json"
@@ -144,6 +147,20 @@ def _row(entry: dict, metrics: dict, wall: float, version: str | None) -> dict[s
     return row
 
 
+def _study_run(config: dict, number: int) -> TrialRun:
+    """The MLflow run of a study task: ``study/<method>/<setting>/seed<k>``, where the setting
+    is ``dataset/model/b<batch size>/<epochs>ep``, plus the label noise if any."""
+    entry = config["entry"]
+    task = TaskConfig(**entry["task"])
+    method = MethodConfig(**entry["method"])
+    spec = method_run(method, task)
+    setting = f"{task.dataset}/{task.model}/b{task.batch_size}/{task.epochs}ep"
+    if task.label_noise is not None:
+        setting += f"/{task.label_noise.type}{task.label_noise.rate:g}"
+    name = f"study/{method.label}/{setting}/seed{task.seed}"
+    return TrialRun.of(spec, "study", method.label, name=name)
+
+
 def _study_trainable(config: dict, meta_learners: dict[str, tuple[Any, str | None]]) -> None:
     """One transfer-study task: train it, report every epoch, append its Parquet row.
 
@@ -206,8 +223,8 @@ def check_transfer_study(study: TransferStudyConfig) -> list[dict[str, Any]]:
 
 
 def run_transfer_study(cfg: PipelineConfig, session: Session) -> pd.DataFrame:
-    """Run (or, in a resumed session, resume) ``cfg.study`` in ``session`` under its parent run
-    ``study/{name}`` as one Ray Tune experiment; returns the results table (one row per task).
+    """Run (or, in a resumed session, resume) ``cfg.study`` in ``session`` under its run
+    ``study`` (nested in the pipeline's run) as one Ray Tune experiment; returns the results table (one row per task).
     A resumed experiment does not run finished tasks again (a task whose row exists is also
     skipped)."""
     import mlflow
@@ -244,8 +261,9 @@ def run_transfer_study(cfg: PipelineConfig, session: Session) -> pd.DataFrame:
             ),
             resources=trial_resources(res.cpus_per_task, res.gpus_per_task),
             tracking_uri=session.tracking_uri,
-            experiment=session.experiment,
+            experiment_id=session.experiment_id,
             parent_run_id=parent.run_id,
+            describe=_study_run,
             total=len(tasks),
         )
         with working_dir(out):
