@@ -273,13 +273,18 @@ class OuterLoopConfig(Strict):
     about once per epoch). Very frequent meta steps over-fit the greedy one-step objective and
     collapse the LR (short-horizon bias: on Fashion-MNIST, a meta step every step drove the LR
     from 0.37 to 0.02 within a tenth of the run); the default keeps the meta-learner's drift
-    slow, as the paper's schedule does. ``meta_batch_size``: global meta batch (summed over
+    slow, as the paper's schedule does. ``meta_objective``: ``lookahead`` (the paper's one
+    virtual step) or ``delayed`` (the meta loss at the weights reached after the last
+    ``horizon`` steps before each meta step, default ``meta_every``;
+    :mod:`raymeta.meta.mlrsnet`). ``meta_batch_size``: global meta batch (summed over
     workers). ``meta_lr``, ``meta_weight_decay``: Adam on the meta-learner (paper: 1e-3,
     1e-4). ``hidden_size``, ``mlp_hidden``: the MLR-SNet cell (default: the paper's, as
     :class:`~raymeta.schedules.MLRSNet` defines them).
     """
 
     meta_every: PositiveInt = Field(20, validation_alias=AliasChoices("meta_every", "t_val"))
+    meta_objective: Literal["lookahead", "delayed"] = "lookahead"
+    horizon: PositiveInt | None = None
     meta_batch_size: PositiveInt = META_BATCH_SIZE
     meta_lr: PositiveFloat = 1e-3
     meta_weight_decay: NonNegFloat = 1e-4
@@ -290,33 +295,59 @@ class OuterLoopConfig(Strict):
         default_factory=lambda: _lower_default("raymeta.schedules", "MLRSNet", "mlp_hidden")
     )
 
+    @model_validator(mode="after")
+    def _check_objective(self):
+        from raymeta.meta.mlrsnet import check_meta_objective
+
+        try:
+            check_meta_objective(self.meta_objective, self.horizon)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
     def outer_loop(self) -> OuterLoopConfig:
         """Only the outer-loop settings (of a section that adds more)."""
         return OuterLoopConfig(**self.model_dump(include=set(OuterLoopConfig.model_fields)))
 
 
 class MetaTrainConfig(OuterLoopConfig, Section):
-    """MLR-SNet meta-training (paper Sec. 4.1) on one task, registered as
-    ``registered_model`` with ``alias``.
+    """MLR-SNet meta-training (paper Sec. 4.1) on one task, or on several at once, registered
+    as ``registered_model`` with ``alias``.
 
-    The outer loop: :class:`OuterLoopConfig`. ``checkpoint_epochs``: 1-based epochs at which
-    the meta-learner is saved (default: first, middle, last), used by the three-phase meta-test
-    protocol.
+    The outer loop: :class:`OuterLoopConfig`. ``task``: the task; or ``tasks`` (instead of
+    ``task``, at least 2): multi-task meta-training, one group of Ray Train workers per task
+    (:mod:`raymeta.train.multitask`): the meta-training workers must be a multiple of the
+    number of tasks, and its epochs are those of the task with the most optimisation steps.
+    ``checkpoint_epochs``: 1-based (meta-training) epochs at which the meta-learner is saved
+    (default: first, middle, last), used by the three-phase meta-test protocol.
     """
 
     task: TaskConfig = TaskConfig()
+    tasks: list[TaskConfig] | None = Field(None, min_length=2)
     checkpoint_epochs: list[PositiveInt] | None = None
     registered_model: RegisteredModelName = "mlrsnet"
     alias: Alias = "champion"
 
     @model_validator(mode="after")
     def _check(self):
-        if self.task.meta_per_class == 0:
-            raise ValueError("task.meta_per_class must be > 0 for meta-training")
-        late = [e for e in self.checkpoint_epochs or [] if e > self.task.epochs]
+        if self.tasks is not None and "task" in self.model_fields_set:
+            raise ValueError("task and tasks are exclusive; accepted: one task, or a list of tasks")
+        for i, task in enumerate(self.meta_tasks):
+            where = "task" if self.tasks is None else f"tasks.{i}"
+            if task.meta_per_class == 0:
+                raise ValueError(f"{where}.meta_per_class must be > 0 for meta-training")
+        longest = max(t.epochs for t in self.meta_tasks)
+        late = [e for e in self.checkpoint_epochs or [] if e > longest]
         if late:
-            raise ValueError(f"checkpoint_epochs {late} exceed task.epochs={self.task.epochs}")
+            raise ValueError(
+                f"checkpoint_epochs {late} exceed the epochs of meta-training ({longest})"
+            )
         return self
+
+    @property
+    def meta_tasks(self) -> list[TaskConfig]:
+        """The tasks meta-trained on: ``tasks``, or ``[task]``."""
+        return list(self.tasks) if self.tasks is not None else [self.task]
 
     @property
     def saved_epochs(self) -> list[int]:
@@ -773,7 +804,8 @@ class PipelineConfig(Strict):
     - ``suite``: the transfer benchmark (a schedule comparison on each of its tasks, with a
       verdict for the learned schedule).
 
-    ``meta_train_workers``: Ray Train workers of meta-training (default ``ray.num_workers``).
+    ``meta_train_workers``: Ray Train workers of meta-training (default ``ray.num_workers``;
+    with ``meta_train.tasks``, a multiple of the number of tasks).
     """
 
     name: str
@@ -794,6 +826,14 @@ class PipelineConfig(Strict):
     def _check(self):
         if all(getattr(self, s) is None for s in SECTIONS):
             raise ValueError(f"a pipeline needs {', '.join(SECTIONS)} or several")
+        tasks = len(self.meta_train.meta_tasks) if self.meta_train is not None else 1
+        workers = self.meta_train_workers or self.ray.num_workers
+        if workers % tasks:
+            raise ValueError(
+                f"meta_train.tasks has {tasks} tasks but meta-training has {workers} Ray Train "
+                f"worker(s) (meta_train_workers, else ray.num_workers); accepted: a multiple of "
+                f"{tasks}, one group of workers per task"
+            )
         return self
 
 

@@ -24,13 +24,21 @@ from raymeta.console import stage
 from raymeta.errors import ConfigError
 from raymeta.report import plot_accuracy_curves, plot_lr_curves, to_markdown, write_table
 from raymeta.session import ParentRun, Session, open_session
+from raymeta.spec import MetaTrainRun
 
 STATE_FILE = "pipeline_state.json"  # the pipeline run's id, reopened by --resume
 META_TRAIN_LABEL = "MLR-SNet (meta-training)"
 
 
-def _result_row(stage_name: str, label: str, task: TaskConfig, fit, version: str | None) -> dict:
-    last = fit.history[-1]
+def _result_row(
+    stage_name: str,
+    label: str,
+    task: TaskConfig,
+    history: list[dict],
+    wall_time_s: float,
+    version: str | None,
+) -> dict:
+    last = history[-1]
     return {
         "stage": stage_name,
         "method": label,
@@ -41,39 +49,86 @@ def _result_row(stage_name: str, label: str, task: TaskConfig, fit, version: str
         "seed": task.seed,
         "test_acc": last["test_acc"],
         "test_loss": last["test_loss"],
-        "best_val_acc": max(h["val_acc"] for h in fit.history),
-        "wall_time_s": fit.wall_time_s,
+        "best_val_acc": max(h["val_acc"] for h in history),
+        "wall_time_s": wall_time_s,
         "meta_learner_version": None if version is None else str(version),
     }
 
 
-def run_meta_train(cfg: MetaTrainConfig, session: Session, num_workers: int):
-    """Meta-train MLR-SNet in a ``TorchTrainer``, log it to MLflow and register it under
-    ``cfg.registered_model`` with ``cfg.alias`` (a copy is kept in ``output_dir/meta_learner``).
-    Must run inside an active MLflow run.
-
-    Returns ``(bundle, version, fit_result)``.
+def meta_train_spec(cfg: MetaTrainConfig, num_workers: int):
+    """The run spec of a ``meta_train`` section on ``num_workers`` Ray Train workers, after the
+    data checks of its tasks (in the driver, before Ray starts): a
+    :class:`~raymeta.spec.MetaTrainRun`, or for ``tasks`` a
+    :class:`~raymeta.spec.MultiTaskMetaTrainRun` (one group of workers per task; each task's
+    epoch counted in optimisation steps from its data).
 
     Raises:
-        RegistrationError: the store failed to register it (its ``result`` is the fit result).
+        ConfigError, DataNotFoundError: one line naming the value (and the task).
+    """
+    from raymeta.spec import meta_train_run, multitask_meta_train_run
+    from raymeta.train.loop import check_task
+
+    if cfg.tasks is None:
+        check_task(cfg.task, num_workers, cfg.meta_batch_size)
+        return meta_train_run(cfg, cfg.task, "meta-train", cfg.saved_epochs)
+    group = num_workers // len(cfg.tasks)
+    steps = []
+    for i, task in enumerate(cfg.tasks):
+        try:
+            steps.append(check_task(task, group, cfg.meta_batch_size))
+        except ConfigError as exc:
+            raise ConfigError(f"meta_train.tasks.{i}: {exc}") from None
+    return multitask_meta_train_run(cfg, cfg.tasks, "meta-train", steps, cfg.checkpoint_epochs)
+
+
+def _describe_meta_train(spec, num_workers: int) -> str:
+    """The stage line of a meta-training run."""
+    if isinstance(spec, MetaTrainRun):
+        task = spec.task
+        return (
+            f"meta-training MLR-SNet on {task.dataset}/{task.model} with {num_workers} Ray "
+            f"Train worker(s), {task.epochs} epochs, a {spec.meta.meta_objective} meta step "
+            f"every {spec.meta.meta_every} steps"
+        )
+    names = ", ".join(f"{t.dataset}/{t.model}" for t in spec.tasks)
+    return (
+        f"meta-training one MLR-SNet on {len(spec.tasks)} tasks at once ({names}) with "
+        f"{num_workers // len(spec.tasks)} Ray Train worker(s) per task, {spec.total_steps} "
+        f"steps ({spec.epochs} epochs of task {spec.clock}), a {spec.meta.meta_objective} meta "
+        f"step every {spec.meta.meta_every} steps"
+    )
+
+
+def run_meta_train(cfg: MetaTrainConfig, session: Session, num_workers: int):
+    """Meta-train MLR-SNet (on one task, or on several at once) in a ``TorchTrainer``, log it
+    to MLflow and register it under ``cfg.registered_model`` with ``cfg.alias``. Must run
+    inside an active MLflow run.
+
+    A copy of the meta-learner is kept in ``output_dir/meta_learner``.
+
+    Returns ``(bundle, version, fit_result, rows)``: ``rows`` are the results table's rows, one
+    per task.
+
+    Raises:
+        RegistrationError: the store failed to register it (its ``rows`` are the results
+            table's rows, without a version, and its ``result`` the fit result).
     """
     import mlflow
 
     from raymeta.errors import RegistrationError
     from raymeta.schedules import MLRSNetBundle
-    from raymeta.spec import meta_train_run
     from raymeta.tracking import as_params, log_results, register_meta_learner, run_name, run_tags
     from raymeta.train.ray_train import fit
 
-    spec = meta_train_run(cfg, cfg.task, "meta-train", cfg.saved_epochs)
-    stage(
-        f"meta-training MLR-SNet on {cfg.task.dataset}/{cfg.task.model} with {num_workers} Ray "
-        f"Train worker(s), {cfg.task.epochs} epochs, a look-ahead every {cfg.meta_every} steps"
-    )
+    spec = meta_train_spec(cfg, num_workers)
+    stage(_describe_meta_train(spec, num_workers))
+    names = " + ".join(f"{t.dataset}/{t.model}" for t in cfg.meta_tasks)
+    single = spec if isinstance(spec, MetaTrainRun) else spec.task_run(0)
+    tags = run_tags(single, "meta-train", META_TRAIN_LABEL) | {"task": names}
     with mlflow.start_run(
-        run_name=run_name("meta-train", META_TRAIN_LABEL, cfg.task.seed),
+        run_name=run_name("meta-train", META_TRAIN_LABEL, cfg.meta_tasks[0].seed),
         nested=True,
-        tags=run_tags(spec, "meta-train", META_TRAIN_LABEL),
+        tags=tags,
     ) as run:
         mlflow.log_params(
             as_params(spec.model_dump(mode="json"))
@@ -95,32 +150,47 @@ def run_meta_train(cfg: MetaTrainConfig, session: Session, num_workers: int):
             epochs,
             cfg.hidden_size,
             cfg.mlp_hidden,
-            source=f"meta-trained on {cfg.task.dataset}/{cfg.task.model} (run {run.info.run_id})",
+            source=f"meta-trained on {names} (run {run.info.run_id})",
         )
-        mlflow.log_metric("gamma", result.gamma)
+        if result.gamma is not None:
+            mlflow.log_metric("gamma", result.gamma)
         mlflow.log_metric("wall_time_s", result.wall_time_s)
-        spe = len(result.lrs) // cfg.task.epochs
+        if isinstance(spec, MetaTrainRun):  # (label, task, history, LRs, steps per epoch)
+            runs = [(META_TRAIN_LABEL, cfg.task, result.history, result.lrs, None)]
+        else:
+            runs = [
+                (f"{META_TRAIN_LABEL} task {i}", t, r["history"], r["lrs"], n)
+                for i, (t, r, n) in enumerate(
+                    zip(spec.tasks, result.tasks, spec.epoch_steps, strict=True)
+                )
+            ]
         png = session.output_dir / "meta_train_lr.png"
-        plot_lr_curves(
-            {"MLR-SNet (meta-training)": (result.lrs, spe)}, png, "LR during meta-training"
-        )
+        curves = {name: (lrs, n or len(lrs) // task.epochs) for name, task, _, lrs, n in runs}
+        plot_lr_curves(curves, png, "LR during meta-training")
         log_results([png])
-        check_not_at_chance(result.history[-1], f"models:/{cfg.registered_model}")
-        last = result.history[-1]
+        for _, _, history, _, _ in runs:  # every task's last finished epoch
+            check_not_at_chance(history[-1], f"models:/{cfg.registered_model}")
         metadata = {
-            "task": f"{cfg.task.dataset}/{cfg.task.model}",
-            "test_acc": last["test_acc"],
-            "test_loss": last["test_loss"],
+            "task": names,
+            "test_acc": runs[0][2][-1]["test_acc"],
+            "test_loss": runs[0][2][-1]["test_loss"],
         }
+
+        def table_rows(version):
+            return [
+                _result_row("meta-train", name, task, history, result.wall_time_s, version)
+                for name, task, history, _, _ in runs
+            ]
+
         try:
             version = register_meta_learner(
                 bundle, cfg.registered_model, cfg.alias, session.output_dir / "meta_learner",
                 metadata=metadata,
             )  # fmt: skip
         except RegistrationError as exc:
-            exc.result = result  # the pipeline still reports the trained run
+            exc.rows, exc.result = table_rows(None), result  # the pipeline still reports them
             raise
-    return bundle, version, result
+    return bundle, version, result, table_rows(version)
 
 
 CHANCE_MARGIN = 0.01  # test accuracy must beat the majority-class rate by this much
@@ -191,7 +261,11 @@ def run_transfer(
             mlflow.log_metric("wall_time_s", result.wall_time_s)
             if result.gammas:
                 mlflow.log_param("gammas", [round(g, 5) for g in result.gammas])
-        rows.append(_result_row("transfer", method.label, cfg.task, result, version))
+        rows.append(
+            _result_row(
+                "transfer", method.label, cfg.task, result.history, result.wall_time_s, version
+            )
+        )
         curves[method.label] = (result.lrs, len(result.lrs) // cfg.task.epochs)
         histories[method.label] = result.history
     return rows, curves, histories
@@ -209,7 +283,7 @@ def check_pipeline(cfg: PipelineConfig, sections: Sequence[str]) -> None:
     from raymeta.tune.study import check_transfer_study
 
     if "meta_train" in sections:
-        check_task(cfg.meta_train.task, _meta_train_workers(cfg), cfg.meta_train.meta_batch_size)
+        meta_train_spec(cfg.meta_train, _meta_train_workers(cfg))
     if "transfer" in sections:
         check_task(cfg.transfer.task, cfg.ray.num_workers)
     if "longtail" in sections:
@@ -248,14 +322,17 @@ def _run_training_sections(
     if "meta_train" in sections:
         try:
             with parent.stage("meta-train"):
-                _, version, result = run_meta_train(
+                _, _, result, meta_rows = run_meta_train(
                     cfg.meta_train, session, _meta_train_workers(cfg)
                 )
         except RegistrationError as exc:
-            failure, version, result = exc, None, exc.result
-        label = META_TRAIN_LABEL
-        rows.append(_result_row("meta-train", label, cfg.meta_train.task, result, version))
-        histories[label] = result.history
+            failure, result, meta_rows = exc, exc.result, exc.rows
+        rows += meta_rows
+        if result.tasks:  # each task's first run
+            for row, task in zip(meta_rows, result.tasks, strict=True):
+                histories[row["method"]] = [h for h in task["history"] if h["restarts"] == 0]
+        else:
+            histories[META_TRAIN_LABEL] = result.history
     if "transfer" in sections and failure is None:
         with parent.stage("transfer"):
             t_rows, curves, t_hist = run_transfer(cfg.transfer, session, cfg.ray.num_workers)

@@ -9,6 +9,8 @@ there by :func:`raymeta.train.build.build_run`. Its kinds (the ``kind`` field di
 - :class:`LearnedRun` (``learned``): a frozen registered MLR-SNet (MLR-SNet (Test), transfer);
 - :class:`MetaTrainRun` (``meta_train``): MLR-SNet meta-trained on the task itself, whose LR
   schedule it is (meta-training, and MLR-SNet (Train) of a comparison);
+- :class:`MultiTaskMetaTrainRun` (``multitask_meta_train``): one MLR-SNet meta-trained on
+  several tasks at once, one group of workers per task;
 - :class:`LongTailRun` (``longtail``): a long-tailed method (MFM, Meta-Weight-Net, the loss
   baselines) on a long-tailed task under a hand-designed schedule.
 
@@ -94,6 +96,72 @@ class MetaTrainRun(Strict):
     saved_epochs: list[PositiveInt] = Field(default_factory=list)
 
 
+class MultiTaskMetaTrainRun(Strict):
+    """Meta-train one MLR-SNet on several ``tasks`` at once with the outer loop ``meta``: one
+    group of Ray Train workers per task, the meta-learner's gradient averaged over all of them
+    (:mod:`raymeta.train.multitask`, docs/mlrsnet.md section 3).
+
+    ``epoch_steps``: optimisation steps in one epoch of each task with its group of workers
+    (counted in the driver from the data, :func:`raymeta.train.loop.check_task`). Meta-training
+    lasts :attr:`total_steps`, the longest task's steps; its epochs (:attr:`epochs` of
+    :attr:`clock_steps` steps each) are that task's: metrics are reported, checkpoints taken
+    and the meta-learner saved (``saved_epochs``, 1-based) at their ends. A task that finishes
+    earlier restarts from a fresh initialisation with a new seed.
+    """
+
+    kind: Literal["multitask_meta_train"] = "multitask_meta_train"
+    label: str
+    tasks: list[TaskConfig] = Field(min_length=2)
+    meta: OuterLoopConfig
+    epoch_steps: list[PositiveInt]
+    saved_epochs: list[PositiveInt] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(self.epoch_steps) != len(self.tasks):
+            raise ValueError(
+                f"epoch_steps has {len(self.epoch_steps)} entries for {len(self.tasks)} tasks"
+            )
+        late = [e for e in self.saved_epochs if e > self.epochs]
+        if late:
+            raise ValueError(
+                f"checkpoint_epochs {late} exceed the {self.epochs} epochs of meta-training "
+                f"(those of task {self.clock}, the longest in optimisation steps)"
+            )
+        return self
+
+    @property
+    def task_steps(self) -> list[int]:
+        """Optimisation steps of one full run of each task."""
+        return [t.epochs * n for t, n in zip(self.tasks, self.epoch_steps, strict=True)]
+
+    @property
+    def total_steps(self) -> int:
+        """Optimisation steps of meta-training: the longest task's."""
+        return max(self.task_steps)
+
+    @property
+    def clock(self) -> int:
+        """The task whose epochs are meta-training's (the first of the longest)."""
+        return self.task_steps.index(self.total_steps)
+
+    @property
+    def epochs(self) -> int:
+        """Epochs of meta-training (the clock task's)."""
+        return self.tasks[self.clock].epochs
+
+    @property
+    def clock_steps(self) -> int:
+        """Optimisation steps of one meta-training epoch."""
+        return self.epoch_steps[self.clock]
+
+    def task_run(self, index: int) -> MetaTrainRun:
+        """The meta-training run of task ``index`` alone (what its worker group assembles)."""
+        return MetaTrainRun(
+            label=f"{self.label}/task{index}", task=self.tasks[index], meta=self.meta
+        )
+
+
 class LongTailRun(Strict):
     """Train a long-tailed ``task`` with a long-tailed ``method`` (``params`` go to the
     method; ``meta_batch_size``: global meta batch of a meta-learned method) under the
@@ -110,7 +178,10 @@ class LongTailRun(Strict):
     model_uri: str | None = None
 
 
-RunSpec = Annotated[HandRun | LearnedRun | MetaTrainRun | LongTailRun, Field(discriminator="kind")]
+RunSpec = Annotated[
+    HandRun | LearnedRun | MetaTrainRun | MultiTaskMetaTrainRun | LongTailRun,
+    Field(discriminator="kind"),
+]
 _RUN_SPEC: TypeAdapter = TypeAdapter(RunSpec)
 
 
@@ -145,6 +216,33 @@ def meta_train_run(
     return MetaTrainRun(
         label=label, task=task, meta=meta.outer_loop(), saved_epochs=list(saved_epochs)
     )
+
+
+def multitask_meta_train_run(
+    meta: OuterLoopConfig,
+    tasks: Sequence[TaskConfig],
+    label: str,
+    epoch_steps: Sequence[int],
+    checkpoint_epochs: Sequence[int] | None = None,
+) -> MultiTaskMetaTrainRun:
+    """The multi-task meta-training run of ``tasks`` (``epoch_steps``: steps per epoch of each
+    task with its group of workers); the meta-learner is saved after ``checkpoint_epochs``
+    (default: the first, middle and last epoch of meta-training).
+
+    Raises:
+        ConfigError: a checkpoint epoch past the end of meta-training (one line).
+    """
+    data = {
+        "label": label,
+        "tasks": list(tasks),
+        "meta": meta.outer_loop(),
+        "epoch_steps": list(epoch_steps),
+    }
+    if not checkpoint_epochs:
+        e = parse_run({"kind": "multitask_meta_train", **data}, "meta_train").epochs
+        checkpoint_epochs = [1, (e + 1) // 2, e]
+    saved = sorted(set(checkpoint_epochs))
+    return parse_run({"kind": "multitask_meta_train", **data, "saved_epochs": saved}, "meta_train")
 
 
 def longtail_run(

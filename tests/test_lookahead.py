@@ -8,7 +8,7 @@ from torch.func import functional_call
 
 from raymeta.config import TaskConfig
 from raymeta.errors import DeadRunError, NonFiniteLossError
-from raymeta.meta.lookahead import lookahead_loss, sgd_direction
+from raymeta.meta.lookahead import functional_loss, lookahead_loss, sgd_direction
 from raymeta.meta.mlrsnet import MLRSNetMetaTrainer
 from raymeta.models import build_model
 from raymeta.schedules import HandSchedule, MLRSNet
@@ -238,3 +238,160 @@ def test_meta_trainer_checkpoint_does_not_grow_with_meta_steps():
     assert (restored.meta_steps, restored.last_meta_loss, restored.gamma) == (12, value, 0.5)
     for p, q in zip(restored.cell.parameters(), cell.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def run_delayed_window(k=4, meta_every=5, steps=4, momentum=0.9):
+    """``steps`` real SGD steps of the double-precision MLP under a delayed-objective trainer
+    (meta steps every ``meta_every``, window ``k``); returns, for the last ``k`` steps, what an
+    independent check needs: the weights before them, the LSTM state before the first, the
+    losses and the directions."""
+    model, _, cell, _, _, meta = setup_problem(momentum=momentum)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum, weight_decay=5e-4)
+    trainer = MLRSNetMetaTrainer(
+        cell, 10, meta_every=meta_every, momentum=momentum, meta_objective="delayed", horizon=k
+    )
+    trainer.gamma = 0.5
+    torch.manual_seed(2)
+    weights, states, losses, directions = [], [], [], []
+    for step in range(steps):
+        x, y = torch.randn(32, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (32,))
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        if trainer.is_meta_step(step):
+            trainer.meta_step(model, opt, loss.item(), *meta)
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        states.append(trainer.state)
+        lr = trainer.lr(step, 0, loss.item())
+        directions.append({n: v.clone() for n, v in sgd_direction(model, opt).items()})
+        trainer.observe_step(model, opt, step)
+        opt.param_groups[0]["lr"] = lr
+        opt.step()
+        losses.append(loss.item())
+    window = (weights[-k], states[-k], losses[-k:], directions[-k:])
+    return model, trainer, window, meta
+
+
+def test_delayed_window_reproduces_the_real_weights():
+    """The window's stored LRs and directions give back the real weights after its k steps."""
+    model, trainer, (w0, _, _, directions), _ = run_delayed_window()
+    lrs = trainer.window_lrs().detach()
+    assert lrs.shape == (4,) and trainer.in_window(3) and not trainer.in_window(4)
+    for n, p in model.named_parameters():
+        rebuilt = w0[n] - sum(lr * d[n] for lr, d in zip(lrs, directions, strict=True))
+        torch.testing.assert_close(p.detach(), rebuilt, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("k", "meta_every", "steps"), [(4, 5, 4), (6, 2, 9)])
+def test_delayed_meta_gradient_matches_finite_differences_of_its_surrogate(k, meta_every, steps):
+    """The delayed objective's gradient is exact for L_meta(w0 - sum_j lr_j(theta) d_j) with
+    the d_j fixed: central finite differences, the LRs recomputed by running the cell over the
+    window's losses from the LSTM state before it (independently of the trainer). Also when the
+    window spans earlier meta steps (k > meta_every: the cell changed inside it)."""
+    model, trainer, (w0, state0, losses, directions), meta = run_delayed_window(
+        k, meta_every, steps
+    )
+    assert trainer.meta_steps == steps // meta_every
+    cell = trainer.cell
+    _, grads = trainer.delayed_meta_grads(model, *meta)
+
+    def surrogate():
+        state, w = state0, dict(w0)
+        for loss, d in zip(losses, directions, strict=True):
+            unit, state = cell(torch.tensor(loss, dtype=torch.float64), state)
+            w = {n: w[n] - 0.1 * 0.5 * unit * d[n] for n in w}
+        return functional_loss(model, w, *meta).item()
+
+    torch.manual_seed(1)
+    direction = [torch.randn_like(p) for p in cell.parameters()]
+    analytic = float(sum((g * v).sum() for g, v in zip(grads, direction, strict=True)))
+    eps = 1e-6
+
+    def shifted(sign):
+        with torch.no_grad():
+            for p, v in zip(cell.parameters(), direction, strict=True):
+                p += sign * eps * v
+        value = surrogate()
+        with torch.no_grad():
+            for p, v in zip(cell.parameters(), direction, strict=True):
+                p -= sign * eps * v
+        return value
+
+    numeric = (shifted(1) - shifted(-1)) / (2 * eps)
+    assert abs(analytic) > 1e-6
+    assert analytic == pytest.approx(numeric, rel=1e-5)
+
+
+def test_delayed_window_is_the_horizon_before_each_meta_step():
+    trainer = MLRSNetMetaTrainer(MLRSNet(), 10, meta_every=5, meta_objective="delayed", horizon=2)
+    assert [s for s in range(12) if trainer.in_window(s)] == [2, 3, 7, 8]
+    full = MLRSNetMetaTrainer(MLRSNet(), 10, meta_every=5, meta_objective="delayed")
+    assert full.horizon == 5 and all(full.in_window(s) for s in range(12))
+    long = MLRSNetMetaTrainer(MLRSNet(), 10, meta_every=2, meta_objective="delayed", horizon=7)
+    assert all(long.in_window(s) for s in range(12))
+    one_step = MLRSNetMetaTrainer(MLRSNet(), 10, meta_every=5)
+    assert not any(one_step.in_window(s) for s in range(12))
+
+
+@pytest.mark.parametrize(
+    ("outer", "message"),
+    [
+        ({"meta_objective": "delayed", "horizon": 0}, "horizon: Input should be greater than 0"),
+        ({"horizon": 3}, "horizon=3 applies to meta_objective delayed"),
+        ({"meta_objective": "unrolled"}, "meta_objective: Input should be 'lookahead' or"),
+    ],
+)
+def test_meta_objective_config_is_refused_on_one_line(outer, message):
+    from raymeta.config import OuterLoopConfig, parse
+    from raymeta.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as err:
+        parse(OuterLoopConfig, outer, "p.yaml")
+    assert "\n" not in str(err.value)
+
+
+def test_delayed_objective_resumes_mid_window_exactly():
+    """A delayed-objective run checkpointed at an epoch end that falls inside a window (saved
+    through torch.save / weights_only load, as the Ray Train checkpoints) continues exactly as
+    the unbroken run."""
+    from raymeta.config import OuterLoopConfig
+    from raymeta.spec import meta_train_run
+    from raymeta.train.build import build_run
+    from raymeta.train.loop import RunState
+
+    task = TaskConfig(
+        dataset="digits", model="mlp", batch_size=64, epochs=2, val_size=200, meta_per_class=10
+    )
+    outer = OuterLoopConfig(meta_every=5, meta_objective="delayed", horizon=3, meta_batch_size=20)
+    spec = meta_train_run(outer, task, "delayed")
+    whole = build_run(spec)
+    saved = {}
+
+    def keep(metrics, state, optimizer):
+        if metrics["epoch"] == 1:
+            payload = {
+                "model": whole.model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": whole.schedule.state_dict(),
+                "run": {k: getattr(state, k) for k in ("epoch", "step", "initial_loss")},
+            }
+            buf = io.BytesIO()
+            torch.save(payload, buf)
+            buf.seek(0)
+            saved.update(torch.load(buf, weights_only=True))
+
+    end = whole.train(on_epoch_end=keep)
+    spe = whole.steps_per_epoch
+    assert whole.schedule.in_window(spe - 1) and whole.schedule.in_window(spe)  # mid-window
+    assert len(saved["schedule"]["window"]) == 3
+    resumed = build_run(spec)
+    resumed.model.load_state_dict(saved["model"])
+    resumed.schedule.load_state_dict(saved["schedule"])
+    state = resumed.train(state=RunState(**saved["run"]), optimizer_state=saved["optimizer"])
+    assert state.lrs == end.lrs[spe:]
+    cells = [r.schedule.cell.parameters() for r in (whole, resumed, build_run(spec))]
+    moved = False
+    for p, q, initial in zip(*cells, strict=True):
+        assert torch.equal(p, q)
+        moved |= not torch.equal(p, initial)
+    assert moved  # the delayed objective's meta steps really changed the meta-learner

@@ -67,7 +67,7 @@ def test_every_kind_round_trips_through_json():
 @pytest.mark.parametrize(
     ("patch", "expected"),
     [
-        ({"kind": "magic"}, "'hand', 'learned', 'meta_train', 'longtail'"),
+        ({"kind": "magic"}, "'hand', 'learned', 'meta_train', 'multitask_meta_train', 'longtail'"),
         ({"schedule": {"family": "stepwise", "lr": 0.1}}, "unknown schedule 'stepwise'"),
         ({"epochs": 3}, "epochs: unknown key"),
     ],

@@ -17,7 +17,14 @@ from torch import nn
 from raymeta.data.batches import steps_per_epoch
 from raymeta.data.task import TaskData
 from raymeta.schedules.base import Schedule
-from raymeta.spec import HandRun, LearnedRun, LongTailRun, MetaTrainRun, RunSpec
+from raymeta.spec import (
+    HandRun,
+    LearnedRun,
+    LongTailRun,
+    MetaTrainRun,
+    MultiTaskMetaTrainRun,
+    RunSpec,
+)
 from raymeta.train.loop import RunState, Workers, build_task_model, load_task_data, train
 from raymeta.train.rules import UpdateRule
 
@@ -74,7 +81,9 @@ def build_run(
     """Assemble ``spec`` on ``device`` for ``workers`` (default: one process).
 
     Args:
-        spec: what to train.
+        spec: what to train. For a :class:`~raymeta.spec.MultiTaskMetaTrainRun`, the run of
+            this worker's task (``workers.task``, :meth:`~raymeta.train.loop.Workers.for_tasks`),
+            its meta-learner initialised as on every other worker (from the first task's seed).
         device: where the data and the model go (:func:`raymeta.train.device.resolve_device`).
         workers: the data-parallel context (rank, world size, the mean across workers that a
             meta-learner's gradient and a long-tailed loss use).
@@ -93,13 +102,16 @@ def build_run(
         ValueError: the spec names a registered meta-learner and none was given.
     """
     workers = workers or Workers()
+    cell_seed = None
+    if isinstance(spec, MultiTaskMetaTrainRun):  # one meta-learner for every task
+        spec, cell_seed = spec.task_run(workers.task), spec.tasks[0].seed + 1
     task = spec.task
     data = data if data is not None else load_task_data(task, device)
     model = build_task_model(task, data, device)
     n_steps = steps_per_epoch(
         len(data.train_y), task.batch_size // workers.world_size, workers.world_size
     )
-    schedule = _schedule(spec, data, n_steps, workers, meta_learner)
+    schedule = _schedule(spec, data, n_steps, workers, meta_learner, cell_seed)
     rule = _rule(spec, data, model, schedule, workers, meta_learner)
     return Run(spec, data, model, schedule, rule, n_steps, workers)
 
@@ -110,9 +122,17 @@ def _registered(spec: RunSpec, meta_learner: nn.Module | None) -> nn.Module:
     return meta_learner
 
 
-def _schedule(spec: RunSpec, data: TaskData, n_steps: int, workers: Workers, meta_learner):
+def _schedule(
+    spec: RunSpec,
+    data: TaskData,
+    n_steps: int,
+    workers: Workers,
+    meta_learner,
+    cell_seed: int | None = None,
+):
     """The run's schedule. For a language model MLR-SNet's input is the loss divided by
-    ln(vocabulary size)."""
+    ln(vocabulary size). A meta-trained cell is initialised from ``cell_seed`` (default: the
+    task's seed + 1)."""
     from raymeta.data.text import mlrsnet_loss_scale
     from raymeta.meta.mlrsnet import MLRSNetMetaTrainer
     from raymeta.schedules import HandSchedule, MLRSNet, MLRSNetSchedule
@@ -121,7 +141,7 @@ def _schedule(spec: RunSpec, data: TaskData, n_steps: int, workers: Workers, met
     scale = mlrsnet_loss_scale(data.num_classes) if data.train_y.dim() == 2 else 1.0
     if isinstance(spec, MetaTrainRun):
         meta = spec.meta
-        torch.manual_seed(task.seed + 1)
+        torch.manual_seed(task.seed + 1 if cell_seed is None else cell_seed)
         cell = MLRSNet(meta.hidden_size, meta.mlp_hidden)
         return MLRSNetMetaTrainer(
             cell.to(data.train_x.device),
@@ -131,8 +151,10 @@ def _schedule(spec: RunSpec, data: TaskData, n_steps: int, workers: Workers, met
             meta_lr=meta.meta_lr,
             meta_weight_decay=meta.meta_weight_decay,
             loss_scale=scale,
-            average=workers.mean,
+            average=workers.meta_mean,
             momentum=task.momentum,
+            meta_objective=meta.meta_objective,
+            horizon=meta.horizon,
         )
     if isinstance(spec, LearnedRun):
         return MLRSNetSchedule(

@@ -17,6 +17,8 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,10 +43,20 @@ L0_SAMPLES = 10_000  # mean training loss (gamma's L0) is estimated on this many
 
 @dataclass
 class Workers:
-    """Data-parallel context of this process: rank, world size and mean/sum reductions."""
+    """Data-parallel context of this process: rank, world size and mean/sum reductions.
+
+    In multi-task meta-training (:meth:`for_tasks`) the workers are cut into one group per
+    task: ``rank``, ``world_size``, :meth:`sum` and :meth:`mean` are the group's (``group``, a
+    ``torch.distributed`` process group; None: every worker), ``task`` is the group's task, and
+    :meth:`meta_mean` averages over all ``meta_world_size`` workers (the meta-learner's
+    gradient, one schedule for every task).
+    """
 
     rank: int = 0
     world_size: int = 1
+    task: int = 0
+    group: Any = None
+    meta_world_size: int | None = None
 
     @classmethod
     def current(cls) -> Workers:
@@ -52,14 +64,43 @@ class Workers:
             return cls(dist.get_rank(), dist.get_world_size())
         return cls()
 
+    @classmethod
+    def for_tasks(cls, num_tasks: int) -> Workers:
+        """This process's context when ``num_tasks`` tasks share the workers: equal groups of
+        consecutive ranks, group ``i`` training task ``i`` (data-parallel within the group).
+        Every worker must call it once (it creates the groups' process groups).
+
+        Raises:
+            ConfigError: the number of workers is not a positive multiple of ``num_tasks``.
+        """
+        world = cls.current()
+        if world.world_size % num_tasks:
+            raise ConfigError(
+                f"{num_tasks} tasks need a multiple of {num_tasks} workers (one group per "
+                f"task), got {world.world_size}"
+            )
+        size = world.world_size // num_tasks
+        group = dist.new_subgroups(group_size=size)[0] if size > 1 else None
+        return cls(world.rank % size, size, world.rank // size, group, world.world_size)
+
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
             t = t.clone()
-            dist.all_reduce(t)
+            dist.all_reduce(t, group=self.group)
         return t
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         return self.sum(t) / self.world_size if self.world_size > 1 else t
+
+    def meta_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """Mean of ``t`` over every worker that meta-trains the same meta-learner (all tasks'
+        groups; :meth:`mean` when there is one task)."""
+        n = self.meta_world_size or self.world_size
+        if n == self.world_size:
+            return self.mean(t)
+        t = t.clone()
+        dist.all_reduce(t)
+        return t / n
 
 
 def task_splits(task: TaskConfig):
@@ -259,10 +300,11 @@ def check_batches(
 
 def check_task(
     task: TaskConfig | LongTailTaskConfig, num_workers: int = 1, meta_batch_size: int | None = None
-) -> None:
+) -> int:
     """Validate everything about ``task`` that depends on the data or on a registry, in the
     driver, before any Ray worker starts (an unknown model, a missing dataset, a meta set
     larger than a class, an imbalance factor that leaves the tail empty, batch sizes).
+    Returns the optimisation steps of one epoch with ``num_workers`` workers.
 
     Raises:
         ConfigError, DataNotFoundError: one line naming the value.
@@ -275,6 +317,7 @@ def check_task(
     else:
         n_train = len(task_splits(task)[1].train)
     check_batches(n_train, task.batch_size, num_workers, meta_batch_size)
+    return steps_per_epoch(n_train, task.batch_size // num_workers, num_workers)
 
 
 @dataclass
@@ -286,6 +329,11 @@ class RunState:
     history: list[dict] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)  # LR of every step so far
     initial_loss: float | None = None  # L0 of the dead-run guard (first step's batch loss)
+    # A run stopped inside an epoch (``train(stop_step=...)``) continues exactly from these:
+    start_step: int = 0  # global step of the run's first step (a restarted multi-task task)
+    epoch_step: int = 0  # steps done in the unfinished epoch ``epoch``
+    epoch_sums: dict[str, float] = field(default_factory=dict)  # its running sums
+    guard_losses: list[float] = field(default_factory=list)  # the guard's window
 
 
 def build_task_model(task: TaskConfig | LongTailTaskConfig, data: TaskData, device) -> nn.Module:
@@ -306,6 +354,8 @@ def train(
     optimizer_state: dict | None = None,
     on_epoch_end: Callable[[dict, RunState, torch.optim.Optimizer], None] | None = None,
     on_step: Callable[[int, StepResult], None] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    stop_step: int | None = None,
 ) -> RunState:
     """Train ``model`` on ``data`` for ``task.epochs`` epochs with LRs from ``schedule``.
 
@@ -321,7 +371,8 @@ def train(
         model: built by :func:`build_task_model` (and, for a long-tailed method, modified by
             it), possibly DDP-wrapped by the caller.
         rule: the update rule (its state is the caller's to checkpoint).
-        state, optimizer_state: resume from a checkpoint (``state.epoch`` epochs done).
+        state, optimizer_state: resume from a checkpoint (``state.epoch`` epochs done, and
+            ``state.epoch_step`` steps of the next one).
         on_epoch_end: called with the epoch's metrics (``epoch`` is 1-based; accuracies are
             fractions; ``train_loss`` is the mean batch loss; ``lr`` the mean LR of the epoch;
             for long-tailed data also ``test_many_acc``, ``test_medium_acc``,
@@ -331,6 +382,12 @@ def train(
             across epochs) and its :class:`~raymeta.train.rules.StepResult` (batch loss
             averaged across workers, LR, this worker's meta loss), e.g. to record per-step
             curves (:class:`raymeta.tracking.StepCurves`).
+        optimizer: the optimiser to step (default: a new one, :func:`build_optimizer`); pass
+            the one of a run that stopped at ``stop_step`` to continue it.
+        stop_step: return once ``state.step`` (the global step count) reaches it, inside an
+            epoch if need be: ``state`` then records the unfinished epoch, and a later call
+            with it continues exactly as if the run had not stopped (multi-task
+            meta-training's clock, :mod:`raymeta.train.multitask`).
 
     Raises:
         ConfigError: ``task.batch_size`` is not divisible by the number of workers, or the
@@ -340,13 +397,15 @@ def train(
     """
     workers = workers or Workers.current()
     state = state or RunState()
+    if stop_step is not None and state.step >= stop_step:
+        return state
     rule = rule or SGDRule.for_schedule(schedule)
     check_batches(
         len(data.train_y), task.batch_size, workers.world_size, rule.meta_batch_size or None
     )
     local_batch = task.batch_size // workers.world_size
     n_steps = steps_per_epoch(len(data.train_y), local_batch, workers.world_size)
-    optimizer = build_optimizer(task, model)
+    optimizer = optimizer or build_optimizer(task, model)
     if optimizer_state:
         optimizer.load_state_dict(optimizer_state)
     meta_batches = None
@@ -375,13 +434,15 @@ def train(
         initial_loss=state.initial_loss,
         enabled=task.guard.enabled,
     )
+    guard.recent.extend(state.guard_losses)
     chance_acc = majority_fraction(data.test_y)
     model.train()
     for epoch in range(state.epoch, task.epochs):
         t0 = time.perf_counter()
         schedule.start_epoch(epoch, lambda: mean_train_loss(model, data, workers))
         rule.start_epoch(epoch)
-        loss_sum, lr_sum, meta_sum, n_meta = 0.0, 0.0, 0.0, 0
+        sums = {"loss": 0.0, "lr": 0.0, "meta_loss": 0.0, "meta_steps": 0, "train_time_s": 0.0}
+        sums.update(state.epoch_sums)
         pool = rule.epoch_pool(data.train_y, task.seed, epoch)
         batches = epoch_batches(
             len(data.train_y) if pool is None else len(pool),
@@ -391,7 +452,11 @@ def train(
             rank=workers.rank,
             world_size=workers.world_size,
         )
-        for idx in batches:
+        for idx in islice(batches, state.epoch_step, None):
+            if stop_step is not None and state.step >= stop_step:
+                sums["train_time_s"] += time.perf_counter() - t0
+                state.epoch_sums, state.guard_losses = sums, list(guard.recent)
+                return state
             if pool is not None:
                 idx = pool[idx]
             out = rule.step(
@@ -406,35 +471,37 @@ def train(
                 workers=workers,
             )
             if out.meta_loss is not None:
-                meta_sum += out.meta_loss
-                n_meta += 1
-            guard.check(state.step, out.loss, out.lr)
+                sums["meta_loss"] += out.meta_loss
+                sums["meta_steps"] += 1
+            guard.check(state.step - state.start_step, out.loss, out.lr)
             state.initial_loss = guard.initial_loss
             state.lrs.append(out.lr)
             if on_step is not None:
                 on_step(state.step, out)
-            loss_sum += out.loss
-            lr_sum += out.lr
+            sums["loss"] += out.loss
+            sums["lr"] += out.lr
             state.step += 1
-        train_time = time.perf_counter() - t0
+            state.epoch_step += 1
+        train_time = sums["train_time_s"] + time.perf_counter() - t0
+        state.epoch_step, state.epoch_sums, state.guard_losses = 0, {}, list(guard.recent)
         val_acc, val_loss = evaluate(model, data.val_x, data.val_y, workers)
         test_acc, test_loss, hits, totals = evaluate_classes(
             model, data.test_x, data.test_y, workers, num_classes
         )
         metrics = {
             "epoch": epoch + 1,
-            "train_loss": loss_sum / n_steps,
+            "train_loss": sums["loss"] / n_steps,
             "val_acc": val_acc,
             "val_loss": val_loss,
             "test_acc": test_acc,
             "test_loss": test_loss,
-            "lr": lr_sum / n_steps,
+            "lr": sums["lr"] / n_steps,
             "chance_acc": chance_acc,
             "train_time_s": train_time,
-            "epoch_time_s": time.perf_counter() - t0,
+            "epoch_time_s": sums["train_time_s"] + time.perf_counter() - t0,
         }
-        if n_meta:
-            metrics["meta_loss"] = meta_sum / n_meta
+        if sums["meta_steps"]:
+            metrics["meta_loss"] = sums["meta_loss"] / sums["meta_steps"]
         if data.train_y.dim() == 2:  # a language model: perplexity and bits per character
             from raymeta.data.text import lm_metrics
 
@@ -446,4 +513,6 @@ def train(
         state.epoch = epoch + 1
         if on_epoch_end is not None:
             on_epoch_end(metrics, state, optimizer)
+        if stop_step is not None and state.step >= stop_step:
+            break
     return state

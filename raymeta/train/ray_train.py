@@ -25,7 +25,7 @@ from torch import nn
 
 from raymeta.console import progress_enabled
 from raymeta.errors import RaymetaError
-from raymeta.spec import MetaTrainRun, RunSpec
+from raymeta.spec import MetaTrainRun, MultiTaskMetaTrainRun, RunSpec
 
 STATE_FILE = "state.pt"
 
@@ -145,6 +145,8 @@ def _train_run(
     from raymeta.train.loop import RunState, Workers
 
     spec = request.spec
+    if isinstance(spec, MultiTaskMetaTrainRun):
+        return _train_multitask(request, config, index, done, ckpt, first_attempt)
     built = build_run(
         spec,
         resolve_device(config["use_gpu"]),
@@ -216,8 +218,143 @@ def _train_run(
     return result
 
 
+def _train_multitask(
+    request: RunRequest,
+    config: dict,
+    index: int,
+    done: list[dict],
+    ckpt: dict | None,
+    first_attempt: bool,
+) -> dict:
+    """Multi-task meta-training on this worker (:mod:`raymeta.train.multitask`): train its
+    task to the end of each meta-training epoch, gather every task's state (one
+    ``all_gather_object`` over all workers; rank 0 logs the tasks' metrics and saves the
+    checkpoint of all of them), every worker reports. A user error in one task (a dead run)
+    reaches every worker at that gather and ends the run on one line. Returns the run's result
+    (the keys of :class:`FitResult`)."""
+    import ray.train
+    import torch.distributed as dist
+
+    from raymeta.tracking import epoch_points, log_points
+    from raymeta.train.build import build_run
+    from raymeta.train.device import resolve_device
+    from raymeta.train.loop import Workers
+    from raymeta.train.multitask import (
+        RestartingTask,
+        group_data_parallel,
+        owe_meta_steps,
+        task_summary,
+    )
+
+    spec: MultiTaskMetaTrainRun = request.spec
+    device = resolve_device(config["use_gpu"])
+    workers = Workers.for_tasks(len(spec.tasks))
+    saved_cells, history, elapsed, payload = {}, [], 0.0, {}
+    if ckpt is not None:
+        saved_cells, history, elapsed = ckpt["saved_cells"], ckpt["history"], ckpt["elapsed_s"]
+        payload = {k: ckpt[k] for k in ("tasks", "saved_cells", "history", "elapsed_s")}
+    task, error = None, None
+    try:
+        task = RestartingTask(
+            build_run(spec, device, workers), group_data_parallel(workers, device)
+        )
+        if ckpt is not None:
+            task.load_state_dict(ckpt["tasks"][workers.task])
+    except RaymetaError as exc:
+        error = exc
+    meta_steps = len(history) * spec.clock_steps // spec.meta.meta_every
+    t_start = time.perf_counter() - elapsed
+    for epoch in range(len(history) + 1, spec.epochs + 1):
+        stop = epoch * spec.clock_steps
+        if error is None:
+            try:
+                task.train_until(stop)
+            except RaymetaError as exc:
+                error = exc
+            meta_steps = task.run.schedule.meta_steps
+        if error is not None:  # the other tasks' workers wait in the meta steps' all-reduces
+            owe_meta_steps(workers, spec.meta, meta_steps, stop, device)
+            meta_steps = stop // spec.meta.meta_every
+        mine = {"error": error} if error else None
+        if error is None and workers.rank == 0:
+            mine = _to_cpu(task.state_dict())
+        gathered = [None] * workers.meta_world_size
+        dist.all_gather_object(gathered, mine)
+        for i, g in enumerate(gathered):
+            if g is not None and "error" in g:
+                t = spec.tasks[i // workers.world_size]
+                raise type(g["error"])(f"task {t.dataset}/{t.model}: {g['error']}")
+        if epoch in spec.saved_epochs:
+            cell = task.run.schedule.cell
+            saved_cells[epoch] = {k: v.detach().clone().cpu() for k, v in cell.state_dict().items()}
+        if dist.get_rank() != 0:
+            ray.train.report({"epoch": epoch, "run_index": index})
+            continue
+        tasks = [t for t in gathered if t is not None]  # group leaders': one per task, in order
+        metrics = {"epoch": epoch, "step": task.state.step}
+        for i, task_state in enumerate(tasks):
+            summary = task_summary(task_state, spec.clock_steps)
+            metrics |= {f"task{i}_{k}": v for k, v in summary.items()}
+        history.append(metrics)
+        elapsed_s = time.perf_counter() - t_start
+        payload = {"tasks": tasks, "saved_cells": saved_cells, "history": history}
+        payload["elapsed_s"] = elapsed_s
+        if request.mlflow_run_id:
+            log_points(config["tracking_uri"], request.mlflow_run_id, epoch_points(metrics))
+        if progress_enabled():
+            lines = ", ".join(
+                f"task{i} lr {metrics[f'task{i}_lr_epoch_mean']:.4g} val_acc "
+                f"{metrics.get(f'task{i}_val_acc', math.nan):.2%} (restarts {t['restarts']})"
+                for i, t in enumerate(tasks)
+            )
+            line = f"[{spec.label}] epoch {epoch}/{spec.epochs}  {lines}  {elapsed_s:.0f}s"
+            print(line, file=sys.__stdout__, flush=True)
+        with tempfile.TemporaryDirectory() as d:
+            torch.save({**payload, "index": index, "done": done}, Path(d) / STATE_FILE)
+            report = {"epoch": epoch, "run_index": index}
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
+        if config.get("fail_once_after_epoch") == epoch and first_attempt:
+            raise RuntimeError(
+                f"injected worker failure after epoch {epoch} (fault-tolerance test)"
+            )
+    return _multitask_result(payload) if dist.get_rank() == 0 else {}
+
+
+def _to_cpu(obj):
+    """``obj`` (nested dicts, lists, tuples) with every tensor moved to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _multitask_result(payload: dict) -> dict:
+    """The :class:`FitResult` keys of a multi-task run's last checkpoint payload: ``history``
+    holds the meta-training epochs' metrics (``task{i}_*``), ``tasks`` each task's own epochs
+    (all restarts) and LRs; ``lrs`` and ``gammas`` are the first task's."""
+    tasks = [
+        {"history": t["history"], "lrs": t["done_lrs"] + t["run"]["lrs"], "restarts": t["restarts"]}
+        for t in payload["tasks"]
+    ]
+    return {
+        "history": payload["history"],
+        "lrs": tasks[0]["lrs"],
+        "saved_cells": payload["saved_cells"],
+        "gamma": None,
+        "gammas": [h["gamma"] for h in tasks[0]["history"] if h["epoch"] == 1],
+        "wall_time_s": payload["elapsed_s"],
+        "model_state": {},
+        "tasks": tasks,
+    }
+
+
 def _result_of(payload: dict) -> dict:
     """The :class:`FitResult` keys of a run's last checkpoint payload."""
+    if "tasks" in payload:
+        return _multitask_result(payload)
     return {
         "history": payload["run"]["history"],
         "lrs": payload["run"]["lrs"],
@@ -256,6 +393,7 @@ class FitResult:
     wall_time_s: float
     model_state: dict[str, torch.Tensor]
     rule_state: dict = field(default_factory=dict)  # e.g. an MFM run's meta-trained modulation
+    tasks: list[dict] = field(default_factory=list)  # multi-task meta-training: each task's run
 
 
 def fit(

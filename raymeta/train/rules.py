@@ -100,8 +100,9 @@ class UpdateRule(ABC):
 
 class SGDRule(UpdateRule):
     """Cross-entropy SGD step at ``schedule.lr(step, epoch, loss)``; with ``meta`` (the
-    schedule itself, a trainable MLR-SNet) its look-ahead meta step comes between the backward
-    pass and the LR (MLR-SNet paper, Algorithm 1).
+    schedule itself, a trainable MLR-SNet) its meta step comes between the backward pass and
+    the LR (MLR-SNet paper, Algorithm 1), and the step's direction is shown to it before the
+    SGD update (the delayed meta-objective keeps the directions of its window).
     """
 
     def __init__(self, meta: MLRSNetMetaTrainer | None = None):
@@ -127,6 +128,8 @@ class SGDRule(UpdateRule):
             meta_x, meta_y = next_meta()
             meta_loss = self.meta.meta_step(model, optimizer, loss_value, meta_x, meta_y)
         lr = schedule.lr(step, epoch, loss_value)
+        if self.meta is not None:
+            self.meta.observe_step(model, optimizer, step)
         set_lr(optimizer, lr)
         optimizer.step()
         return StepResult(loss_value, lr, meta_loss)
