@@ -378,8 +378,9 @@ def test_multitask_pipeline_registers_one_meta_learner(ray_local, tmp_path, monk
     client = mlflow.MlflowClient()
     (run,) = client.search_runs(
         [client.get_experiment_by_name(data["mlflow"]["experiment"]).experiment_id],
-        "attributes.run_name = 'meta-train'",
+        "attributes.run_name LIKE 'meta-train/%'",  # the run under the stage's run
     )
     history = client.get_metric_history(run.info.run_id, "task1_restarts")
     assert [(m.step, m.value) for m in history] == [(1, 0.0), (2, 1.0), (3, 2.0)]
     assert run.data.params["kind"] == "multitask_meta_train"
+    assert run.data.tags["task"] == "fashion_mnist/small_cnn + digits/mlp"
