@@ -317,7 +317,8 @@ class MetaTrainConfig(OuterLoopConfig, Section):
     The outer loop: :class:`OuterLoopConfig`. ``task``: the task; or ``tasks`` (instead of
     ``task``, at least 2): multi-task meta-training, one group of Ray Train workers per task
     (:mod:`raymeta.train.multitask`): the meta-training workers must be a multiple of the
-    number of tasks, and its epochs are those of the task with the most optimisation steps.
+    number of tasks, its epochs are those of the task with the most optimisation steps, and
+    ``meta_batch_size`` is per task.
     ``checkpoint_epochs``: 1-based (meta-training) epochs at which the meta-learner is saved
     (default: first, middle, last), used by the three-phase meta-test protocol.
     """
