@@ -16,11 +16,24 @@ def run(*args, cwd=ROOT):
     return subprocess.run([*RAYMETA, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
-def test_help_is_fast():
-    t0 = time.perf_counter()
+HEAVY = ("torch", "ray", "mlflow", "optuna", "pandas")
+
+
+def test_help_imports_no_heavy_library():
+    """``raymeta --help`` stays fast because it imports none of the heavy libraries (checked
+    structurally: a wall-clock bound is flaky on a loaded machine)."""
     res = run("--help")
     assert res.returncode == 0 and "quickstart" in res.stdout
-    assert time.perf_counter() - t0 < 2.0
+    probe = (
+        "import sys, contextlib, io\n"
+        "from raymeta.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    main(['--help'])\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 @pytest.mark.parametrize(
