@@ -372,7 +372,9 @@ def test_multitask_pipeline_registers_one_meta_learner(ray_local, tmp_path, monk
     assert list(rows["model"]) == ["small_cnn", "mlp"] and (rows["test_acc"] > 0.5).all()
     assert set(rows["meta_learner_version"]) == {"1"}
     mlflow.set_tracking_uri(data["mlflow"]["tracking_uri"])
-    bundle = mlflow.pytorch.load_model("models:/mlrsnet-multitask@champion")
+    from raymeta.tracking import load_meta_learner
+
+    bundle, _ = load_meta_learner("models:/mlrsnet-multitask@champion")
     assert bundle.checkpoint_epochs == [1, 2, 3]
     assert "fashion_mnist/small_cnn + digits/mlp" in bundle.source
     client = mlflow.MlflowClient()
