@@ -15,6 +15,7 @@ from raymeta.config import LongTailStudyConfig, LongTailTaskConfig, PipelineConf
 from raymeta.data.longtail import longtail_metrics
 from raymeta.errors import ConfigError
 from raymeta.meta.lookahead import averaged_gradients, trainable_params
+from raymeta.meta.losses import LogitAdjustedLoss, log_prior
 from raymeta.meta.methods import build_method
 from raymeta.meta.mfm import MFMTrainer
 from raymeta.models.modulation import build_modulation, parameters_after
@@ -27,10 +28,16 @@ from raymeta.train.rules import MethodRule
 MU, WD, LR = 0.9, 1e-3, 0.5
 
 
-def _problem(kind, seed=1):
+def _problem(kind, seed=1, sites=None):
     torch.manual_seed(seed)
     model = SmallCNN(1, 3, 8, width=4).double()
-    mod = build_modulation(kind, model, (1, 8, 8))
+    prior = kind == "network_prior"
+    extra = {"class_statistics": True, "statistics_momentum": 0.5} if prior else {}
+    mod = build_modulation("network" if prior else kind, model, (1, 8, 8), sites=sites, **extra)
+    if prior:  # class statistics estimated from a few tracked batches
+        mod.set_class_counts(COUNTS)
+        with torch.no_grad(), mod.tracking(torch.tensor([0, 0, 1, 2])):
+            model(torch.randn(4, 1, 8, 8, dtype=torch.float64))
     with torch.no_grad():  # away from the identity, so every path carries a gradient
         for p in mod.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -45,56 +52,88 @@ def _problem(kind, seed=1):
     return model, mod, opt, (x, y, mx, my)
 
 
-def _sgd_directions(model, opt, x, y):
+COUNTS = [5, 3, 2]
+LOG_PRIOR = log_prior(COUNTS).double()  # the module's float32 values
+
+
+def _la(logits, y):
+    """The logit-adjusted loss at tau 1, written out."""
+    return F.cross_entropy(logits + LOG_PRIOR, y)
+
+
+def _sgd_directions(model, opt, x, y, loss=F.cross_entropy):
     """``mu * buf + g + wd * w`` of every parameter, by plain autograd."""
     params = dict(model.named_parameters())
-    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(params.values()))
+    grads = torch.autograd.grad(loss(model(x), y), list(params.values()))
     return {
         n: MU * opt.state[p]["momentum_buffer"] + g + WD * p.detach()
         for (n, p), g in zip(params.items(), grads, strict=True)
     }
 
 
-def _fast_objective(model, opt, batch, frozen_backbone):
-    """L_meta(w_head - lr * D_head(phi), w_bb - lr * D_bb(phi_0); phi), plain autograd."""
+def _fast_objective(
+    model, opt, batch, frozen_backbone, site, loss=F.cross_entropy, meta_loss=F.cross_entropy
+):
+    """meta_loss(w_head - lr * D_head(phi), w_bb - lr * D_bb(phi_0); phi), plain autograd;
+    the head: the parameters after the last site, D: a step of ``loss``."""
     x, y, mx, my = batch
-    head = set(parameters_after(model, "features.5"))
-    direction = _sgd_directions(model, opt, x, y)
+    head = set(parameters_after(model, site))
+    direction = _sgd_directions(model, opt, x, y, loss)
     params = dict(model.named_parameters())
     saved = {n: p.detach().clone() for n, p in params.items()}
     with torch.no_grad():
         for n, p in params.items():
             p.sub_(LR * (direction[n] if n in head else frozen_backbone[n]))
-        out = float(F.cross_entropy(model(mx), my))
+        out = float(meta_loss(model(mx), my))
         for n, p in params.items():
             p.copy_(saved[n])
     return out
 
 
-@pytest.mark.parametrize("kind", ["direct", "network"])
-def test_fast_meta_gradient_matches_finite_differences_of_its_objective(kind):
-    model, mod, opt, batch = _problem(kind)
+@pytest.mark.parametrize(
+    ("kind", "sites", "composed"),
+    [
+        ("direct", None, False),
+        ("network", None, False),
+        ("network_prior", None, False),
+        ("direct", "embedding", True),
+        ("network", "stages+embedding", True),
+        ("network_prior", "last_stage", True),
+    ],
+)
+def test_fast_meta_gradient_matches_finite_differences_of_its_objective(kind, sites, composed):
+    """``composed``: MFM + LA, the logit-adjusted loss as the base loss (the real and virtual
+    step) and as the meta objective."""
+    model, mod, opt, batch = _problem(kind, sites=sites)
     assert parameters_after(model, "features.5") == [
         "classifier.1.weight",
         "classifier.1.bias",
         "classifier.3.weight",
         "classifier.3.bias",
     ]
-    frozen = {k: v.detach() for k, v in _sgd_directions(model, opt, *batch[:2]).items()}
-    trainer = MFMTrainer(mod, lookahead="fast")
+    assert parameters_after(model, "classifier.2") == ["classifier.3.weight", "classifier.3.bias"]
+    losses = {"loss": _la, "meta_loss": _la} if composed else {}
+    base = losses.get("loss", F.cross_entropy)
+    frozen = {k: v.detach() for k, v in _sgd_directions(model, opt, *batch[:2], base).items()}
+    trainer_losses = {k: LogitAdjustedLoss(COUNTS).double() for k in losses}
+    trainer = MFMTrainer(mod, lookahead="fast", **trainer_losses)
     loss, meta_loss, grads, meta_grads = trainer.fast_meta_gradient(model, opt, *batch, LR)
-    assert float(meta_loss) == pytest.approx(_fast_objective(model, opt, batch, frozen), rel=1e-12)
+
+    def objective():
+        return _fast_objective(model, opt, batch, frozen, mod.sites[-1], **losses)
+
+    assert float(meta_loss) == pytest.approx(objective(), rel=1e-12)
     with torch.no_grad():
-        assert float(loss) == pytest.approx(float(F.cross_entropy(model(batch[0]), batch[1])))
+        assert float(loss) == pytest.approx(float(base(model(batch[0]), batch[1])))
     eps, checked = 1e-6, 0
     for p, g in zip(mod.parameters(), meta_grads, strict=True):
         for j in range(0, p.numel(), max(1, p.numel() // 3)):
             with torch.no_grad():
                 p.view(-1)[j] += eps
-            up = _fast_objective(model, opt, batch, frozen)
+            up = objective()
             with torch.no_grad():
                 p.view(-1)[j] -= 2 * eps
-            down = _fast_objective(model, opt, batch, frozen)
+            down = objective()
             with torch.no_grad():
                 p.view(-1)[j] += eps
             assert float(g.view(-1)[j]) == pytest.approx(
