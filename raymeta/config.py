@@ -104,7 +104,8 @@ class GuardConfig(Strict):
     one-line error when its training loss is NaN or infinite, when the mean loss of its last
     ``window`` steps exceeds ``max_loss_ratio`` times the initial loss L0 (the first step's
     batch loss, before any update), or when, after ``patience_steps`` optimisation steps
-    (default: one epoch), that mean is not at least ``min_progress`` (a fraction) below L0.
+    (default: one epoch, at least ``window`` steps), that mean is not at least ``min_progress``
+    (a fraction) below L0.
     ``enabled: false`` switches it off."""
 
     enabled: bool = True
@@ -553,6 +554,65 @@ class CompareConfig(Section):
         return {m.model_uri: "mlrsnet" for m in self.learned}
 
 
+class SuiteTaskConfig(Strict):
+    """One task of a transfer suite: ``name`` (a folder name under the suite's output) and the
+    task (with a validation split for the search and no meta set)."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    task: TaskConfig
+
+
+class TransferSuiteConfig(Section):
+    """The transfer benchmark a learned schedule must win (``suite``; issue 10 item 7,
+    :mod:`raymeta.tune.suite`): on every task, a schedule comparison (:class:`CompareConfig`)
+    of the frozen learned schedule ``learned`` (MLR-SNet (Test), no search on the task) with
+    the hand-designed families that ``search`` searches (and the online schedule learners it
+    names), ``seeds`` final runs each.
+
+    The verdict of a task compares the learned row with the *best searched family*, chosen by
+    its search's best validation accuracy (never by test accuracy): "win" when the learned mean
+    test accuracy is at least the family's, "within" when it trails by at most ``tolerance``
+    (a fraction: 0.003 = 0.3 points), else "loss". The suite's target: a win on at least
+    ``wins_needed`` tasks and no loss.
+    """
+
+    learned: MethodConfig
+    search: SearchConfig = SearchConfig(families=["multistep", "cosine"], trials_per_family=20)
+    seeds: PositiveInt = 3
+    tasks: list[SuiteTaskConfig] = Field(min_length=1)
+    tolerance: Annotated[float, Field(ge=0, lt=1)] = 0.003
+    wins_needed: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")
+        for i, t in enumerate(self.tasks):
+            try:
+                self.compare(t)
+            except ValidationError as exc:
+                detail = format_validation_error(exc).removeprefix("<root>: ")
+                raise ValueError(f"tasks.{i} ({t.name}): {detail}") from None
+        if self.wins_needed is not None and self.wins_needed > len(self.tasks):
+            raise ValueError(f"wins_needed={self.wins_needed} exceeds the {len(names)} tasks")
+        return self
+
+    @property
+    def wins_target(self) -> int:
+        """Wins needed: ``wins_needed``, default all tasks but one (3 of 4)."""
+        return self.wins_needed or max(1, len(self.tasks) - 1)
+
+    def compare(self, task: SuiteTaskConfig) -> CompareConfig:
+        """The comparison of one task."""
+        return CompareConfig(
+            task=task.task, search=self.search, seeds=self.seeds, learned=[self.learned]
+        )
+
+    def loads(self) -> dict[str, str]:
+        return {self.learned.model_uri: "mlrsnet"}
+
+
 class TransferStudyResources(Strict):
     """Resources of one transfer-study task (a Tune trial); a task reserving a GPU (or a
     fraction of one) trains on it."""
@@ -612,7 +672,9 @@ class PipelineConfig(Strict):
     - ``longtail`` (old name ``mfm``, still accepted): the long-tail study (MFM, its
       baselines, registration of the modulator network and its transfer);
     - ``compare``: a schedule comparison (Ray Tune + Optuna; also ``raymeta compare``);
-    - ``study``: a transfer study (a grid of tasks; also ``raymeta study``).
+    - ``study``: a transfer study (a grid of tasks; also ``raymeta study``);
+    - ``suite``: the transfer benchmark (a schedule comparison on each of its tasks, with a
+      verdict for the learned schedule).
 
     ``meta_train_workers``: Ray Train workers of meta-training (default ``ray.num_workers``).
     """
@@ -629,6 +691,7 @@ class PipelineConfig(Strict):
     )
     compare: CompareConfig | None = None
     study: TransferStudyConfig | None = None
+    suite: TransferSuiteConfig | None = None
 
     @model_validator(mode="after")
     def _check(self):
@@ -637,7 +700,7 @@ class PipelineConfig(Strict):
         return self
 
 
-SECTIONS = ("meta_train", "transfer", "longtail", "compare", "study")  # in the order they run
+SECTIONS = ("meta_train", "transfer", "longtail", "compare", "study", "suite")  # run order
 
 
 def format_validation_error(exc: ValidationError, where: str = "") -> str:

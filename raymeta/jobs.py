@@ -47,7 +47,6 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 CONNECT_TIMEOUT_S = 5.0  # an unreachable address fails after this, on one line
 SUBCOMMANDS = ("run", "compare", "study")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-PIPELINE_KEYS = {"meta_train", "transfer", "mfm"}  # sections `raymeta run` handles
 DEFAULT_EXCLUDES = [  # gitignore patterns, matched at any depth of the working_dir
     ".env", ".env.*", "*.pem", "*.key", "*.p12", "id_rsa*", "id_ed25519*",  # secrets
     ".git", ".venv", "venv", "__pycache__", "*.egg-info",  # version control, environments
@@ -237,16 +236,16 @@ def load_runtime_env(source: str | Path | dict | None = None) -> dict[str, Any]:
 
 
 def guess_subcommand(file: str | Path) -> str:
-    """The ``raymeta`` subcommand for a pipeline file: ``study`` for a file with a ``study``
-    section, ``compare`` for one with only a ``compare`` section, else ``run``."""
-    from raymeta.config import load_yaml
+    """The ``raymeta`` subcommand for a pipeline file: ``study`` or ``compare`` for a file with
+    only that section (their commands take ``--resume``), else ``run`` (which runs every
+    section, :data:`raymeta.config.SECTIONS`)."""
+    from raymeta.config import SECTIONS, load_yaml
 
     data = load_yaml(file)
     keys = set(data) if isinstance(data, dict) else set()
-    if "study" in keys:
-        return "study"
-    if "compare" in keys and not keys & PIPELINE_KEYS:
-        return "compare"
+    sections = keys & set(SECTIONS) | ({"longtail"} if "mfm" in keys else set())
+    if sections in ({"study"}, {"compare"}):
+        return sections.pop()
     return "run"
 
 

@@ -184,6 +184,9 @@ def check_pipeline(cfg: PipelineConfig, sections: Sequence[str]) -> None:
         Comparison(cfg).check_data()
     if "study" in sections:
         check_transfer_study(cfg.study)
+    if "suite" in sections:
+        for task in cfg.suite.tasks:
+            Comparison(cfg.model_copy(update={"compare": cfg.suite.compare(task)})).check_data()
 
 
 def _meta_train_workers(cfg: PipelineConfig) -> int:
@@ -250,6 +253,7 @@ def run_pipeline(
     """
     from raymeta.tune.compare import Comparison
     from raymeta.tune.study import run_transfer_study
+    from raymeta.tune.suite import run_transfer_suite
 
     if sections is None:
         sections = [name for name in SECTIONS if getattr(cfg, name) is not None]
@@ -266,4 +270,6 @@ def run_pipeline(
             table = Comparison(cfg).run(session)
         if "study" in sections:
             table = run_transfer_study(cfg, session)
+        if "suite" in sections:
+            table = run_transfer_suite(cfg, session)
     return table

@@ -680,3 +680,20 @@ def test_state_api_in_a_local_ray_beside_another_ray_instance(ray_local, two_nod
     without = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     n_nodes, message = ray.get(state_api.remote(without))  # the failure this guards against
     assert n_nodes == -1 and "multiple active Ray instances" in message
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("compare: {}\n", "compare"),
+        ("study: {}\n", "study"),
+        ("longtail: {}\ncompare: {}\n", "run"),
+        ("mfm: {}\ncompare: {}\n", "run"),
+        ("meta_train: {}\nstudy: {}\n", "run"),
+        ("meta_train: {}\n", "run"),
+    ],
+)
+def test_submitted_subcommand_runs_every_section(tmp_path, body, expected):
+    path = tmp_path / "p.yaml"
+    path.write_text("name: p\n" + body)
+    assert jobs.guess_subcommand(path) == expected

@@ -21,7 +21,8 @@ The floors, lowest first; a module may import its own floor and the floors below
 11  jobs, cli               the command line and Ray Jobs
 ==  ======================  ===============================================================
 
-A new module goes on the floor of its package (or gets a row here).
+The lower floors (0-3) import no Ray, MLflow, Optuna or pydantic. A new module goes on the
+floor of its package (or gets a row here).
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ def is_module(name: str) -> bool:
     return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
-def imports_of(path: Path) -> set[str]:
-    """The raymeta modules that ``path`` imports, anywhere in it."""
+def imports_of(path: Path, package_only: bool = True) -> set[str]:
+    """The raymeta modules that ``path`` imports, anywhere in it (``package_only=False``: every
+    module it imports)."""
     module = module_name(path)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = set()
@@ -74,6 +76,8 @@ def imports_of(path: Path) -> set[str]:
                 base = ".".join([*anchor, base] if base else anchor)
             for alias in node.names:  # `from raymeta.x import y`: y may be a module
                 found.add(f"{base}.{alias.name}" if is_module(f"{base}.{alias.name}") else base)
+    if not package_only:
+        return found
     return {m for m in found if m.startswith("raymeta.") and m != module}
 
 
@@ -114,3 +118,18 @@ def test_no_floor_imports_a_higher_one(graph):
         if floor_of(target) > floor_of(module)
     ]
     assert not upward, "\n".join(upward)
+
+
+LOWER_FLOORS = 4  # errors .. meta: plain PyTorch
+ORCHESTRATION = ("ray", "mlflow", "optuna", "pydantic")
+
+
+def test_the_lower_floors_import_no_orchestration_library():
+    found = [
+        f"{module_name(path)} imports {name}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path != PACKAGE / "__init__.py" and floor_of(module_name(path)) < LOWER_FLOORS
+        for name in sorted(imports_of(path, package_only=False))
+        if name.split(".")[0] in ORCHESTRATION
+    ]
+    assert not found, "\n".join(found)

@@ -361,7 +361,7 @@ def train(
 
     num_classes = data.num_classes if data.class_counts is not None else 0
     guard = ProgressGuard(
-        task.guard.patience_steps or n_steps,
+        task.guard.patience_steps or max(n_steps, task.guard.window),
         min_progress=task.guard.min_progress,
         max_loss_ratio=task.guard.max_loss_ratio,
         window=task.guard.window,

@@ -317,6 +317,7 @@ class Comparison:
                     "test_loss_std": group["test_loss"].std(ddof=1) if len(group) > 1 else 0.0,
                     "seeds": len(group),
                     "search_trials": info.get("trials", 0),
+                    "best_val_acc": info.get("best_val_acc"),
                     "search_compute_s": info.get("search_cpu_s", info.get("search_gpu_s", 0.0)),
                     "search_wall_s": info.get("search_wall_s", 0.0),
                     "final_wall_s_mean": group["wall_time_s"].mean(),
