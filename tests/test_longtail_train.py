@@ -373,6 +373,108 @@ def test_data_dependent_values_fail_in_the_driver_on_one_line(patch, names):
     assert "\n" not in str(err.value) and names in str(err.value), str(err.value)
 
 
+SEARCH = {
+    "task": {
+        "dataset": "digits",
+        "n_max": 60,
+        "imbalance_factor": 10,
+        "meta_per_class": 5,
+        "val_per_class": 10,
+        "batch_size": 50,
+    },
+    "meta_batch_size": 50,
+}
+
+
+@pytest.mark.parametrize(
+    ("patch", "names"),
+    [
+        ({"task": {"val_per_class": 0}}, "task.val_per_class must be > 0: the search selects"),
+        ({"task": {"meta_per_class": 0}}, "task.meta_per_class must be > 0"),
+        ({"space": {"sites": ["stages", "head"]}}, "space: sites: unknown ['head']; accepted:"),
+        ({"space": {"base_loss": ["mwn"]}}, "space: base_loss: unknown ['mwn']"),
+        ({"space": {"meta_objective": ["focal"]}}, "space: meta_objective: unknown ['focal']"),
+        ({"space": {"modulation": ["film"]}}, "space.modulation.0: Input should be 'direct'"),
+        ({"space": {"meta_every": [1, 1]}}, "space: meta_every: a choice is listed twice"),
+        ({"space": {"meta_every": [0]}}, "space.meta_every.0: Input should be greater than 0"),
+        ({"space": {"meta_lr": [1e-2, 1e-3]}}, "space: meta_lr: empty range"),
+        ({"space": {"sites": []}}, "space.sites: List should have at least 1 item"),
+        ({"trials": 0}, "mfm_search.trials: Input should be greater than 0"),
+        ({"schedule": {"schedule": "mlrsnet"}}, "hand-designed schedule"),
+    ],
+)
+def test_bad_design_search_values_are_one_line_config_errors(patch, names):
+    data = {**SEARCH, **patch}
+    if "task" in patch:
+        data["task"] = {**SEARCH["task"], **patch["task"]}
+    with pytest.raises(ConfigError) as err:
+        parse(PipelineConfig, {"name": "x", "mfm_search": data}, "p.yaml")
+    assert "\n" not in str(err.value) and names in str(err.value), str(err.value)
+    assert str(err.value).startswith("p.yaml: mfm_search")
+
+
+@pytest.mark.parametrize(
+    ("patch", "names"),
+    [
+        ({"meta_batch_size": 80}, "meta_batch_size=80 is larger than the meta set (50 images)"),
+        ({"task": {"val_per_class": 200}}, "val_per_class=200"),
+        (
+            {"baselines": [{"method": "logit_adjust", "params": {"beta": 1}}]},
+            "logit adjustment",
+        ),
+    ],
+)
+def test_design_search_values_that_do_not_fit_the_data_fail_in_the_driver(patch, names):
+    from raymeta.tune.mfm_search import check_mfm_search
+
+    data = {**SEARCH, **patch}
+    if "task" in patch:
+        data["task"] = {**SEARCH["task"], **patch["task"]}
+    cfg = parse(PipelineConfig, {"name": "x", "mfm_search": data}).mfm_search
+    with pytest.raises(ConfigError) as err:
+        check_mfm_search(cfg)
+    assert "\n" not in str(err.value) and names in str(err.value), str(err.value)
+
+
+def test_the_validation_split_is_balanced_and_disjoint_and_leaves_old_splits_unchanged():
+    task = _tiny_task(meta_per_class=5)
+    plain = load_task_data(task)
+    with_val = load_task_data(task.model_copy(update={"val_per_class": 7}))
+    assert len(plain.val_y) == 0
+    assert torch.bincount(with_val.val_y, minlength=10).tolist() == [7] * 10
+    assert torch.equal(with_val.meta_x, plain.meta_x)  # the meta set is taken first
+    assert with_val.class_counts == plain.class_counts
+    images = [tuple(x.flatten().tolist()) for x in (*with_val.val_x, *with_val.meta_x)]
+    train_images = {tuple(x.flatten().tolist()) for x in with_val.train_x}
+    assert len(set(images)) == len(images) and not train_images & set(images)
+
+
+def test_choice_takes_each_variant_s_best_final_validation_accuracy():
+    from raymeta.tune.mfm_search import choose
+
+    common = {"sites": "stages", "base_loss": "ce", "meta_objective": "ce", "meta_lr": 1e-3}
+    trials = pd.DataFrame(
+        [
+            {**common, "modulation": "direct", "meta_every": 1, "val_acc": 0.7, "epochs": 3},
+            {**common, "modulation": "direct", "meta_every": 2, "val_acc": 0.9, "epochs": 1},
+            {**common, "modulation": "network", "meta_every": 1, "val_acc": 0.6, "epochs": 3},
+            {
+                **common,
+                "modulation": "network+class_statistics",
+                "meta_every": 4,
+                "val_acc": 0.65,
+                "epochs": 3,
+            },
+        ]
+    ).assign(trial_id=["a", "b", "c", "d"])
+    chosen = choose(trials, epochs=3)
+    assert chosen["direct"]["trial"] == "a"  # b was stopped early by ASHA
+    assert chosen["network"]["trial"] == "d"
+    assert chosen["network"]["params"]["class_statistics"] is True
+    assert chosen["network"]["params"]["meta_every"] == 4 and chosen["network"]["val_acc"] == 0.65
+    assert choose(trials[trials.modulation == "network"], 3).keys() == {"network"}
+
+
 def test_summary_gives_mean_and_sample_std_over_seeds():
     df = pd.DataFrame(
         {
