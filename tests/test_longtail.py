@@ -496,6 +496,10 @@ def test_mfm_trains_with_the_chosen_base_loss_and_meta_objective():
     assert ldam.loss.reweight
     rs = build_method("mfm_direct", COUNTS, _tiny_cnn(), base_loss="cb_resample", **shape)
     assert rs.resample and isinstance(rs.loss, CrossEntropyLoss)
+    prior = build_method(
+        "mfm_network", COUNTS, _tiny_cnn(), base_loss="cb_resample", class_statistics=True, **shape
+    )
+    assert prior.modulation.class_statistics and prior.modulation.class_coef[1].tolist() == [1] * 3
     emb = build_method("mfm_direct", COUNTS, _tiny_cnn(), sites="embedding", **shape)
     assert emb.modulation.sites == ["classifier.2"] and emb.modulation.channels == [64]
     assert method_label("mfm_direct", {"base_loss": "balanced_softmax"}) == "MFM (direct) + BS"

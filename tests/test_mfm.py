@@ -377,6 +377,9 @@ def test_class_statistics_measure_how_a_channel_follows_class_frequency():
     assert torch.equal(restored.class_alignment(f.mean((2, 3)), 0), a)
     mod.set_class_counts([2, 8])  # a new task: the estimate restarts
     assert sorted(n for n, _ in mod.named_buffers()) == ["class_coef"]
+    assert torch.allclose(mod.class_coef, torch.tensor([[-2.5, 0.625], [2.5, 0.625]]))
+    mod.set_class_counts([2, 8], balanced_batches=True)  # re-sampled batches: no re-weighting
+    assert torch.allclose(mod.class_coef, torch.tensor([[-1.0, 1.0], [1.0, 1.0]]))
     assert ModulatorNet().state_dict().keys() == {
         "mlp.0.weight",
         "mlp.0.bias",

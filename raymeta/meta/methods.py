@@ -266,11 +266,11 @@ def _mfm(kind: str) -> Callable[..., MFMTrainer]:
             ref = next(ctx.model.parameters())
             mod = ctx.modulation.to(ref.device, ref.dtype).attach(ctx.model, design["sites"])
             if isinstance(mod, ModulatorNet):
-                mod.set_class_counts(ctx.counts)
+                mod.set_class_counts(ctx.counts, balanced_batches=base.resample)
             return MFMTrainer(mod, frozen=True, **trainer_args)
         mod = build_modulation(kind, ctx.model, ctx.input_shape, sites=design["sites"], **network)
         if isinstance(mod, ModulatorNet):
-            mod.set_class_counts(ctx.counts)
+            mod.set_class_counts(ctx.counts, balanced_batches=base.resample)
         return MFMTrainer(mod, **trainer_args)
 
     build.__signature__ = inspect.Signature(

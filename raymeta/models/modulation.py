@@ -353,16 +353,18 @@ class ModulatorNet(Modulation):
     def _class_buffers(self) -> list[str]:
         return [n for n in self._buffers if n == "class_coef" or n.startswith("running_")]
 
-    def set_class_counts(self, counts: Sequence[int]) -> None:
+    def set_class_counts(self, counts: Sequence[int], *, balanced_batches: bool = False) -> None:
         """The training images per class of the task (class-index order); restarts the running
-        class-frequency statistics. No effect without ``class_statistics``."""
+        class-frequency statistics. ``balanced_batches``: the training batches are drawn
+        class-balanced (re-sampling), so every class already counts alike (no ``1 / (K pi_c)``
+        weight). No effect without ``class_statistics``."""
         if not self.class_statistics:
             return
         n = torch.as_tensor(list(counts), dtype=torch.float64)
         log_freq = (n / n.sum()).log()
         rho = log_freq - log_freq.mean()
         rho = rho / rho.std(unbiased=False) if float(rho.abs().max()) > 0 else rho
-        inv = n.sum() / (len(n) * n)  # 1 / (K pi_c)
+        inv = torch.ones_like(n) if balanced_batches else n.sum() / (len(n) * n)  # 1 / (K pi_c)
         for name in self._class_buffers():
             del self._buffers[name]
         ref = self.mlp[0].weight
