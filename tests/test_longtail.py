@@ -373,7 +373,8 @@ def test_every_accepted_parameter_reaches_its_constructor(name):
         assert method.needs_meta == info.needs_meta_set
     assert build_method("mwn", COUNTS, _tiny_cnn(), hidden=7).wnet.net[0].out_features == 7
     net = build_method("mfm_network", COUNTS, _tiny_cnn(), input_shape=(1, 8, 8), hidden=5)
-    assert net.modulation.mlp[0].out_features == 5 and net.optimizer.param_groups[0]["lr"] == 1e-4
+    lr = net.optimizer.param_groups[0]["lr"]
+    assert net.modulation.mlp[0].out_features == 5 and lr == MFM_DEFAULTS["network"]["meta_lr"]
 
 
 @pytest.mark.parametrize(

@@ -62,7 +62,8 @@ def test_mfm_and_baseline_register_reload_and_transfer(ray_local, tmp_path, monk
     cfg = parse(PipelineConfig, {**PIPELINE, "output_dir": str(tmp_path / "out")})
     summary = run_pipeline(cfg)
     runs = pd.read_parquet(tmp_path / "out" / "mfm_runs.parquet")
-    assert list(runs.method) == ["CE", "MFM (network)", "MFM (frozen)", "CE"]
+    mfm, frozen = "MFM (network) + CB-RS", "MFM (frozen) + CB-RS"  # the default base loss
+    assert list(runs.method) == ["CE", mfm, frozen, "CE"]
     assert list(runs.stage) == ["grid", "grid", "transfer", "transfer"]
     grid = runs[runs.stage == "grid"]
     # exact class counts of the split are recorded: IF 10 from a head of 400 images
@@ -75,7 +76,7 @@ def test_mfm_and_baseline_register_reload_and_transfer(ray_local, tmp_path, monk
         assert 0 <= row.medium_acc <= 1 and row.many_acc > row.medium_acc
     transfer = runs[runs.stage == "transfer"]
     assert transfer.modulator_version.iloc[0] == "1" and transfer.top1_acc.min() > 0.3
-    assert set(summary.method) == {"CE", "MFM (network)", "MFM (frozen)"}
+    assert set(summary.method) == {"CE", mfm, frozen}
     assert (tmp_path / "out" / "mfm_per_class.png").stat().st_size > 10_000
 
     # the registry: alias -> version 1, a ModulatorNet that moved away from the identity
