@@ -64,9 +64,10 @@ def test_missing_pipeline_file_lists_the_shipped_pipelines(tmp_path):
     res = run("run", "nope.yaml", cwd=tmp_path)
     assert res.returncode == 2 and res.stderr.strip() == (
         "raymeta: error: pipeline file nope.yaml not found, and raymeta ships no pipeline of "
-        "that name; shipped: compare_fashion.yaml, mfm_cifar_lt.yaml, mfm_fashion_lt.yaml, "
-        "mfm_fashion_lt_reference.yaml, mlrsnet_paper.yaml, quickstart.yaml, "
-        "transfer_study.yaml, transfer_study_paper.yaml"
+        "that name; shipped: compare_fashion.yaml, mfm_cifar_lt.yaml, mfm_design_search.yaml, "
+        "mfm_fashion_lt.yaml, mfm_fashion_lt_if100.yaml, mfm_fashion_lt_reference.yaml, "
+        "mlrsnet_paper.yaml, quickstart.yaml, transfer_study.yaml, transfer_study_paper.yaml, "
+        "transfer_suite.yaml"
     )
 
 
