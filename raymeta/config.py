@@ -644,7 +644,7 @@ class MFMSearchConfig(Section):
     """
 
     task: LongTailTaskConfig
-    space: MFMDesignSpace = MFMDesignSpace()
+    space: MFMDesignSpace = Field(default_factory=MFMDesignSpace)  # built on use: imports torch
     trials: PositiveInt = 16
     baselines: list[LongTailMethodConfig] = Field(default_factory=list)
     schedule: MethodConfig = Field(
