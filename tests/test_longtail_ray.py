@@ -105,15 +105,15 @@ def test_mfm_and_baseline_register_reload_and_transfer(ray_local, tmp_path, monk
     )
     assert sorted(nested["tags.mlflow.runName"]) == [
         "longtail/CE/fashion_mnist-LT IF=10/seed3",
-        "longtail/MFM (network)/fashion_mnist-LT IF=10/seed3",
+        f"longtail/{mfm}/fashion_mnist-LT IF=10/seed3",
     ]
     assert set(nested["tags.family"]) == {"warmup_cosine"} and set(nested["tags.seed"]) == {"3"}
     assert set(nested["params.class_counts"]) == {grid.class_counts.iloc[0]}
     history = client.get_metric_history(nested.run_id.iloc[0], "test_many_acc")
     assert [m.step for m in history] == [1, 2, 3]
-    mfm = nested[nested["tags.method"] == "MFM (network)"].run_id.iloc[0]
-    assert len(client.get_metric_history(mfm, "lr")) > 3  # per step, with the warm-up
-    assert len(client.get_metric_history(mfm, "meta_loss")) > 3
+    mfm_run = nested[nested["tags.method"] == mfm].run_id.iloc[0]
+    assert len(client.get_metric_history(mfm_run, "lr")) > 3  # per step, with the warm-up
+    assert len(client.get_metric_history(mfm_run, "meta_loss")) > 3
 
 
 def _fit_two_methods(num_workers, tmp_path):
