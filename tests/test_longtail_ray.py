@@ -213,7 +213,7 @@ def test_mfm_design_search_selects_on_validation_and_records_the_choice(
     client = mlflow.MlflowClient()
     exp = mlflow.get_experiment_by_name("search-test")
     runs = mlflow.search_runs([exp.experiment_id])
-    parent = runs[runs["tags.mlflow.runName"] == "mfm-search/search-test"]
+    parent = runs[runs["tags.mlflow.runName"] == "mfm-search"]  # nested in pipeline/<name>
     assert len(parent) == 1
     children = runs[runs["tags.mlflow.parentRunId"] == parent.run_id.iloc[0]]
     assert len(children) == 4  # 3 trials and the baseline
