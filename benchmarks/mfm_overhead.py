@@ -1,5 +1,6 @@
-"""Cost of an MFM training epoch (look-ahead meta step at every step) relative to a plain
-cross-entropy epoch, measured in one run on the same data, model and loop.
+"""Cost of an MFM training epoch (at the defaults: base loss, sites, look-ahead every
+``meta_every`` steps) relative to a plain cross-entropy epoch, measured in one run on the same
+data, model and loop.
 
 Setup: Fashion-MNIST-LT IF 100 (exponential profile, 10 meta images per class taken first,
 14,860 training images, 148 steps of 100), the small CNN, SGD momentum 0.9, meta batch 100
@@ -12,8 +13,10 @@ processes hits all of them alike; the ratio is the median MFM epoch over the med
 beside it (the least disturbed by other load). Meta-Weight-Net (same loop and look-ahead) is
 timed for context.
 
-Target: at most 2.5 for the default ``lookahead="fast"``. ``--exact`` also times the exact
-look-ahead (second order through every weight, a second forward/backward for the real step).
+Target: at most 2.5 for both variants at their defaults (``raymeta.meta.methods.MFM_DEFAULTS``,
+chosen by the design search: base loss, sites, meta objective, ``meta_every``; the default
+``lookahead="fast"``). ``--exact`` also times the exact look-ahead (second order through every
+weight, a second forward/backward for the real step).
 
 Usage: .venv/bin/python benchmarks/mfm_overhead.py [--rounds 3] [--threads 2] [--exact]
 [--meta-batch 100]
@@ -68,7 +71,7 @@ def main() -> None:
     data = dataclasses.replace(data, test_x=empty[0], test_y=empty[1])
     configs = {
         "CE (plain)": ("ce", {}),
-        "MFM direct, fast": ("mfm_direct", {}),
+        "MFM direct, fast": ("mfm_direct", {}),  # the defaults
         "MFM network, fast": ("mfm_network", {}),
         "Meta-Weight-Net": ("mwn", {}),  # for context: the issue's "about 3x" loop
     }
@@ -98,7 +101,7 @@ def main() -> None:
             ok = "meets" if med / base <= TARGET else "MISSES"
             verdicts.append(f"{name.removesuffix(', fast')} {med / base:.2f} {ok}")
     print(
-        f"MFM epoch / CE epoch (look-ahead every step, fast, medians; target <= {TARGET}): "
+        f"MFM epoch / CE epoch (defaults, fast look-ahead, medians; target <= {TARGET}): "
         + "; ".join(verdicts)
     )
 

@@ -381,9 +381,13 @@ class LongTailTaskConfig(Strict):
     ratio ``imbalance_factor`` (IF >= 1; 1 = balanced). ``class_order``: ``natural`` (class 0
     is the head) or ``permuted`` (a permutation seeded by ``order_seed``, default ``seed``,
     decides which classes are rare). ``n_max``: head-class size (default: the smallest class
-    after the meta set; smaller values give reduced, faster tasks). Evaluation: the dataset's
-    full balanced test set. Optimiser defaults follow the Meta-Weight-Net CIFAR-LT protocol
-    (batch 100, SGD momentum 0.9, weight decay 5e-4); ``batch_size`` is global.
+    after the meta and validation sets; smaller values give reduced, faster tasks).
+    ``val_per_class``: a balanced validation split of that many images per class, carved from
+    the training set after the meta set and before the sub-sampling (disjoint from both; 0 =
+    none, the Meta-Weight-Net protocol); every run reports ``val_acc`` on it, and the MFM
+    design search selects on it. Evaluation: the dataset's full balanced test set. Optimiser
+    defaults follow the Meta-Weight-Net CIFAR-LT protocol (batch 100, SGD momentum 0.9, weight
+    decay 5e-4); ``batch_size`` is global.
     """
 
     dataset: Literal["fashion_mnist", "digits", "cifar10", "cifar100"] = "fashion_mnist"
@@ -391,6 +395,7 @@ class LongTailTaskConfig(Strict):
     imbalance_factor: ImbalanceFactor = 100.0
     profile: Literal["exp", "step"] = "exp"
     meta_per_class: NonNegInt = 10
+    val_per_class: NonNegInt = 0
     class_order: Literal["natural", "permuted"] = "natural"
     order_seed: Int | None = None
     n_max: PositiveInt | None = None
@@ -412,9 +417,12 @@ class LongTailMethodConfig(Strict):
     """One long-tailed method trained under the common loop.
 
     ``method``: ``ce``, ``cb_reweight``, ``cb_resample``, ``focal``, ``ldam_drw``,
-    ``logit_adjust``, ``mwn``, ``mfm_direct``, ``mfm_network``; ``params`` go to
-    :func:`raymeta.meta.methods.build_method` (e.g. ``beta``, ``gamma``,
-    ``tau``, ``meta_lr``, ``meta_every``, ``lookahead``, ``hidden``). ``meta_batch_size``:
+    ``logit_adjust``, ``balanced_softmax``, ``mwn``, ``mfm_direct``, ``mfm_network``;
+    ``params`` go to :func:`raymeta.meta.methods.build_method` (e.g. ``beta``, ``gamma``,
+    ``tau``; for MFM the design choices ``sites``, ``base_loss``, ``base_params``,
+    ``meta_objective``, ``meta_every``, ``meta_lr``, ``class_statistics``, and ``lookahead``,
+    ``hidden``; docs/mfm.md). The label of an MFM row names its base loss when it is not
+    cross-entropy (``MFM (direct) + BS``). ``meta_batch_size``:
     global meta batch of the meta-learned methods. ``model_uri`` (``mfm_network`` only): a
     registered modulator network (``models:/NAME@ALIAS``) applied frozen, with no meta set.
     """
@@ -441,9 +449,12 @@ class LongTailMethodConfig(Strict):
 
     @property
     def label(self) -> str:
+        from raymeta.meta.methods import method_label
+
         if self.name:
             return self.name
-        return "MFM (frozen)" if self.model_uri else longtail_methods()[self.method][0]
+        label = method_label(self.method, self.params)
+        return label.replace("MFM (network)", "MFM (frozen)") if self.model_uri else label
 
     @property
     def needs_meta(self) -> bool:
@@ -568,6 +579,95 @@ class LongTailStudyConfig(Section):
     @property
     def registers(self) -> str | None:
         return self.registered_model if self.registered_method is not None else None
+
+
+class MFMDesignSpace(Strict):
+    """The MFM design space that the design search samples (docs/mfm.md, "The design space"):
+    each list holds the choices of one design choice, sampled by Optuna as a categorical;
+    ``meta_lr`` is sampled log-uniformly in ``[low, high]``.
+
+    ``modulation``: ``direct``, ``network`` or ``network+class_statistics`` (the modulator
+    network that also sees the class-frequency statistic). ``sites``: presets of
+    :data:`raymeta.models.modulation.SITE_PRESETS`. ``base_loss``: plain losses of
+    :data:`raymeta.meta.methods.BASE_LOSSES`. ``meta_objective``: of
+    :data:`raymeta.meta.methods.META_OBJECTIVES`. ``meta_every``: meta-step intervals.
+    """
+
+    modulation: list[Literal["direct", "network", "network+class_statistics"]] = Field(
+        default_factory=lambda: ["direct", "network", "network+class_statistics"], min_length=1
+    )
+    sites: list[str] = Field(
+        default_factory=lambda: ["stages", "last_stage", "embedding", "stages+embedding"],
+        min_length=1,
+    )
+    base_loss: list[str] = Field(
+        default_factory=lambda: ["ce", "balanced_softmax", "cb_resample"], min_length=1
+    )
+    meta_objective: list[str] = Field(default_factory=lambda: ["ce", "logit_adjust"], min_length=1)
+    meta_every: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
+    meta_lr: tuple[PositiveFloat, PositiveFloat] = (1e-4, 1e-2)
+
+    @model_validator(mode="after")
+    def _check(self):
+        from raymeta.meta.methods import BASE_LOSSES, META_OBJECTIVES
+        from raymeta.models.modulation import SITE_PRESETS
+
+        for key, accepted in (
+            ("sites", SITE_PRESETS),
+            ("base_loss", BASE_LOSSES),
+            ("meta_objective", META_OBJECTIVES),
+        ):
+            bad = [v for v in getattr(self, key) if v not in accepted]
+            if bad:
+                raise ValueError(f"{key}: unknown {bad}; accepted: {', '.join(accepted)}")
+        for key in ("modulation", "sites", "base_loss", "meta_objective", "meta_every"):
+            values = getattr(self, key)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{key}: a choice is listed twice ({values})")
+        if not self.meta_lr[0] < self.meta_lr[1]:
+            raise ValueError(f"meta_lr: empty range {list(self.meta_lr)}; accepted: [low, high]")
+        return self
+
+
+class MFMSearchConfig(Section):
+    """The ``mfm_search`` section, the MFM design search (:mod:`raymeta.tune.mfm_search`):
+    Ray Tune + Optuna (seeded TPE) sample ``trials`` MFM configurations from ``space`` and
+    train each on the development task ``task`` under ``schedule``, selecting on the balanced
+    validation split (``task.val_per_class`` images per class, carved from the training data:
+    required); the test split is never loaded by a trial. ``baselines`` are trained once on
+    the same task for reference (their validation accuracy is reported beside the trials, not
+    used to choose). ``grace_period``: ASHA stops weak trials after that many epochs (None: no
+    early stopping). ``max_concurrent`` trials at once, ``cpus_per_trial`` each (also the
+    trial's torch threads). The best trial of each parameterisation is that variant's chosen
+    configuration, logged to MLflow (the parent run ``mfm-search/{name}``) and written to
+    ``mfm_design_choice.json``.
+    """
+
+    task: LongTailTaskConfig
+    space: MFMDesignSpace = Field(default_factory=MFMDesignSpace)  # built on use: imports torch
+    trials: PositiveInt = 16
+    baselines: list[LongTailMethodConfig] = Field(default_factory=list)
+    schedule: MethodConfig = Field(
+        default_factory=lambda: MethodConfig(**DEFAULT_LONGTAIL_SCHEDULE)
+    )
+    meta_batch_size: PositiveInt = META_BATCH_SIZE
+    seed: Int = 0
+    max_concurrent: PositiveInt = 2
+    cpus_per_trial: PositiveFloat = 1.0
+    grace_period: PositiveInt | None = None
+    reduction_factor: Annotated[int, Field(ge=2, strict=True)] = 2
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.task.val_per_class == 0:
+            raise ValueError(
+                "task.val_per_class must be > 0: the search selects on a balanced validation "
+                "split carved from the training data"
+            )
+        if self.task.meta_per_class == 0:
+            raise ValueError("task.meta_per_class must be > 0: MFM meta-learns on the meta set")
+        _check_longtail_runs(self.task, self.baselines, self.schedule, "")
+        return self
 
 
 class SearchConfig(Strict):
@@ -800,6 +900,8 @@ class PipelineConfig(Strict):
     - ``transfer``: train a task with registered meta-learners and hand-designed schedules;
     - ``longtail`` (old name ``mfm``, still accepted): the long-tail study (MFM, its
       baselines, registration of the modulator network and its transfer);
+    - ``mfm_search``: the MFM design search (Ray Tune + Optuna on a development long-tailed
+      task, selected on its balanced validation split);
     - ``compare``: a schedule comparison (Ray Tune + Optuna; also ``raymeta compare``);
     - ``study``: a transfer study (a grid of tasks; also ``raymeta study``);
     - ``suite``: the transfer benchmark (a schedule comparison on each of its tasks, with a
@@ -819,6 +921,7 @@ class PipelineConfig(Strict):
     longtail: LongTailStudyConfig | None = Field(
         None, validation_alias=AliasChoices("longtail", "mfm")
     )
+    mfm_search: MFMSearchConfig | None = None
     compare: CompareConfig | None = None
     study: TransferStudyConfig | None = None
     suite: TransferSuiteConfig | None = None
@@ -838,7 +941,8 @@ class PipelineConfig(Strict):
         return self
 
 
-SECTIONS = ("meta_train", "transfer", "longtail", "compare", "study", "suite")  # run order
+# run order
+SECTIONS = ("meta_train", "transfer", "longtail", "mfm_search", "compare", "study", "suite")
 
 
 def format_validation_error(exc: ValidationError, where: str = "") -> str:

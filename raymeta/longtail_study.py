@@ -267,6 +267,7 @@ def _register(
     """
     import mlflow
 
+    from raymeta.meta.methods import METHODS
     from raymeta.models.modulation import ModulatorNet
     from raymeta.tracking import register_meta_learner
 
@@ -278,7 +279,9 @@ def _register(
         for r, res in zip(runs, results, strict=True)
         if r.method is method and r.task.imbalance_factor == factor and r.task.seed == seed
     )
-    modulator = ModulatorNet(hidden=method.params.get("hidden", 16))
+    defaults = METHODS["mfm_network"].defaults
+    config = {k: method.params.get(k, defaults[k]) for k in ModulatorNet().config()}
+    modulator = ModulatorNet(**config)
     modulator.load_state_dict({k: v.cpu() for k, v in result.rule_state["modulation"].items()})
     source = (
         f"MFM meta-trained on {run.target} IF={factor:g} ({run.task.profile}, "

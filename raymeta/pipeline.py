@@ -288,6 +288,10 @@ def check_pipeline(cfg: PipelineConfig, sections: Sequence[str]) -> None:
         check_task(cfg.transfer.task, cfg.ray.num_workers)
     if "longtail" in sections:
         check_longtail_study(cfg.longtail, cfg.ray.num_workers)
+    if "mfm_search" in sections:
+        from raymeta.tune.mfm_search import check_mfm_search
+
+        check_mfm_search(cfg.mfm_search)
     if "compare" in sections:
         Comparison(cfg).check_data()
     if "study" in sections:
@@ -394,6 +398,10 @@ def run_pipeline(
             t0 = time.perf_counter()
             if {"meta_train", "transfer", "longtail"} & set(sections):
                 table = _run_training_sections(cfg, sections, session, parent)
+            if "mfm_search" in sections:
+                from raymeta.tune.mfm_search import run_mfm_search
+
+                table = run_mfm_search(cfg, session)
             if "compare" in sections:
                 table = Comparison(cfg).run(session)
             if "study" in sections:

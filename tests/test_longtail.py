@@ -25,15 +25,25 @@ from raymeta.data.longtail import (
 from raymeta.errors import ConfigError
 from raymeta.meta.losses import (
     ClassBalancedLoss,
+    CrossEntropyLoss,
     FocalLoss,
     LDAMLoss,
     LogitAdjustedLoss,
+    NormedLinear,
     class_balanced_indices,
     effective_number_weights,
 )
-from raymeta.meta.methods import METHODS, build_method, check_params
+from raymeta.meta.methods import (
+    BASE_LOSSES,
+    METHODS,
+    MFM_DEFAULTS,
+    build_method,
+    check_params,
+    method_label,
+)
+from raymeta.meta.mfm import MFMTrainer
 from raymeta.meta.mwn import MetaWeightNetTrainer, WeightNet
-from raymeta.models.modulation import ModulatorNet
+from raymeta.models.modulation import ModulatorNet, resolve_sites
 from raymeta.models.small import SmallCNN
 
 CIFAR_LIKE = torch.arange(50_000) % 10  # 5000 images per class, like CIFAR-10
@@ -323,9 +333,22 @@ def test_method_registry_accepts_exactly_the_constructors_keywords():
     assert METHODS["focal"].params == ["class_weight", "gamma", "reduction"]
     assert METHODS["ldam_drw"].params == ["beta", "drw_epoch", "max_m", "reduction", "s"]
     assert METHODS["logit_adjust"].params == ["tau"]
+    assert METHODS["balanced_softmax"].params == []
     assert METHODS["mwn"].params == sorted(["hidden", "normalise", *meta])
-    assert METHODS["mfm_direct"].params == sorted(["lookahead", "sites", *meta])
-    assert METHODS["mfm_network"].params == sorted(["eps", "hidden", "lookahead", "sites", *meta])
+    design = ["base_loss", "base_params", "lookahead", "meta_objective", "sites"]
+    assert METHODS["mfm_direct"].params == sorted([*design, *meta])
+    network = ["class_statistics", "eps", "hidden", "statistics_momentum"]
+    assert METHODS["mfm_network"].params == sorted([*design, *network, *meta])
+    assert METHODS["mfm_network"].defaults == {
+        **MFM_DEFAULTS["network"],
+        "hidden": 16,
+        "eps": 1e-5,
+        "statistics_momentum": 0.02,
+        "meta_lr_follows_lr": True,
+        "meta_optimizer": "adam",
+        "meta_weight_decay": 0.0,
+        "lookahead": "fast",
+    }
     assert [n for n, m in METHODS.items() if m.needs_meta_set] == [
         "mwn",
         "mfm_direct",
@@ -350,7 +373,8 @@ def test_every_accepted_parameter_reaches_its_constructor(name):
         assert method.needs_meta == info.needs_meta_set
     assert build_method("mwn", COUNTS, _tiny_cnn(), hidden=7).wnet.net[0].out_features == 7
     net = build_method("mfm_network", COUNTS, _tiny_cnn(), input_shape=(1, 8, 8), hidden=5)
-    assert net.modulation.mlp[0].out_features == 5 and net.optimizer.param_groups[0]["lr"] == 1e-4
+    lr = net.optimizer.param_groups[0]["lr"]
+    assert net.modulation.mlp[0].out_features == 5 and lr == MFM_DEFAULTS["network"]["meta_lr"]
 
 
 @pytest.mark.parametrize(
@@ -366,8 +390,9 @@ def test_every_accepted_parameter_reaches_its_constructor(name):
         (
             "mfm_direct",
             {"hidden": 8, "frozen": True},
-            "method 'mfm_direct' has no parameter 'hidden', 'frozen'; accepted: lookahead, "
-            "meta_every, meta_lr, meta_lr_follows_lr, meta_optimizer, meta_weight_decay, sites",
+            "method 'mfm_direct' has no parameter 'hidden', 'frozen'; accepted: base_loss, "
+            "base_params, lookahead, meta_every, meta_lr, meta_lr_follows_lr, meta_objective, "
+            "meta_optimizer, meta_weight_decay, sites",
         ),
         ("svm", {}, "unknown long-tail method 'svm'; accepted: ce, cb_reweight, cb_resample"),
     ],
@@ -417,3 +442,108 @@ def test_a_type_error_inside_a_constructor_propagates_unchanged(monkeypatch):
     with pytest.raises(TypeError, match="raised inside the constructor") as err:
         build_method("cb_reweight", COUNTS, _tiny_cnn(), beta=0.9)
     assert not isinstance(err.value, ConfigError)
+
+
+def test_balanced_softmax_is_the_logit_adjusted_loss_at_tau_1():
+    """Ren et al.'s form, log n_c added to the logits, equals Menon et al.'s tau = 1 (the
+    constant log sum n cancels); the registry builds both from one class."""
+    torch.manual_seed(0)
+    logits, y = torch.randn(16, 3), torch.randint(0, 3, (16,))
+    ren = F.cross_entropy(logits + torch.tensor(COUNTS, dtype=torch.float32).log(), y)
+    bs = build_method("balanced_softmax", COUNTS, _tiny_cnn()).loss
+    la = build_method("logit_adjust", COUNTS, _tiny_cnn()).loss
+    assert type(bs) is type(la) is LogitAdjustedLoss
+    assert torch.equal(bs.adjustment, la.adjustment)
+    assert torch.allclose(bs(logits, y), ren)
+    la2 = build_method("logit_adjust", COUNTS, _tiny_cnn(), tau=2.0).loss
+    assert torch.allclose(la2.adjustment, 2 * bs.adjustment)
+    with pytest.raises(ConfigError, match="^method 'balanced_softmax' has no parameter 'tau'"):
+        build_method("balanced_softmax", COUNTS, _tiny_cnn(), tau=2.0)
+    assert METHODS["balanced_softmax"].label == "Balanced Softmax"
+
+
+def test_mfm_trains_with_the_chosen_base_loss_and_meta_objective():
+    assert BASE_LOSSES == (
+        "ce",
+        "cb_reweight",
+        "cb_resample",
+        "focal",
+        "ldam_drw",
+        "logit_adjust",
+        "balanced_softmax",
+    )
+    shape = {"input_shape": (1, 8, 8), "epochs": 5}
+    la = build_method(
+        "mfm_direct",
+        COUNTS,
+        _tiny_cnn(),
+        base_loss="logit_adjust",
+        base_params={"tau": 2.0},
+        **shape,
+    )
+    assert isinstance(la, MFMTrainer) and isinstance(la.loss, LogitAdjustedLoss)
+    assert torch.allclose(la.loss.adjustment, 2 * LogitAdjustedLoss(COUNTS).adjustment)
+    assert isinstance(la.meta_loss, CrossEntropyLoss) and not la.resample
+    model = _tiny_cnn()
+    ldam = build_method(
+        "mfm_network", COUNTS, model, base_loss="ldam_drw", meta_objective="logit_adjust", **shape
+    )
+    assert isinstance(model.classifier[-1], NormedLinear) and isinstance(ldam.loss, LDAMLoss)
+    assert isinstance(ldam.meta_loss, LogitAdjustedLoss) and ldam.modulation.sites == [
+        "features.2",
+        "features.5",
+    ]
+    ldam.start_epoch(4)  # DRW from int(0.8 * 5)
+    assert ldam.loss.reweight
+    rs = build_method("mfm_direct", COUNTS, _tiny_cnn(), base_loss="cb_resample", **shape)
+    assert rs.resample and isinstance(rs.loss, CrossEntropyLoss)
+    prior = build_method(
+        "mfm_network", COUNTS, _tiny_cnn(), base_loss="cb_resample", class_statistics=True, **shape
+    )
+    assert prior.modulation.class_statistics and prior.modulation.class_coef[1].tolist() == [1] * 3
+    emb = build_method("mfm_direct", COUNTS, _tiny_cnn(), sites="embedding", **shape)
+    assert emb.modulation.sites == ["classifier.2"] and emb.modulation.channels == [64]
+    assert method_label("mfm_direct", {"base_loss": "balanced_softmax"}) == "MFM (direct) + BS"
+    assert method_label("mfm_network", {"base_loss": "ce"}) == "MFM (network)"
+    assert method_label("logit_adjust") == "logit adjustment"
+
+
+def test_site_presets_name_the_stages_and_the_classifier_input():
+    model = _tiny_cnn()
+    assert (
+        resolve_sites(model, None)
+        == resolve_sites(model, "stages")
+        == [
+            "features.2",
+            "features.5",
+        ]
+    )
+    assert resolve_sites(model, "last_stage") == ["features.5"]
+    assert resolve_sites(model, "stages+embedding") == ["features.2", "features.5", "classifier.2"]
+    assert resolve_sites(model, ["features.0"]) == ["features.0"]
+    from raymeta.models import build_model
+
+    assert resolve_sites(build_model("resnet8", 1, 3, 8), "embedding") == ["pool"]
+    with pytest.raises(ConfigError, match="^unknown modulation sites 'head'; accepted: stages"):
+        resolve_sites(model, "head")
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"base_loss": "mwn"}, "unknown base_loss 'mwn'; accepted: ce, cb_reweight"),
+        (
+            {"base_loss": "logit_adjust", "base_params": {"beta": 0.9}},
+            "base_params: method 'logit_adjust' has no parameter 'beta'; accepted: tau",
+        ),
+        ({"base_params": [1]}, "base_params=[1] is invalid; accepted: a mapping"),
+        ({"meta_objective": "focal"}, "unknown meta_objective 'focal'; accepted: ce, logit_adjust"),
+        ({"sites": 3}, "method 'mfm_direct' parameter sites=3 has the wrong type"),
+    ],
+)
+def test_bad_mfm_design_values_are_one_line_errors_before_anything_is_attached(params, message):
+    model = _tiny_cnn()
+    with pytest.raises(ConfigError, match="^" + re.escape(message)) as err:
+        build_method("mfm_direct", COUNTS, model, input_shape=(1, 8, 8), **params)
+    assert "\n" not in str(err.value)
+    assert not any(m._forward_hooks for m in model.modules())

@@ -62,7 +62,8 @@ def test_mfm_and_baseline_register_reload_and_transfer(ray_local, tmp_path, monk
     cfg = parse(PipelineConfig, {**PIPELINE, "output_dir": str(tmp_path / "out")})
     summary = run_pipeline(cfg)
     runs = pd.read_parquet(tmp_path / "out" / "mfm_runs.parquet")
-    assert list(runs.method) == ["CE", "MFM (network)", "MFM (frozen)", "CE"]
+    mfm, frozen = "MFM (network) + CB-RS", "MFM (frozen) + CB-RS"  # the default base loss
+    assert list(runs.method) == ["CE", mfm, frozen, "CE"]
     assert list(runs.stage) == ["grid", "grid", "transfer", "transfer"]
     grid = runs[runs.stage == "grid"]
     # exact class counts of the split are recorded: IF 10 from a head of 400 images
@@ -75,7 +76,7 @@ def test_mfm_and_baseline_register_reload_and_transfer(ray_local, tmp_path, monk
         assert 0 <= row.medium_acc <= 1 and row.many_acc > row.medium_acc
     transfer = runs[runs.stage == "transfer"]
     assert transfer.modulator_version.iloc[0] == "1" and transfer.top1_acc.min() > 0.3
-    assert set(summary.method) == {"CE", "MFM (network)", "MFM (frozen)"}
+    assert set(summary.method) == {"CE", mfm, frozen}
     assert (tmp_path / "out" / "mfm_per_class.png").stat().st_size > 10_000
 
     # the registry: alias -> version 1, a ModulatorNet that moved away from the identity
@@ -104,15 +105,15 @@ def test_mfm_and_baseline_register_reload_and_transfer(ray_local, tmp_path, monk
     )
     assert sorted(nested["tags.mlflow.runName"]) == [
         "longtail/CE/fashion_mnist-LT IF=10/seed3",
-        "longtail/MFM (network)/fashion_mnist-LT IF=10/seed3",
+        f"longtail/{mfm}/fashion_mnist-LT IF=10/seed3",
     ]
     assert set(nested["tags.family"]) == {"warmup_cosine"} and set(nested["tags.seed"]) == {"3"}
     assert set(nested["params.class_counts"]) == {grid.class_counts.iloc[0]}
     history = client.get_metric_history(nested.run_id.iloc[0], "test_many_acc")
     assert [m.step for m in history] == [1, 2, 3]
-    mfm = nested[nested["tags.method"] == "MFM (network)"].run_id.iloc[0]
-    assert len(client.get_metric_history(mfm, "lr")) > 3  # per step, with the warm-up
-    assert len(client.get_metric_history(mfm, "meta_loss")) > 3
+    mfm_run = nested[nested["tags.method"] == mfm].run_id.iloc[0]
+    assert len(client.get_metric_history(mfm_run, "lr")) > 3  # per step, with the warm-up
+    assert len(client.get_metric_history(mfm_run, "meta_loss")) > 3
 
 
 def _fit_two_methods(num_workers, tmp_path):
@@ -154,3 +155,71 @@ def test_two_workers_match_one_worker_for_both_mfm_look_aheads(ray_local, tmp_pa
             torch.testing.assert_close(mod_b[key], value, rtol=1e-4, atol=1e-6)
         assert any(v.abs().sum() > 0 for k, v in mod_a.items() if "mlp.2" in k or "shift" in k)
         assert a.history[-1]["meta_loss"] == pytest.approx(b.history[-1]["meta_loss"], rel=0.2)
+
+
+def test_mfm_design_search_selects_on_validation_and_records_the_choice(
+    ray_local, tmp_path, monkeypatch
+):
+    """Ray Tune + Optuna over a small design space on digits-LT: every trial reports validation
+    accuracy and no test metric (its data have no test split), each variant's choice is its
+    best final validation accuracy, and MLflow holds the trials, the baseline and the choice."""
+    import json
+
+    from raymeta.meta.methods import build_method
+    from raymeta.models.small import SmallCNN
+    from raymeta.pipeline import run_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    search = {
+        "task": {
+            "dataset": "digits",
+            "n_max": 60,
+            "imbalance_factor": 10,
+            "class_order": "permuted",
+            "meta_per_class": 5,
+            "val_per_class": 10,
+            "batch_size": 50,
+            "epochs": 2,
+        },
+        "space": {
+            "modulation": ["direct", "network+class_statistics"],
+            "sites": ["stages", "embedding"],
+            "base_loss": ["ce", "balanced_softmax"],
+            "meta_every": [1, 2],
+        },
+        "schedule": {"schedule": "warmup_cosine", "lr": 0.1, "params": {"warmup_fraction": 0.2}},
+        "meta_batch_size": 50,
+        "trials": 3,
+        "baselines": [{"method": "balanced_softmax"}],
+    }
+    out = tmp_path / "out"
+    pipeline = {"name": "search-test", "output_dir": str(out), "mfm_search": search}
+    cfg = parse(PipelineConfig, {**pipeline, "mlflow": {"experiment": "search-test"}})
+    trials = run_pipeline(cfg)
+    assert len(trials) == 3 and set(trials.epochs) == {2}
+    assert trials.val_acc.between(0, 1).all() and trials.val_acc.max() > 0.1
+    record = json.loads((out / "mfm_design_choice.json").read_text())
+    assert record["trials"] == 3 and set(record["baselines_val_acc"]) == {"Balanced Softmax"}
+    for variant, info in record["chosen"].items():
+        mine = trials[trials.modulation.str.startswith(variant)]
+        assert info["val_acc"] == mine.val_acc.max()
+        assert info["params"]["sites"] in ("stages", "embedding")
+        model = SmallCNN(1, 10, 8)
+        built = build_method(
+            info["method"], [6] * 10, model, input_shape=(1, 8, 8), **info["params"]
+        )
+        assert built.meta_every == info["params"]["meta_every"]
+    client = mlflow.MlflowClient()
+    exp = mlflow.get_experiment_by_name("search-test")
+    runs = mlflow.search_runs([exp.experiment_id])
+    parent = runs[runs["tags.mlflow.runName"] == "mfm-search"]  # nested in pipeline/<name>
+    assert len(parent) == 1
+    children = runs[runs["tags.mlflow.parentRunId"] == parent.run_id.iloc[0]]
+    assert len(children) == 4  # 3 trials and the baseline
+    assert children["metrics.val_acc"].notna().all()
+    assert not any(c.startswith("metrics.test_") for c in runs.columns)  # no test split
+    logged = client.get_run(parent.run_id.iloc[0]).data
+    for variant, info in record["chosen"].items():
+        assert logged.params[f"chosen.{variant}.sites"] == info["params"]["sites"]
+        assert logged.metrics[f"chosen_val_acc.{variant}"] == pytest.approx(info["val_acc"])

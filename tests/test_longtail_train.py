@@ -15,6 +15,7 @@ from raymeta.config import LongTailStudyConfig, LongTailTaskConfig, PipelineConf
 from raymeta.data.longtail import longtail_metrics
 from raymeta.errors import ConfigError
 from raymeta.meta.lookahead import averaged_gradients, trainable_params
+from raymeta.meta.losses import LogitAdjustedLoss, log_prior
 from raymeta.meta.methods import build_method
 from raymeta.meta.mfm import MFMTrainer
 from raymeta.models.modulation import build_modulation, parameters_after
@@ -27,10 +28,16 @@ from raymeta.train.rules import MethodRule
 MU, WD, LR = 0.9, 1e-3, 0.5
 
 
-def _problem(kind, seed=1):
+def _problem(kind, seed=1, sites=None):
     torch.manual_seed(seed)
     model = SmallCNN(1, 3, 8, width=4).double()
-    mod = build_modulation(kind, model, (1, 8, 8))
+    prior = kind == "network_prior"
+    extra = {"class_statistics": True, "statistics_momentum": 0.5} if prior else {}
+    mod = build_modulation("network" if prior else kind, model, (1, 8, 8), sites=sites, **extra)
+    if prior:  # class statistics estimated from a few tracked batches
+        mod.set_class_counts(COUNTS)
+        with torch.no_grad(), mod.tracking(torch.tensor([0, 0, 1, 2])):
+            model(torch.randn(4, 1, 8, 8, dtype=torch.float64))
     with torch.no_grad():  # away from the identity, so every path carries a gradient
         for p in mod.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -45,56 +52,88 @@ def _problem(kind, seed=1):
     return model, mod, opt, (x, y, mx, my)
 
 
-def _sgd_directions(model, opt, x, y):
+COUNTS = [5, 3, 2]
+LOG_PRIOR = log_prior(COUNTS).double()  # the module's float32 values
+
+
+def _la(logits, y):
+    """The logit-adjusted loss at tau 1, written out."""
+    return F.cross_entropy(logits + LOG_PRIOR, y)
+
+
+def _sgd_directions(model, opt, x, y, loss=F.cross_entropy):
     """``mu * buf + g + wd * w`` of every parameter, by plain autograd."""
     params = dict(model.named_parameters())
-    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(params.values()))
+    grads = torch.autograd.grad(loss(model(x), y), list(params.values()))
     return {
         n: MU * opt.state[p]["momentum_buffer"] + g + WD * p.detach()
         for (n, p), g in zip(params.items(), grads, strict=True)
     }
 
 
-def _fast_objective(model, opt, batch, frozen_backbone):
-    """L_meta(w_head - lr * D_head(phi), w_bb - lr * D_bb(phi_0); phi), plain autograd."""
+def _fast_objective(
+    model, opt, batch, frozen_backbone, site, loss=F.cross_entropy, meta_loss=F.cross_entropy
+):
+    """meta_loss(w_head - lr * D_head(phi), w_bb - lr * D_bb(phi_0); phi), plain autograd;
+    the head: the parameters after the last site, D: a step of ``loss``."""
     x, y, mx, my = batch
-    head = set(parameters_after(model, "features.5"))
-    direction = _sgd_directions(model, opt, x, y)
+    head = set(parameters_after(model, site))
+    direction = _sgd_directions(model, opt, x, y, loss)
     params = dict(model.named_parameters())
     saved = {n: p.detach().clone() for n, p in params.items()}
     with torch.no_grad():
         for n, p in params.items():
             p.sub_(LR * (direction[n] if n in head else frozen_backbone[n]))
-        out = float(F.cross_entropy(model(mx), my))
+        out = float(meta_loss(model(mx), my))
         for n, p in params.items():
             p.copy_(saved[n])
     return out
 
 
-@pytest.mark.parametrize("kind", ["direct", "network"])
-def test_fast_meta_gradient_matches_finite_differences_of_its_objective(kind):
-    model, mod, opt, batch = _problem(kind)
+@pytest.mark.parametrize(
+    ("kind", "sites", "composed"),
+    [
+        ("direct", None, False),
+        ("network", None, False),
+        ("network_prior", None, False),
+        ("direct", "embedding", True),
+        ("network", "stages+embedding", True),
+        ("network_prior", "last_stage", True),
+    ],
+)
+def test_fast_meta_gradient_matches_finite_differences_of_its_objective(kind, sites, composed):
+    """``composed``: MFM + LA, the logit-adjusted loss as the base loss (the real and virtual
+    step) and as the meta objective."""
+    model, mod, opt, batch = _problem(kind, sites=sites)
     assert parameters_after(model, "features.5") == [
         "classifier.1.weight",
         "classifier.1.bias",
         "classifier.3.weight",
         "classifier.3.bias",
     ]
-    frozen = {k: v.detach() for k, v in _sgd_directions(model, opt, *batch[:2]).items()}
-    trainer = MFMTrainer(mod, lookahead="fast")
+    assert parameters_after(model, "classifier.2") == ["classifier.3.weight", "classifier.3.bias"]
+    losses = {"loss": _la, "meta_loss": _la} if composed else {}
+    base = losses.get("loss", F.cross_entropy)
+    frozen = {k: v.detach() for k, v in _sgd_directions(model, opt, *batch[:2], base).items()}
+    trainer_losses = {k: LogitAdjustedLoss(COUNTS).double() for k in losses}
+    trainer = MFMTrainer(mod, lookahead="fast", **trainer_losses)
     loss, meta_loss, grads, meta_grads = trainer.fast_meta_gradient(model, opt, *batch, LR)
-    assert float(meta_loss) == pytest.approx(_fast_objective(model, opt, batch, frozen), rel=1e-12)
+
+    def objective():
+        return _fast_objective(model, opt, batch, frozen, mod.sites[-1], **losses)
+
+    assert float(meta_loss) == pytest.approx(objective(), rel=1e-12)
     with torch.no_grad():
-        assert float(loss) == pytest.approx(float(F.cross_entropy(model(batch[0]), batch[1])))
+        assert float(loss) == pytest.approx(float(base(model(batch[0]), batch[1])))
     eps, checked = 1e-6, 0
     for p, g in zip(mod.parameters(), meta_grads, strict=True):
         for j in range(0, p.numel(), max(1, p.numel() // 3)):
             with torch.no_grad():
                 p.view(-1)[j] += eps
-            up = _fast_objective(model, opt, batch, frozen)
+            up = objective()
             with torch.no_grad():
                 p.view(-1)[j] -= 2 * eps
-            down = _fast_objective(model, opt, batch, frozen)
+            down = objective()
             with torch.no_grad():
                 p.view(-1)[j] += eps
             assert float(g.view(-1)[j]) == pytest.approx(
@@ -209,7 +248,8 @@ def test_loop_reports_longtail_metrics_that_match_the_predictions():
     for c in range(10):
         assert last[f"test_acc_class_{c}"] == pytest.approx(ref.per_class[c])
     steps = 2 * (sum(data.class_counts) // 50)
-    assert method.meta_steps == steps and "meta_loss" in last
+    meta_steps = sum((s + 1) % method.meta_every == 0 for s in range(steps))
+    assert method.meta_steps == meta_steps > 0 and "meta_loss" in last
 
 
 class _W:
@@ -297,7 +337,7 @@ STUDY = {
         ({"imbalance_factors": [100, 0]}, "imbalance_factors.1"),
         ({"methods": [{"method": "svm"}]}, "unknown long-tail method 'svm'"),
         ({"methods": [{"method": "ce", "model_uri": "models:/x@y"}]}, "model_uri"),
-        ({"task": {"meta_per_class": 0}}, "meta_per_class is 0 but MFM (network) needs"),
+        ({"task": {"meta_per_class": 0}}, "meta_per_class is 0 but MFM (network) + CB-RS needs"),
         ({"schedule": {"schedule": "mlrsnet"}}, "hand-designed schedule"),
         ({"register_seed": 7}, "register_seed=7"),
         ({"transfer": [{"name": "t", "task": {}}], "methods": [{"method": "ce"}]}, "model_uri"),
@@ -332,6 +372,108 @@ def test_data_dependent_values_fail_in_the_driver_on_one_line(patch, names):
     with pytest.raises(ConfigError) as err:
         check_longtail_study(cfg, 1)
     assert "\n" not in str(err.value) and names in str(err.value), str(err.value)
+
+
+SEARCH = {
+    "task": {
+        "dataset": "digits",
+        "n_max": 60,
+        "imbalance_factor": 10,
+        "meta_per_class": 5,
+        "val_per_class": 10,
+        "batch_size": 50,
+    },
+    "meta_batch_size": 50,
+}
+
+
+@pytest.mark.parametrize(
+    ("patch", "names"),
+    [
+        ({"task": {"val_per_class": 0}}, "task.val_per_class must be > 0: the search selects"),
+        ({"task": {"meta_per_class": 0}}, "task.meta_per_class must be > 0"),
+        ({"space": {"sites": ["stages", "head"]}}, "space: sites: unknown ['head']; accepted:"),
+        ({"space": {"base_loss": ["mwn"]}}, "space: base_loss: unknown ['mwn']"),
+        ({"space": {"meta_objective": ["focal"]}}, "space: meta_objective: unknown ['focal']"),
+        ({"space": {"modulation": ["film"]}}, "space.modulation.0: Input should be 'direct'"),
+        ({"space": {"meta_every": [1, 1]}}, "space: meta_every: a choice is listed twice"),
+        ({"space": {"meta_every": [0]}}, "space.meta_every.0: Input should be greater than 0"),
+        ({"space": {"meta_lr": [1e-2, 1e-3]}}, "space: meta_lr: empty range"),
+        ({"space": {"sites": []}}, "space.sites: List should have at least 1 item"),
+        ({"trials": 0}, "mfm_search.trials: Input should be greater than 0"),
+        ({"schedule": {"schedule": "mlrsnet"}}, "hand-designed schedule"),
+    ],
+)
+def test_bad_design_search_values_are_one_line_config_errors(patch, names):
+    data = {**SEARCH, **patch}
+    if "task" in patch:
+        data["task"] = {**SEARCH["task"], **patch["task"]}
+    with pytest.raises(ConfigError) as err:
+        parse(PipelineConfig, {"name": "x", "mfm_search": data}, "p.yaml")
+    assert "\n" not in str(err.value) and names in str(err.value), str(err.value)
+    assert str(err.value).startswith("p.yaml: mfm_search")
+
+
+@pytest.mark.parametrize(
+    ("patch", "names"),
+    [
+        ({"meta_batch_size": 80}, "meta_batch_size=80 is larger than the meta set (50 images)"),
+        ({"task": {"val_per_class": 200}}, "val_per_class=200"),
+        (
+            {"baselines": [{"method": "logit_adjust", "params": {"beta": 1}}]},
+            "logit adjustment",
+        ),
+    ],
+)
+def test_design_search_values_that_do_not_fit_the_data_fail_in_the_driver(patch, names):
+    from raymeta.tune.mfm_search import check_mfm_search
+
+    data = {**SEARCH, **patch}
+    if "task" in patch:
+        data["task"] = {**SEARCH["task"], **patch["task"]}
+    cfg = parse(PipelineConfig, {"name": "x", "mfm_search": data}).mfm_search
+    with pytest.raises(ConfigError) as err:
+        check_mfm_search(cfg)
+    assert "\n" not in str(err.value) and names in str(err.value), str(err.value)
+
+
+def test_the_validation_split_is_balanced_and_disjoint_and_leaves_old_splits_unchanged():
+    task = _tiny_task(meta_per_class=5)
+    plain = load_task_data(task)
+    with_val = load_task_data(task.model_copy(update={"val_per_class": 7}))
+    assert len(plain.val_y) == 0
+    assert torch.bincount(with_val.val_y, minlength=10).tolist() == [7] * 10
+    assert torch.equal(with_val.meta_x, plain.meta_x)  # the meta set is taken first
+    assert with_val.class_counts == plain.class_counts
+    images = [tuple(x.flatten().tolist()) for x in (*with_val.val_x, *with_val.meta_x)]
+    train_images = {tuple(x.flatten().tolist()) for x in with_val.train_x}
+    assert len(set(images)) == len(images) and not train_images & set(images)
+
+
+def test_choice_takes_each_variant_s_best_final_validation_accuracy():
+    from raymeta.tune.mfm_search import choose
+
+    common = {"sites": "stages", "base_loss": "ce", "meta_objective": "ce", "meta_lr": 1e-3}
+    trials = pd.DataFrame(
+        [
+            {**common, "modulation": "direct", "meta_every": 1, "val_acc": 0.7, "epochs": 3},
+            {**common, "modulation": "direct", "meta_every": 2, "val_acc": 0.9, "epochs": 1},
+            {**common, "modulation": "network", "meta_every": 1, "val_acc": 0.6, "epochs": 3},
+            {
+                **common,
+                "modulation": "network+class_statistics",
+                "meta_every": 4,
+                "val_acc": 0.65,
+                "epochs": 3,
+            },
+        ]
+    ).assign(trial_id=["a", "b", "c", "d"])
+    chosen = choose(trials, epochs=3)
+    assert chosen["direct"]["trial"] == "a"  # b was stopped early by ASHA
+    assert chosen["network"]["trial"] == "d"
+    assert chosen["network"]["params"]["class_statistics"] is True
+    assert chosen["network"]["params"]["meta_every"] == 4 and chosen["network"]["val_acc"] == 0.65
+    assert choose(trials[trials.modulation == "network"], 3).keys() == {"network"}
 
 
 def test_summary_gives_mean_and_sample_std_over_seeds():

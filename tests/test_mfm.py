@@ -16,6 +16,7 @@ from raymeta.data import load_dataset
 from raymeta.data.batches import epoch_batches
 from raymeta.data.longtail import longtail_metrics, make_longtail_split
 from raymeta.errors import ConfigError
+from raymeta.meta.losses import LogitAdjustedLoss, log_prior
 from raymeta.meta.mfm import MFMTrainer
 from raymeta.models import build_model
 from raymeta.models.modulation import (
@@ -105,34 +106,65 @@ def test_bad_sites_raise_config_errors():
         default_sites(build_model("mlp", 1, 10, 28))
 
 
-def _tiny(kind, seed=1):
+def _tiny(kind, seed=1, sites=None):
+    """A double-precision SmallCNN with a modulation of ``kind`` (``network_prior``: the network
+    with class statistics, estimated from a few tracked batches) away from the identity."""
     torch.manual_seed(seed)
     model = SmallCNN(1, 3, 8, width=4).double()
-    mod = build_modulation(kind, model, (1, 8, 8))
+    prior = kind == "network_prior"
+    extra = {"class_statistics": True, "statistics_momentum": 0.5} if prior else {}
+    mod = build_modulation("network" if prior else kind, model, (1, 8, 8), sites=sites, **extra)
+    if prior:
+        mod.set_class_counts([5, 3, 2])
+        with torch.no_grad(), mod.tracking(torch.tensor([0, 0, 1, 2])):
+            model(torch.randn(4, 1, 8, 8, dtype=torch.float64))
     with torch.no_grad():  # move away from the identity so every path has a gradient
         for p in mod.parameters():
             p.add_(0.1 * torch.randn_like(p))
     return model, mod
 
 
-def _meta_loss_by_plain_autograd(model, opt, x, y, mx, my, lr, mu, wd):
-    """L_meta(w - lr * (mu * buf + grad + wd * w)) computed without the code under test."""
+LOG_PRIOR = log_prior([5, 3, 2]).double()  # the module's float32 values
+
+
+def _la(logits, y):
+    """The logit-adjusted loss at tau 1 for class counts 5 / 3 / 2, written out."""
+    return F.cross_entropy(logits + LOG_PRIOR, y)
+
+
+def _meta_loss_by_plain_autograd(
+    model, opt, x, y, mx, my, lr, mu, wd, loss=F.cross_entropy, meta_loss=F.cross_entropy
+):
+    """meta_loss(w - lr * (mu * buf + grad loss + wd * w)) computed without the code under
+    test."""
     params = list(model.parameters())
-    grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    grads = torch.autograd.grad(loss(model(x), y), params)
     saved = [p.detach().clone() for p in params]
     with torch.no_grad():
         for p, g in zip(params, grads, strict=True):
             buf = opt.state[p]["momentum_buffer"] if mu else 0.0
             p.sub_(lr * (mu * buf + g + wd * p))
-        out = float(F.cross_entropy(model(mx), my))
+        out = float(meta_loss(model(mx), my))
         for p, s in zip(params, saved, strict=True):
             p.copy_(s)
     return out
 
 
-@pytest.mark.parametrize("kind", ["direct", "network"])
-def test_meta_gradient_matches_finite_differences(kind):
-    model, mod = _tiny(kind)
+@pytest.mark.parametrize(
+    ("kind", "sites", "composed"),
+    [
+        ("direct", None, False),
+        ("network", None, False),
+        ("network_prior", None, False),
+        ("direct", "stages+embedding", True),
+        ("network_prior", "embedding", True),
+    ],
+)
+def test_meta_gradient_matches_finite_differences(kind, sites, composed):
+    """The exact look-ahead's meta-gradient is the gradient of the meta objective after one
+    SGD step of the base loss; ``composed``: the logit-adjusted loss as both the base loss and
+    the meta objective (MFM + LA)."""
+    model, mod = _tiny(kind, sites=sites)
     mu, wd, lr = 0.9, 1e-3, 0.5
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=mu, weight_decay=wd)
     torch.manual_seed(2)
@@ -142,23 +174,31 @@ def test_meta_gradient_matches_finite_differences(kind):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
-    meta_loss, grads = MFMTrainer(mod).meta_gradient(model, opt, x, y, mx, my, lr)
-    args = (model, opt, x, y, mx, my, lr, mu, wd)
-    assert float(meta_loss) == pytest.approx(_meta_loss_by_plain_autograd(*args), rel=1e-12)
-    eps = 1e-6
+    losses = {"loss": _la, "meta_loss": _la} if composed else {}
+    trainer_losses = {k: LogitAdjustedLoss([5, 3, 2]).double() for k in losses}
+    trainer = MFMTrainer(mod, **trainer_losses)
+    meta_loss, grads = trainer.meta_gradient(model, opt, x, y, mx, my, lr)
+
+    def objective():
+        return _meta_loss_by_plain_autograd(model, opt, x, y, mx, my, lr, mu, wd, **losses)
+
+    assert float(meta_loss) == pytest.approx(objective(), rel=1e-12)
+    eps, checked = 1e-6, 0
     for p, g in zip(mod.parameters(), grads, strict=True):
         for j in range(0, p.numel(), max(1, p.numel() // 4)):
             with torch.no_grad():
                 p.view(-1)[j] += eps
-            up = _meta_loss_by_plain_autograd(*args)
+            up = objective()
             with torch.no_grad():
                 p.view(-1)[j] -= 2 * eps
-            down = _meta_loss_by_plain_autograd(*args)
+            down = objective()
             with torch.no_grad():
                 p.view(-1)[j] += eps
             assert float(g.view(-1)[j]) == pytest.approx(
                 (up - down) / (2 * eps), rel=1e-5, abs=1e-9
             )
+            checked += abs(float(g.view(-1)[j])) > 1e-8
+    assert checked >= 3  # not vacuous
 
 
 def test_meta_step_leaves_batchnorm_statistics_and_classifier_untouched():
@@ -300,3 +340,58 @@ def test_checkpoint_does_not_grow_with_meta_steps():
     assert trainer.meta_steps == 12 and trainer.last_meta_loss == out.meta_loss
     state = trainer.state_dict()
     assert (state["meta_steps"], state["last_meta_loss"]) == (12, out.meta_loss)
+
+
+def test_class_statistics_measure_how_a_channel_follows_class_frequency():
+    """Channel 0 fires only for the head class, channel 1 only for the tail class: a = +1, -1
+    (counts 8 / 2: rho = +1 / -1, class weights 1 / (K pi) = 0.625 / 2.5)."""
+    mod = ModulatorNet(hidden=4, class_statistics=True, statistics_momentum=1.0)
+    mod.set_class_counts([8, 2])
+    f = torch.zeros(4, 2, 3, 3)
+    f[:3, 0] = 1.0  # three head images
+    f[3, 1] = 1.0  # one tail image
+    labels = torch.tensor([0, 0, 0, 1])
+    assert torch.equal(mod(f, 0), f)  # identity at initialisation, whatever the statistic
+    assert mod.class_alignment(f.mean((2, 3)), 0).tolist() == [0.0, 0.0]  # nothing tracked
+    seen = []
+    mod.average = lambda t: seen.append(t.clone()) or t  # the all-reduce of the update
+    with mod.tracking(labels):
+        mod(f, 0)
+    assert torch.allclose(seen[0], torch.tensor([[0.46875, -0.625], [0.46875, 0.625]]))
+    a = mod.class_alignment(f.mean((2, 3)), 0)
+    assert torch.allclose(a, torch.tensor([1.0, -1.0]))
+    assert mod.class_alignment(f.mean((2, 3)), 1).tolist() == [0.0, 0.0]  # per site
+    with torch.no_grad():  # scale = 1 + 0.5 relu(a): the head channel is amplified
+        mod.mlp[0].weight.zero_()
+        mod.mlp[0].bias.zero_()
+        mod.mlp[0].weight[0, 2] = 1.0
+        mod.mlp[2].weight[0, 0] = 0.5
+    out = mod(f, 0)
+    assert torch.allclose(out[:3, 0], 1.5 * f[:3, 0]) and torch.equal(out[3, 1], f[3, 1])
+
+    copy = ModulatorNet(hidden=4, class_statistics=True, statistics_momentum=1.0)
+    copy.load_state_dict(mod.state_dict())  # the buffers come back with their shapes
+    assert torch.equal(copy.class_alignment(f.mean((2, 3)), 0), a)
+    restored = torch.load(io.BytesIO(_pickled(mod)), weights_only=False)
+    assert restored.average(torch.ones(1)).tolist() == [1.0] and not seen[1:]
+    assert torch.equal(restored.class_alignment(f.mean((2, 3)), 0), a)
+    mod.set_class_counts([2, 8])  # a new task: the estimate restarts
+    assert sorted(n for n, _ in mod.named_buffers()) == ["class_coef"]
+    assert torch.allclose(mod.class_coef, torch.tensor([[-2.5, 0.625], [2.5, 0.625]]))
+    mod.set_class_counts([2, 8], balanced_batches=True)  # re-sampled batches: no re-weighting
+    assert torch.allclose(mod.class_coef, torch.tensor([[-1.0, 1.0], [1.0, 1.0]]))
+    assert ModulatorNet().state_dict().keys() == {
+        "mlp.0.weight",
+        "mlp.0.bias",
+        "mlp.2.weight",
+        "mlp.2.bias",
+    }
+    fresh = ModulatorNet(class_statistics=True)
+    with pytest.raises(ConfigError, match="needs set_class_counts"), fresh.tracking(labels):
+        fresh(f, 0)
+
+
+def _pickled(module) -> bytes:
+    buf = io.BytesIO()
+    torch.save(module, buf)
+    return buf.getvalue()

@@ -102,7 +102,8 @@ def test_old_names_are_accepted_once():
     with pytest.raises(ConfigError) as err:
         parse(PipelineConfig, {"name": "x"}, "p.yaml")
     assert str(err.value) == (
-        "p.yaml: <root>: a pipeline needs meta_train, transfer, longtail, compare, study, suite or several"
+        "p.yaml: <root>: a pipeline needs meta_train, transfer, longtail, mfm_search, compare, "
+        "study, suite or several"
     )
     # derived, not copied: the MLR-SNet sizes are the meta-learner's own defaults
     from raymeta.schedules import MLRSNet

@@ -10,11 +10,11 @@ loss. Two look-ahead variants, chosen by ``lookahead``:
 
 ``"exact"`` (docs/design.md section 4, step by step). Every ``meta_every`` steps:
 
-1. the training loss ``L_train(w, phi)`` (mean cross-entropy of the long-tailed batch, with the
+1. the training loss ``L_train(w, phi)`` (the base loss of the long-tailed batch, with the
    current modulation ``phi``) gives the direction ``d(phi) = dL_train/dw + mu * buf + wd * w``
    of the coming SGD step, with ``create_graph=True`` for *every* classifier weight;
-2. virtual step ``w' = w - lr * d(phi)`` and meta loss ``L_meta(w', phi)`` on a batch of the
-   balanced meta set (:func:`raymeta.meta.lookahead.lookahead_loss`);
+2. virtual step ``w' = w - lr * d(phi)`` and meta loss ``L_meta(w', phi)`` (the meta
+   objective) on a batch of the balanced meta set;
 3. ``dL_meta/dphi`` (through the direction and through the modulated meta forward), averaged
    across workers, and one step of the meta optimiser (Adam by default) on ``phi``;
 
@@ -36,6 +36,14 @@ a one-step lag), and the backbone's dependence on ``phi`` is dropped from the hy
 Cost at meta batch = training batch (``benchmarks/mfm_overhead.py``, SmallCNN, 2 CPU threads):
 2.1-2.5 cross-entropy epochs for direct modulation, 2.4-3.0 for the modulator network.
 
+**Composition with a base loss** (ours; docs/mfm.md). The classifier trains with any plain
+long-tailed loss (``loss``: cross-entropy, logit-adjusted / Balanced Softmax, LDAM-DRW,
+class-balanced re-weighting, focal), optionally on class-balanced re-sampled batches
+(``resample``), and the look-ahead's virtual step is the step of that same loss, so the
+meta-gradient measures how the modulation changes the meta objective after the step the
+classifier really takes. The **meta objective** (``meta_loss``) on the balanced meta batch is
+cross-entropy or the logit-adjusted loss (:mod:`raymeta.meta.methods`).
+
 BatchNorm running statistics are updated only by the real forward (virtual forwards clone the
 buffers). Frozen mode (transfer): a modulator meta-trained elsewhere is applied unchanged to
 train a new classifier; no meta set is needed.
@@ -47,21 +55,23 @@ import contextlib
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from raymeta.errors import ConfigError
 from raymeta.meta.base import LookaheadMethod, StepOutput, sgd_step
 from raymeta.meta.lookahead import (
     Average,
+    Params,
     averaged_gradients,
-    functional_loss,
+    functional_logits,
     identity_average,
     second_order_direction,
     set_lr,
     sgd_direction,
     trainable_params,
+    virtual_step,
 )
+from raymeta.meta.losses import CrossEntropyLoss, LongTailLoss
 from raymeta.models.modulation import Modulation, parameters_after
 
 LOOKAHEADS = ("fast", "exact")
@@ -74,6 +84,13 @@ class MFMTrainer(LookaheadMethod):
         modulation: a :class:`~raymeta.models.modulation.Modulation` already attached to the
             classifier (see :func:`~raymeta.models.modulation.build_modulation`); it is kept
             out of the classifier's parameters and optimiser.
+        loss: the classifier's training loss (the base loss, a
+            :class:`~raymeta.meta.losses.LongTailLoss`: ``(B, K) logits, (B,) targets -> ()``;
+            default cross-entropy); the virtual step is a step of this loss.
+        meta_loss: the meta objective on the meta batch (same signature; default
+            cross-entropy).
+        resample: the loop draws the training batches class-balanced
+            (:func:`~raymeta.meta.losses.class_balanced_indices`).
         meta_lr: learning rate of the meta optimiser.
         meta_weight_decay: its weight decay (default 0: decay would pull direct scales towards
             0, not towards the identity 1).
@@ -102,6 +119,9 @@ class MFMTrainer(LookaheadMethod):
         self,
         modulation: Modulation,
         *,
+        loss: LongTailLoss | None = None,
+        meta_loss: LongTailLoss | None = None,
+        resample: bool = False,
         meta_lr: float = 1e-3,
         meta_weight_decay: float = 0.0,
         meta_every: int = 1,
@@ -124,6 +144,31 @@ class MFMTrainer(LookaheadMethod):
             meta_lr_follows_lr=meta_lr_follows_lr,
         )
         self.modulation, self.lookahead = modulation, lookahead
+        self.loss = loss if loss is not None else CrossEntropyLoss()
+        self.meta_loss = meta_loss if meta_loss is not None else CrossEntropyLoss()
+        self.resample = resample
+        modulation.average = average  # running statistics of a ModulatorNet, across workers
+
+    def start_epoch(self, epoch: int) -> None:
+        """The base loss's epoch hook (LDAM-DRW's deferred re-weighting)."""
+        self.loss.start_epoch(epoch)
+
+    def lookahead_objective(
+        self,
+        model: nn.Module,
+        params: Params,
+        direction: Params,
+        lr: float,
+        meta_x: torch.Tensor,
+        meta_y: torch.Tensor,
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """The meta objective ``()`` of the virtual weights ``params - lr * direction``
+        (``params`` detached) on the meta batch ``(meta_x (B_meta, ...), meta_y (B_meta,))``
+        and its gradient w.r.t. the modulation's parameters (None where unused)."""
+        base = {n: p.detach() for n, p in params.items()}
+        logits = functional_logits(model, virtual_step(base, direction, lr), meta_x)
+        meta_loss = self.meta_loss(logits, meta_y)
+        return meta_loss, list(torch.autograd.grad(meta_loss, self.meta_params, allow_unused=True))
 
     def meta_gradient(
         self,
@@ -158,9 +203,9 @@ class MFMTrainer(LookaheadMethod):
         if self.frozen:
             raise ConfigError("a frozen MFMTrainer has no meta-gradient (frozen=True)")
         params = trainable_params(model)
-        train_loss = functional_loss(model, params, x, y)
+        train_loss = self.loss(functional_logits(model, params, x), y)
         direction = second_order_direction(train_loss, model, params, optimizer, self.average)
-        meta_loss, grads = self.lookahead_meta_grads(model, params, direction, lr, meta_x, meta_y)
+        meta_loss, grads = self.lookahead_objective(model, params, direction, lr, meta_x, meta_y)
         return meta_loss.detach(), grads
 
     def fast_meta_gradient(
@@ -176,7 +221,9 @@ class MFMTrainer(LookaheadMethod):
         """The ``"fast"`` look-ahead (arguments as :meth:`meta_gradient`), without any update.
 
         Runs the real training forward (BatchNorm running statistics are updated once; a DDP
-        model is called under ``no_sync``: gradients are averaged here instead).
+        model is called under ``no_sync``: gradients are averaged here instead). Call it
+        inside ``modulation.tracking(y)`` when the forward is the real step's (as
+        :meth:`train_step` does).
 
         Returns:
             ``(loss (), meta_loss (), G, grads)``: this worker's training loss, its meta loss
@@ -188,10 +235,10 @@ class MFMTrainer(LookaheadMethod):
         head = parameters_after(model, self.modulation.sites[-1])
         no_sync = getattr(model, "no_sync", contextlib.nullcontext)
         with no_sync():
-            loss = F.cross_entropy(model(x), y)
+            loss = self.loss(model(x), y)
         grads = averaged_gradients(loss, params, self.average, second_order=head)
         direction = sgd_direction(model, optimizer, grads)
-        meta_loss, meta_grads = self.lookahead_meta_grads(
+        meta_loss, meta_grads = self.lookahead_objective(
             model, params, direction, lr, meta_x, meta_y
         )
         detached = {n: g.detach() for n, g in grads.items()}
@@ -214,9 +261,9 @@ class MFMTrainer(LookaheadMethod):
         which then uses the updated modulation; ``"fast"``: sharing the classifier step's
         forward and backward, the modulation updated after it).
 
-        Without a meta step: ``model(x)`` (DDP averages the classifier gradient), mean
-        cross-entropy, ``backward()`` and ``optimizer.step()``; the modulation gets no
-        gradient.
+        Without a meta step: ``model(x)`` (DDP averages the classifier gradient), the base
+        loss, ``backward()`` and ``optimizer.step()``; the modulation gets no gradient. Every
+        real forward runs inside ``modulation.tracking(y)``.
 
         Raises:
             ConfigError: a meta step is due and no meta batch was given.
@@ -224,16 +271,17 @@ class MFMTrainer(LookaheadMethod):
         due = self.meta_due(step, meta_x, meta_y)
         set_lr(optimizer, lr)
         if due and self.lookahead == "fast":
-            loss, meta_loss, grads, meta_grads = self.fast_meta_gradient(
-                model, optimizer, x, y, meta_x, meta_y, lr
-            )
+            with self.modulation.tracking(y):
+                loss, meta_loss, grads, meta_grads = self.fast_meta_gradient(
+                    model, optimizer, x, y, meta_x, meta_y, lr
+                )
             for name, p in trainable_params(model).items():
                 p.grad = grads[name]
             optimizer.step()
             self.follow_lr(lr)
             return StepOutput(loss, self.apply_meta_gradient(meta_loss, meta_grads))
         meta_loss = self.meta_step(model, optimizer, x, y, meta_x, meta_y, lr) if due else None
-        with self.modulation.no_meta_grad():
-            loss = F.cross_entropy(model(x), y)
+        with self.modulation.no_meta_grad(), self.modulation.tracking(y):
+            loss = self.loss(model(x), y)
         sgd_step(optimizer, loss)
         return StepOutput(loss.detach(), meta_loss)

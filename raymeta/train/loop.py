@@ -131,6 +131,7 @@ def longtail_splits(task: LongTailTaskConfig):
         ds.num_classes,
         imbalance_factor=task.imbalance_factor,
         meta_per_class=task.meta_per_class,
+        val_per_class=task.val_per_class,
         profile=task.profile,
         n_max=task.n_max,
         class_order=task.class_order,
@@ -155,8 +156,9 @@ def load_task_data(
     task: TaskConfig | LongTailTaskConfig, device: torch.device | str = "cpu"
 ) -> TaskData:
     """Load the task's dataset and cut its seeded train / validation / meta splits (for a
-    long-tailed task: the long-tailed training set, the balanced meta set, no validation set,
-    and the class counts; with ``label_noise``: corrupted training labels; for Tiny
+    long-tailed task: the long-tailed training set, the balanced meta set, the balanced
+    validation set of ``val_per_class`` images per class (none by default), and the class
+    counts; with ``label_noise``: corrupted training labels; for Tiny
     Shakespeare: ``(N, seq_len)`` character windows, ``meta_per_class`` meta windows)."""
     longtail = isinstance(task, LongTailTaskConfig)
     if not longtail and task.dataset == "tinyshakespeare":

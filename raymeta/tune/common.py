@@ -33,6 +33,7 @@ def train_trial(
     meta_learner=None,
     use_gpu: bool = False,
     dead_run_is_result: bool = False,
+    data=None,
 ) -> None:
     """Train the run ``spec`` (:mod:`raymeta.spec`) in this process (a Tune trial) and call
     ``report(metrics)`` every epoch (``tune.report``); NaN metrics (no validation split) are
@@ -50,6 +51,8 @@ def train_trial(
             (:mod:`raymeta.train.guard`) reports ``val_acc`` 0 and ``dead_run`` 1 as its last
             result and ends, so the search goes on (an Optuna trial that picked a deadly LR is
             a poor configuration, not a failure). Otherwise the one-line error propagates.
+        data: the task's data when already loaded (e.g. without its test split); default
+            loaded from ``spec.task``.
 
     Raises:
         DeadRunError, NonFiniteLossError: the run is dead and ``dead_run_is_result`` is False.
@@ -59,7 +62,7 @@ def train_trial(
     from raymeta.train.build import build_run
     from raymeta.train.device import resolve_device
 
-    run = build_run(spec, resolve_device(use_gpu), meta_learner=meta_learner)
+    run = build_run(spec, resolve_device(use_gpu), meta_learner=meta_learner, data=data)
     epochs = spec.task.epochs
     curves = StepCurves(epochs * run.steps_per_epoch)
 
