@@ -1,6 +1,6 @@
 """cluster/: Ray's own validation of the launcher YAML and KubeRay manifests, the runtime_env,
 raymeta.jobs without a cluster, and real Ray jobs on a local two-node cluster (head and worker,
-each its own `ray start` process on 127.0.0.1, in their own process groups and temp dir)."""
+each its own `ray start` process on 127.0.0.1, in their own process groups and temp dirs)."""
 
 from __future__ import annotations
 
@@ -431,7 +431,14 @@ def _kill_group(proc: subprocess.Popen, marker: str) -> None:
 def two_node_cluster():
     """A head and a worker node, 1 CPU each, all ports free ones on 127.0.0.1, a private temp
     dir (so no other Ray on this host sees them) and token authentication with a fresh token
-    in that dir. Yields ``(dashboard URL, token file)``."""
+    in that dir. Yields ``(dashboard URL, token file)``.
+
+    The worker gets its own temp dir inside it, as a node on another host has its own disk: a
+    worker started without one uses the head's session dir, so both nodes' runtime_env agents
+    share one ``runtime_resources`` folder, and when a job's tasks reach the worker its agent
+    deletes and unpacks again the working_dir that the job's driver is importing from on the
+    head (Ray re-creates a working_dir it has not cached with ``overwrite=True``); a lazy
+    import in the driver then fails with ModuleNotFoundError."""
     tmp = tempfile.mkdtemp(prefix="rmjob", dir="/tmp")  # short: Unix socket paths <= 107 chars
     token_file = Path(tmp) / "auth_token"
     token_file.write_text(secrets.token_hex(32))  # what `ray get-auth-token --generate` makes
@@ -455,8 +462,8 @@ def two_node_cluster():
                 "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={dash}", f"--ray-client-server-port={ports[2]}",
                 *common, *node_ports(ports[3:9])]  # fmt: skip
-    worker_cmd = [ray_bin, "start", f"--address=127.0.0.1:{gcs}", *common,
-                  *node_ports(ports[9:15])]  # fmt: skip
+    worker_cmd = [ray_bin, "start", f"--address=127.0.0.1:{gcs}", f"--temp-dir={tmp}/w",
+                  *common, *node_ports(ports[9:15])]  # fmt: skip
     procs = []
     url = f"http://127.0.0.1:{dash}"
     try:
@@ -493,7 +500,7 @@ def use_cluster(monkeypatch, cluster) -> str:
 
 
 PROBE = """
-import time, ray, raymeta
+import json, time, ray, raymeta
 ray.init()
 t0 = time.time()
 while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.time() - t0 < 40:
@@ -507,7 +514,7 @@ def where():
 
 nodes, files = zip(*ray.get([where.remote() for _ in range(2)]))
 print("NODES", len(set(nodes)), "CPU", ray.cluster_resources()["CPU"])
-print("RAYMETA", sorted(set(files)))
+print("RAYMETA", json.dumps(sorted(set(files))))
 """
 
 
@@ -545,7 +552,9 @@ def test_jobs_on_a_local_two_node_cluster(two_node_cluster, tmp_path, monkeypatc
     assert jobs.wait(c, probe, timeout=60) == "SUCCEEDED", c.get_job_logs(probe)
     out = c.get_job_logs(probe)
     assert "NODES 2 CPU 2.0" in out
-    assert "runtime_resources" in out  # raymeta was imported from the uploaded py_module
+    # raymeta was imported from the uploaded py_module, unpacked on each node in its own folder
+    files = json.loads(next(line for line in out.splitlines() if line.startswith("RAYMETA "))[8:])
+    assert len(files) == 2 and all("/runtime_resources/py_modules_files/" in f for f in files)
 
     while c.get_job_status(sleeper).value == "PENDING":
         time.sleep(0.5)
@@ -622,12 +631,6 @@ def test_submit_uploads_only_what_the_job_needs(two_node_cluster, tmp_path, monk
 
 
 @pytest.mark.ray
-@pytest.mark.xfail(
-    reason="open regression found at the end of session 3: the job's uploaded copy of the "
-    "repository lacks raymeta/train/device.py (ModuleNotFoundError in the job), although no "
-    "exclude pattern matches it; under investigation",
-    strict=False,
-)
 def test_study_submitted_as_a_job_to_a_two_node_cluster(two_node_cluster, tmp_path, monkeypatch):
     """A tiny real study, submitted through the Ray Jobs API as a user would, runs its tasks
     across both nodes; its Parquet rows are read back here."""
