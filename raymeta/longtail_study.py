@@ -5,20 +5,22 @@ The ``longtail`` section of a pipeline (old name ``mfm``;
 :class:`~raymeta.config.LongTailStudyConfig`; also built by ``raymeta mfm train|transfer``)
 runs, inside the pipeline's parent MLflow run:
 
-1. **Grid.** Every method on the long-tailed task for every imbalance factor and seed, under
+1. **Grid.** Every method on the long-tailed task for every profile (``exp``, ``step``),
+   imbalance factor and seed, under
    the one training loop (:func:`raymeta.train.loop.train` with a
    :class:`~raymeta.train.rules.MethodRule`) and the same budget (epochs, batch, schedule).
    The runs go through :func:`~raymeta.train.ray_train.fit_runs`: one ``TorchTrainer`` worker
    group trains them one after the other (Ray Train's start-up, 10-18 s here, is paid once per
    group; ``max_concurrent`` groups run at once on a larger cluster), with a checkpoint every
    epoch and resume after a failure. Each run is a nested MLflow run under the active (stage)
-   run, named ``longtail/<method>/<target> IF=<factor>/seed<k>`` (``longtail-transfer/...``
+   run, named ``longtail/<method>/<target> <profile> IF=<factor>/seed<k>``
+   (e.g. ``longtail/CE/digits-LT exp IF=10/seed0``; ``longtail-transfer/...``
    for a transfer run) with the flat tags of every training run (``stage``, ``method``,
    ``family`` = the LR schedule, ``seed``, ``task``) and ``target``: its run spec as params, the exact class counts (param ``class_counts`` and artifact ``split.json``),
    per-epoch metrics from rank 0 (overall, many / medium / few-shot and per-class test
    accuracy), its wall time.
 2. **Registry.** The modulator network of one ``mfm_network`` run (``register_*``; default the
-   first imbalance factor and seed) is logged with ``mlflow.pytorch`` in that run and
+   first profile, imbalance factor and seed) is logged with ``mlflow.pytorch`` in that run and
    registered as ``registered_model`` with ``alias``
    (:func:`raymeta.tracking.log_meta_learner`).
 3. **Transfer.** For every transfer target the registered modulator is loaded in the driver by
@@ -27,8 +29,10 @@ runs, inside the pipeline's parent MLflow run:
    trained with no meta set, beside the target's baselines.
 4. **Report.** ``mfm_runs.parquet``/``.md`` (one row per run, with per-class accuracies and
    class counts), ``mfm_summary.parquet``/``.md`` (mean and std over seeds of overall, many,
-   medium and few-shot top-1) and ``mfm_per_class.png`` (per-class accuracy, head to tail), in
-   ``output_dir`` and as artifacts of the active (stage) run, ``longtail`` in a pipeline.
+   medium and few-shot top-1 per stage, target, profile, imbalance factor and method) and
+   ``mfm_per_class.png`` (per-class accuracy, head to tail, a panel per target, profile and
+   imbalance factor), in ``output_dir`` and as artifacts of the active (stage) run,
+   ``longtail`` in a pipeline.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from raymeta.spec import LongTailRun, longtail_run
 
 @dataclass
 class PlannedRun:
-    """One (target, imbalance factor, seed, method) run of the long-tail study: its run spec
+    """One (target, profile, imbalance factor, seed, method) run of the long-tail study: its run spec
     and what the study records about it.
 
     Attributes:
@@ -83,8 +87,13 @@ def _target_name(task: LongTailTaskConfig) -> str:
     return f"{task.dataset}-LT"
 
 
+def _where(target: str, task: LongTailTaskConfig) -> str:
+    """The group a run belongs to, in run names and labels: ``digits-LT exp IF=10``."""
+    return f"{target} {task.profile} IF={task.imbalance_factor:g}"
+
+
 def _label(method: LongTailMethodConfig, target: str, task: LongTailTaskConfig) -> str:
-    return f"{method.label} | {target} IF={task.imbalance_factor:g} s{task.seed}"
+    return f"{method.label} | {_where(target, task)} s{task.seed}"
 
 
 def plan_runs(
@@ -101,10 +110,12 @@ def plan_runs(
         ConfigError, DataNotFoundError: a value does not fit the data (one line naming it).
     """
     runs = []
-    for factor in cfg.factors:
-        for seed in cfg.seeds:
-            task = cfg.task.model_copy(update={"imbalance_factor": factor, "seed": seed})
-            runs += _runs_for(cfg, task, cfg.methods, num_workers, "grid", _target_name(task))
+    for profile in cfg.grid_profiles:
+        for factor in cfg.factors:
+            for seed in cfg.seeds:
+                update = {"profile": profile, "imbalance_factor": factor, "seed": seed}
+                task = cfg.task.model_copy(update=update)
+                runs += _runs_for(cfg, task, cfg.methods, num_workers, "grid", _target_name(task))
     plans = {}
     for i, t in enumerate(cfg.transfer):
         tasks = [t.task.model_copy(update={"seed": s}) for s in (t.seeds or cfg.seeds)]
@@ -158,10 +169,9 @@ def _start_mlflow_runs(runs: list[PlannedRun], num_workers: int):
     client = MlflowClient()
     for run in runs:
         stage, method = MLFLOW_STAGES[run.stage], run.method.label
-        where = f"{run.target} IF={run.task.imbalance_factor:g}"
         tags = {"mlflow.parentRunId": parent.info.run_id, "target": run.target}
         tags |= run_tags(run.spec, stage, method)
-        name = f"{stage}/{method}/{where}/seed{run.task.seed}"
+        name = f"{stage}/{method}/{_where(run.target, run.task)}/seed{run.task.seed}"
         created = client.create_run(parent.info.experiment_id, run_name=name, tags=tags)
         run.run_id = created.info.run_id
         params = as_params(run.spec.model_dump(mode="json")) | {
@@ -272,25 +282,27 @@ def _register(
     from raymeta.tracking import register_meta_learner
 
     method = cfg.registered_method
+    profile = cfg.register_profile or cfg.grid_profiles[0]
     factor = cfg.register_imbalance_factor or cfg.factors[0]
     seed = cfg.seeds[0] if cfg.register_seed is None else cfg.register_seed
     (run, result) = next(
         (r, res)
         for r, res in zip(runs, results, strict=True)
-        if r.method is method and r.task.imbalance_factor == factor and r.task.seed == seed
+        if r.method is method
+        and (r.task.profile, r.task.imbalance_factor, r.task.seed) == (profile, factor, seed)
     )
     defaults = METHODS["mfm_network"].defaults
     config = {k: method.params.get(k, defaults[k]) for k in ModulatorNet().config()}
     modulator = ModulatorNet(**config)
     modulator.load_state_dict({k: v.cpu() for k, v in result.rule_state["modulation"].items()})
     source = (
-        f"MFM meta-trained on {run.target} IF={factor:g} ({run.task.profile}, "
-        f"{run.task.class_order}), {run.task.model}, seed {seed}, run {run.run_id}"
+        f"MFM meta-trained on {_where(run.target, run.task)} ({run.task.class_order}), "
+        f"{run.task.model}, seed {seed}, run {run.run_id}"
     )
     modulator.source = source
     last = result.history[-1]
     metadata = {
-        "task": f"{run.target} IF={factor:g} {run.task.model}",
+        "task": f"{_where(run.target, run.task)} {run.task.model}",
         "top1_acc": last["test_acc"],
         "few_acc": last["test_few_acc"],
     }
@@ -330,10 +342,12 @@ def _transfer_runs(cfg: LongTailStudyConfig, plans, session: Session) -> list[Pl
 
 
 def _per_class_panels(df: pd.DataFrame):
-    """Mean per-class accuracy over seeds by class *rank* (head first), per (target, IF)."""
+    """Mean per-class accuracy over seeds by class *rank* (head first), per (target, profile,
+    IF)."""
     panels, xlabels = {}, {}
-    for (target, factor), part in df.groupby(["target", "imbalance_factor"], sort=False):
-        name = f"{target} IF {factor:g}"
+    groups = df.groupby(["target", "profile", "imbalance_factor"], sort=False)
+    for (target, profile, factor), part in groups:
+        name = f"{target} {profile} IF {factor:g}"
         first = part.iloc[0]
         counts = [int(c) for c in first["class_counts"].split("/")]
         ranks = sorted(range(len(counts)), key=lambda c: -counts[c])
@@ -366,8 +380,8 @@ def run_longtail_study(cfg: LongTailStudyConfig, session: Session) -> pd.DataFra
             output folder, registered modulators).
 
     Returns:
-        The summary table (mean and std over seeds per stage, target, imbalance factor and
-        method).
+        The summary table (mean and std over seeds per stage, target, profile, imbalance
+        factor and method).
 
     Raises:
         ConfigError, DataNotFoundError: a bad value (checked before any training).
@@ -414,12 +428,14 @@ def run_longtail_study(cfg: LongTailStudyConfig, session: Session) -> pd.DataFra
         runs, results = runs + t_runs, results + t_results
     df = pd.DataFrame([_row(r, res) for r, res in zip(runs, results, strict=True)])
     out = session.output_dir
-    keys = ["stage", "target", "imbalance_factor", "method"]
-    summary = summarise(df, keys)
+    sections = ["stage", "target", "profile", "imbalance_factor"]
+    summary = summarise(df, [*sections, "method"])
     md = summary_markdown(
         summary,
-        ["stage", "target", "imbalance_factor"],
-        title=lambda stage, target, factor: f"{stage}: {target}, IF {factor:g}",
+        sections,
+        title=lambda stage, target, profile, factor: (
+            f"{stage}: {target}, {profile} profile, IF {factor:g}"
+        ),
     )
     shown = df.drop(columns=["per_class_acc", "class_rank_order", "mlflow_run_id"])
     paths = [

@@ -87,7 +87,7 @@ def test_mfm_and_baseline_register_reload_and_transfer(ray_local, tmp_path, monk
     assert not torch.allclose(modulator(feature, 0), feature)
     client = mlflow.MlflowClient()
     mv = client.get_model_version("mfm-test", "1")
-    assert "IF=10" in client.get_run(mv.run_id).info.run_name
+    assert "exp IF=10" in client.get_run(mv.run_id).info.run_name
     with pytest.raises(ConfigError, match="is a ModulatorNet, not an MLR-SNet meta-learner"):
         load_meta_learner("models:/mfm-test@champion", kind="mlrsnet")
 
@@ -104,8 +104,8 @@ def test_mfm_and_baseline_register_reload_and_transfer(ray_local, tmp_path, monk
         ).run_id.iloc[0]
     )
     assert sorted(nested["tags.mlflow.runName"]) == [
-        "longtail/CE/fashion_mnist-LT IF=10/seed3",
-        f"longtail/{mfm}/fashion_mnist-LT IF=10/seed3",
+        "longtail/CE/fashion_mnist-LT exp IF=10/seed3",
+        f"longtail/{mfm}/fashion_mnist-LT exp IF=10/seed3",
     ]
     assert set(nested["tags.family"]) == {"warmup_cosine"} and set(nested["tags.seed"]) == {"3"}
     assert set(nested["params.class_counts"]) == {grid.class_counts.iloc[0]}
@@ -114,6 +114,82 @@ def test_mfm_and_baseline_register_reload_and_transfer(ray_local, tmp_path, monk
     mfm_run = nested[nested["tags.method"] == mfm].run_id.iloc[0]
     assert len(client.get_metric_history(mfm_run, "lr")) > 3  # per step, with the warm-up
     assert len(client.get_metric_history(mfm_run, "meta_loss")) > 3
+
+
+TINY_STUDY = {
+    "task": {"dataset": "digits", "n_max": 60, "imbalance_factor": 10, "meta_per_class": 5,
+             "batch_size": 50, "epochs": 1},
+    "seeds": [0],
+    "schedule": {"schedule": "warmup_cosine", "lr": 0.1, "params": {"warmup_fraction": 0.2}},
+}  # fmt: skip
+
+
+def _run_tiny_study(tmp_path, monkeypatch, name: str, **longtail):
+    """Run a pipeline with one tiny digits-LT ``longtail`` section (:data:`TINY_STUDY` updated
+    by ``longtail``) in ``tmp_path``; returns ``(summary, runs table, MLflow runs)``."""
+    from raymeta.pipeline import run_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    pipeline = {"name": name, "output_dir": str(tmp_path / "out"), "ray": {"num_workers": 1},
+                "mlflow": {"experiment": name}, "longtail": TINY_STUDY | longtail}  # fmt: skip
+    summary = run_pipeline(parse(PipelineConfig, pipeline))
+    runs = pd.read_parquet(tmp_path / "out" / "mfm_runs.parquet")
+    exp = mlflow.get_experiment_by_name(name)
+    nested = mlflow.search_runs([exp.experiment_id], filter_string="tags.stage = 'longtail'")
+    return summary, runs, nested
+
+
+def test_one_study_runs_the_grid_for_both_profiles(ray_local, tmp_path, monkeypatch):
+    """``profiles: [exp, step]``: every method runs on both profiles, with their own class
+    counts, summary rows, run names and plot panels; ``register_profile`` picks the run
+    whose modulator is registered."""
+    from raymeta.longtail_study import _per_class_panels
+
+    summary, runs, nested = _run_tiny_study(
+        tmp_path,
+        monkeypatch,
+        "profiles-test",
+        profiles=["exp", "step"],
+        methods=[
+            {"method": "ce"},
+            {"method": "mfm_network", "params": {"meta_lr": 1e-3}, "meta_batch_size": 50},
+        ],
+        registered_model="profiles-test",
+        register_profile="step",
+    )
+    mfm = "MFM (network) + CB-RS"
+    assert list(zip(runs.profile, runs.method, strict=True)) == [
+        ("exp", "CE"), ("exp", mfm), ("step", "CE"), ("step", mfm)
+    ]  # fmt: skip
+    counts = {p: runs[runs.profile == p].class_counts.iloc[0] for p in ("exp", "step")}
+    assert counts == {
+        "exp": "/".join(map(str, longtail_profile(10, 60, 10))),
+        "step": "/".join(["60"] * 5 + ["6"] * 5),
+    }
+    assert list(zip(summary.profile, summary.method, strict=True)) == [
+        ("exp", "CE"), ("exp", mfm), ("step", "CE"), ("step", mfm)
+    ]  # fmt: skip
+    assert set(summary.seeds) == {1}  # one run per row: the profiles are not pooled
+    for profile in ("exp", "step"):  # each summary row is its own run, not a mix
+        mine = runs[(runs.profile == profile) & (runs.method == "CE")]
+        row = summary[(summary.profile == profile) & (summary.method == "CE")]
+        assert row.acc_overall_mean.iloc[0] == mine.top1_acc.iloc[0]
+    md = (tmp_path / "out" / "mfm_summary.md").read_text()
+    assert "#### grid: digits-LT, exp profile, IF 10" in md
+    assert "#### grid: digits-LT, step profile, IF 10" in md
+    panels, xlabels = _per_class_panels(runs)
+    assert list(panels) == ["digits-LT exp IF 10", "digits-LT step IF 10"]
+    assert xlabels["digits-LT step IF 10"][5] == "#5 (n=6)"
+    assert sorted(nested["tags.mlflow.runName"]) == [
+        "longtail/CE/digits-LT exp IF=10/seed0",
+        "longtail/CE/digits-LT step IF=10/seed0",
+        f"longtail/{mfm}/digits-LT exp IF=10/seed0",
+        f"longtail/{mfm}/digits-LT step IF=10/seed0",
+    ]
+    client = mlflow.MlflowClient()
+    registered = client.get_run(client.get_model_version("profiles-test", "1").run_id)
+    assert registered.info.run_name == f"longtail/{mfm}/digits-LT step IF=10/seed0"
 
 
 def _fit_two_methods(num_workers, tmp_path):

@@ -340,6 +340,8 @@ STUDY = {
         ({"task": {"meta_per_class": 0}}, "meta_per_class is 0 but MFM (network) + CB-RS needs"),
         ({"schedule": {"schedule": "mlrsnet"}}, "hand-designed schedule"),
         ({"register_seed": 7}, "register_seed=7"),
+        ({"profiles": ["exp", "linear"]}, "profiles.1: Input should be 'exp' or 'step'"),
+        ({"register_profile": "step"}, "register_profile='step' is not one of profiles ['exp']"),
         ({"transfer": [{"name": "t", "task": {}}], "methods": [{"method": "ce"}]}, "model_uri"),
     ],
 )
