@@ -5,6 +5,8 @@ meta-gradient averaged across workers) against one worker with the double batch.
 
 from __future__ import annotations
 
+import math
+
 import mlflow
 import pandas as pd
 import pytest
@@ -124,20 +126,23 @@ TINY_STUDY = {
 }  # fmt: skip
 
 
-def _run_tiny_study(tmp_path, monkeypatch, name: str, **longtail):
-    """Run a pipeline with one tiny digits-LT ``longtail`` section (:data:`TINY_STUDY` updated
-    by ``longtail``) in ``tmp_path``; returns ``(summary, runs table, MLflow runs)``."""
-    from raymeta.pipeline import run_pipeline
-
+def _tiny_study(tmp_path, monkeypatch, name: str, **longtail) -> PipelineConfig:
+    """A pipeline with one tiny digits-LT ``longtail`` section (:data:`TINY_STUDY` updated by
+    ``longtail``), its outputs and MLflow store in ``tmp_path``."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     pipeline = {"name": name, "output_dir": str(tmp_path / "out"), "ray": {"num_workers": 1},
                 "mlflow": {"experiment": name}, "longtail": TINY_STUDY | longtail}  # fmt: skip
-    summary = run_pipeline(parse(PipelineConfig, pipeline))
+    return parse(PipelineConfig, pipeline)
+
+
+def _study_records(tmp_path, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``mfm_runs.parquet`` and the MLflow runs of the study's grid, as ``search_runs`` gives
+    them."""
     runs = pd.read_parquet(tmp_path / "out" / "mfm_runs.parquet")
     exp = mlflow.get_experiment_by_name(name)
     nested = mlflow.search_runs([exp.experiment_id], filter_string="tags.stage = 'longtail'")
-    return summary, runs, nested
+    return runs, nested
 
 
 def test_one_study_runs_the_grid_for_both_profiles(ray_local, tmp_path, monkeypatch):
@@ -145,8 +150,9 @@ def test_one_study_runs_the_grid_for_both_profiles(ray_local, tmp_path, monkeypa
     counts, summary rows, run names and plot panels; ``register_profile`` picks the run
     whose modulator is registered."""
     from raymeta.longtail_study import _per_class_panels
+    from raymeta.pipeline import run_pipeline
 
-    summary, runs, nested = _run_tiny_study(
+    cfg = _tiny_study(
         tmp_path,
         monkeypatch,
         "profiles-test",
@@ -158,6 +164,8 @@ def test_one_study_runs_the_grid_for_both_profiles(ray_local, tmp_path, monkeypa
         registered_model="profiles-test",
         register_profile="step",
     )
+    summary = run_pipeline(cfg)
+    runs, nested = _study_records(tmp_path, "profiles-test")
     mfm = "MFM (network) + CB-RS"
     assert list(zip(runs.profile, runs.method, strict=True)) == [
         ("exp", "CE"), ("exp", mfm), ("step", "CE"), ("step", mfm)
@@ -190,6 +198,74 @@ def test_one_study_runs_the_grid_for_both_profiles(ray_local, tmp_path, monkeypa
     client = mlflow.MlflowClient()
     registered = client.get_run(client.get_model_version("profiles-test", "1").run_id)
     assert registered.info.run_name == f"longtail/{mfm}/digits-LT step IF=10/seed0"
+
+
+def test_dead_runs_are_dead_rows_and_the_study_goes_on(ray_local, tmp_path, monkeypatch, capsys):
+    """Logit adjustment with ``tau`` 1e300 (an adjustment of -inf: its loss is NaN at the first
+    step) is stopped by the non-finite-loss check, first and last in the worker group (the last is the
+    ``mfm_network`` run to register): both are dead rows, CE between them trains, the tables
+    are written, nothing is registered and the study ends with one line saying why."""
+    from raymeta.errors import DeadRunError
+    from raymeta.pipeline import run_pipeline
+
+    deadly = {"tau": 1e300}
+    cfg = _tiny_study(
+        tmp_path,
+        monkeypatch,
+        "dead-test",
+        methods=[
+            {"method": "logit_adjust", "params": deadly},
+            {"method": "ce"},
+            {
+                "method": "mfm_network",
+                "params": {"base_loss": "logit_adjust", "base_params": deadly},
+                "meta_batch_size": 50,
+            },
+        ],
+        registered_model="dead-test",
+        transfer=[{"name": "digits-again", "task": TINY_STUDY["task"]}],
+    )
+    with pytest.raises(DeadRunError) as err:
+        run_pipeline(cfg)
+    la, mfm = (
+        "logit adjustment | digits-LT exp IF=10 s0",
+        "MFM (network) + LA | digits-LT exp IF=10 s0",
+    )
+    assert str(err.value) == (
+        f"dead-test was not registered: its run {mfm!r} is dead (reason above), so the "
+        "transfer was skipped; accepted: register_profile, register_imbalance_factor and "
+        "register_seed of a live mfm_network run"
+    )
+    reason = "training loss is nan at step 0 (epoch 1): training diverged; "
+    out = capsys.readouterr().out
+    for label in (la, mfm):  # the reason, printed once per dead run
+        assert out.count(f"[{label}] dead run, recorded as a dead row: {reason}") == 1
+    assert out.count("dead run, recorded") == 2
+
+    runs, nested = _study_records(tmp_path, "dead-test")
+    assert list(runs.stage) == ["grid"] * 3  # no transfer run
+    assert list(runs.dead) == [True, False, True]
+    assert runs.dead_reason[0].startswith(reason) and pd.isna(runs.dead_reason[1])
+    assert runs.top1_acc.isna().tolist() == [True, False, True]
+    assert 0 < runs.top1_acc[1] <= 1 and all(math.isnan(a) for a in runs.per_class_acc[0])
+    summary = pd.read_parquet(tmp_path / "out" / "mfm_summary.parquet")
+    assert list(summary.dead) == [1, 0, 1] and list(summary.seeds) == [1, 1, 1]
+    assert summary.acc_overall_mean[1] == runs.top1_acc[1]
+    md = (tmp_path / "out" / "mfm_summary.md").read_text()
+    assert "dead runs left out" in md and md.count("| 1 of 1 |") == 2
+    assert "| dead" in (tmp_path / "out" / "mfm_runs.md").read_text()
+    assert (tmp_path / "out" / "mfm_per_class.png").stat().st_size > 10_000
+
+    by_method = nested.set_index("tags.method")
+    assert by_method.status.to_dict() == {
+        "logit adjustment": "FAILED", "CE": "FINISHED", "MFM (network) + LA": "FAILED"
+    }  # fmt: skip
+    assert by_method["tags.dead_reason"]["logit adjustment"] == runs.dead_reason[0]
+    assert by_method["tags.dead_reason"].isna()["CE"]
+    assert by_method["metrics.dead_run"].fillna(0).to_dict() == {  # CE has none
+        "logit adjustment": 1.0, "CE": 0.0, "MFM (network) + LA": 1.0
+    }  # fmt: skip
+    assert mlflow.MlflowClient().search_registered_models() == []
 
 
 def _fit_two_methods(num_workers, tmp_path):
