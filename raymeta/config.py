@@ -371,6 +371,7 @@ class TransferConfig(Section):
 
 
 ImbalanceFactor = Annotated[float, Field(ge=1, allow_inf_nan=False)]
+Profile = Literal["exp", "step"]  # a long-tailed task's class-count profile
 
 
 class LongTailTaskConfig(Strict):
@@ -393,7 +394,7 @@ class LongTailTaskConfig(Strict):
     dataset: Literal["fashion_mnist", "digits", "cifar10", "cifar100"] = "fashion_mnist"
     model: str = "small_cnn"
     imbalance_factor: ImbalanceFactor = 100.0
-    profile: Literal["exp", "step"] = "exp"
+    profile: Profile = "exp"
     meta_per_class: NonNegInt = 10
     val_per_class: NonNegInt = 0
     class_order: Literal["natural", "permuted"] = "natural"
@@ -507,19 +508,21 @@ class LongTailTransferConfig(Strict):
 
 class LongTailStudyConfig(Section):
     """The ``longtail`` section of a pipeline (old name ``mfm``, still accepted), the long-tail
-    study: every method on every (imbalance factor, seed) of a
+    study: every method on every (profile, imbalance factor, seed) of a
     long-tailed task, the meta-trained modulator network registered in MLflow, then transfer.
 
-    ``imbalance_factors``: default ``[task.imbalance_factor]``. ``seeds``: each sets the task's
+    ``profiles``: default ``[task.profile]``. ``imbalance_factors``: default
+    ``[task.imbalance_factor]``. ``seeds``: each sets the task's
     ``seed`` (split sampling, class permutation unless ``order_seed`` is fixed, model
     initialisation, batch order). ``num_workers``: Ray Train workers per run (default
     ``ray.num_workers``). ``max_concurrent``: runs in flight at once (default: the cluster's
     CPUs divided by ``num_workers``). The modulator of the ``mfm_network`` run at
-    ``register_imbalance_factor`` / ``register_seed`` (default: the first of each) is
-    registered as ``registered_model`` with ``alias``.
+    ``register_profile`` / ``register_imbalance_factor`` / ``register_seed`` (default: the
+    first of each) is registered as ``registered_model`` with ``alias``.
     """
 
     task: LongTailTaskConfig = LongTailTaskConfig()
+    profiles: list[Profile] | None = Field(default=None, min_length=1)
     imbalance_factors: list[ImbalanceFactor] | None = Field(default=None, min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     schedule: MethodConfig = Field(
@@ -530,6 +533,7 @@ class LongTailStudyConfig(Section):
     max_concurrent: PositiveInt | None = None
     registered_model: RegisteredModelName = "mfm-modulator"
     alias: Alias = "champion"
+    register_profile: Profile | None = None
     register_imbalance_factor: ImbalanceFactor | None = None
     register_seed: Int | None = None
     transfer: list[LongTailTransferConfig] = Field(default_factory=list)
@@ -546,6 +550,11 @@ class LongTailStudyConfig(Section):
                     f"transfer.{i} ({t.name!r}) has no model_uri and no mfm_network method is "
                     "meta-trained here to register; accepted: model_uri: models:/NAME@ALIAS"
                 )
+        if self.register_profile is not None and self.register_profile not in self.grid_profiles:
+            raise ValueError(
+                f"register_profile={self.register_profile!r} is not one of profiles "
+                f"{self.grid_profiles}"
+            )
         if self.register_imbalance_factor is not None and (
             self.register_imbalance_factor not in self.factors
         ):
@@ -556,6 +565,11 @@ class LongTailStudyConfig(Section):
         if self.register_seed is not None and self.register_seed not in self.seeds:
             raise ValueError(f"register_seed={self.register_seed} is not one of seeds {self.seeds}")
         return self
+
+    @property
+    def grid_profiles(self) -> list[str]:
+        """The grid's profiles: ``profiles`` or ``[task.profile]``."""
+        return list(self.profiles or [self.task.profile])
 
     @property
     def factors(self) -> list[float]:

@@ -5,30 +5,42 @@ The ``longtail`` section of a pipeline (old name ``mfm``;
 :class:`~raymeta.config.LongTailStudyConfig`; also built by ``raymeta mfm train|transfer``)
 runs, inside the pipeline's parent MLflow run:
 
-1. **Grid.** Every method on the long-tailed task for every imbalance factor and seed, under
+1. **Grid.** Every method on the long-tailed task for every profile (``exp``, ``step``),
+   imbalance factor and seed, under
    the one training loop (:func:`raymeta.train.loop.train` with a
    :class:`~raymeta.train.rules.MethodRule`) and the same budget (epochs, batch, schedule).
    The runs go through :func:`~raymeta.train.ray_train.fit_runs`: one ``TorchTrainer`` worker
    group trains them one after the other (Ray Train's start-up, 10-18 s here, is paid once per
    group; ``max_concurrent`` groups run at once on a larger cluster), with a checkpoint every
-   epoch and resume after a failure. Each run is a nested MLflow run under the active (stage)
-   run, named ``longtail/<method>/<target> IF=<factor>/seed<k>`` (``longtail-transfer/...``
+   epoch and resume after a failure. A run stopped as dead (the dead-run guard,
+   :mod:`raymeta.train.guard`: a non-finite or growing loss, no progress after its patience)
+   is a **dead row**: its reason
+   is printed once, its MLflow run ends FAILED with the tag ``dead_reason`` (and the metric
+   ``dead_run`` 1), its accuracies are NaN, and the study goes on with the other runs; any
+   other error still ends the study. Each run is a nested MLflow run under the active (stage)
+   run, named ``longtail/<method>/<target> <profile> IF=<factor>/seed<k>``
+   (e.g. ``longtail/CE/digits-LT exp IF=10/seed0``; ``longtail-transfer/...``
    for a transfer run) with the flat tags of every training run (``stage``, ``method``,
    ``family`` = the LR schedule, ``seed``, ``task``) and ``target``: its run spec as params, the exact class counts (param ``class_counts`` and artifact ``split.json``),
    per-epoch metrics from rank 0 (overall, many / medium / few-shot and per-class test
    accuracy), its wall time.
 2. **Registry.** The modulator network of one ``mfm_network`` run (``register_*``; default the
-   first imbalance factor and seed) is logged with ``mlflow.pytorch`` in that run and
+   first profile, imbalance factor and seed) is logged with ``mlflow.pytorch`` in that run and
    registered as ``registered_model`` with ``alias``
-   (:func:`raymeta.tracking.log_meta_learner`).
+   (:func:`raymeta.tracking.log_meta_learner`). When that run is dead nothing is registered:
+   the tables are written, the transfer is skipped and the study ends with one line
+   (:class:`~raymeta.errors.DeadRunError`).
 3. **Transfer.** For every transfer target the registered modulator is loaded in the driver by
    ``models:/NAME@ALIAS`` (the version is recorded), sent to the workers beside the run spec
    and attached frozen to a new classifier
    trained with no meta set, beside the target's baselines.
 4. **Report.** ``mfm_runs.parquet``/``.md`` (one row per run, with per-class accuracies and
-   class counts), ``mfm_summary.parquet``/``.md`` (mean and std over seeds of overall, many,
-   medium and few-shot top-1) and ``mfm_per_class.png`` (per-class accuracy, head to tail), in
-   ``output_dir`` and as artifacts of the active (stage) run, ``longtail`` in a pipeline.
+   class counts, ``dead`` and ``dead_reason``), ``mfm_summary.parquet``/``.md`` (per stage,
+   target, profile, imbalance factor and method: mean and std over the live seeds of overall,
+   many, medium and few-shot top-1, and ``dead``, the number of dead seeds) and
+   ``mfm_per_class.png`` (per-class accuracy of the live runs, head to tail, a panel per
+   target, profile and imbalance factor; none when every run is dead), in ``output_dir`` and as artifacts of the active (stage) run,
+   ``longtail`` in a pipeline.
 """
 
 from __future__ import annotations
@@ -44,14 +56,14 @@ from typing import Any
 import pandas as pd
 
 from raymeta.config import LongTailMethodConfig, LongTailStudyConfig, LongTailTaskConfig
-from raymeta.errors import ConfigError, RegistrationError
+from raymeta.errors import ConfigError, DeadRunError, RegistrationError
 from raymeta.session import Session
 from raymeta.spec import LongTailRun, longtail_run
 
 
 @dataclass
 class PlannedRun:
-    """One (target, imbalance factor, seed, method) run of the long-tail study: its run spec
+    """One (target, profile, imbalance factor, seed, method) run of the long-tail study: its run spec
     and what the study records about it.
 
     Attributes:
@@ -83,8 +95,13 @@ def _target_name(task: LongTailTaskConfig) -> str:
     return f"{task.dataset}-LT"
 
 
+def _where(target: str, task: LongTailTaskConfig) -> str:
+    """The group a run belongs to, in run names and labels: ``digits-LT exp IF=10``."""
+    return f"{target} {task.profile} IF={task.imbalance_factor:g}"
+
+
 def _label(method: LongTailMethodConfig, target: str, task: LongTailTaskConfig) -> str:
-    return f"{method.label} | {target} IF={task.imbalance_factor:g} s{task.seed}"
+    return f"{method.label} | {_where(target, task)} s{task.seed}"
 
 
 def plan_runs(
@@ -101,10 +118,12 @@ def plan_runs(
         ConfigError, DataNotFoundError: a value does not fit the data (one line naming it).
     """
     runs = []
-    for factor in cfg.factors:
-        for seed in cfg.seeds:
-            task = cfg.task.model_copy(update={"imbalance_factor": factor, "seed": seed})
-            runs += _runs_for(cfg, task, cfg.methods, num_workers, "grid", _target_name(task))
+    for profile in cfg.grid_profiles:
+        for factor in cfg.factors:
+            for seed in cfg.seeds:
+                update = {"profile": profile, "imbalance_factor": factor, "seed": seed}
+                task = cfg.task.model_copy(update=update)
+                runs += _runs_for(cfg, task, cfg.methods, num_workers, "grid", _target_name(task))
     plans = {}
     for i, t in enumerate(cfg.transfer):
         tasks = [t.task.model_copy(update={"seed": s}) for s in (t.seeds or cfg.seeds)]
@@ -158,10 +177,9 @@ def _start_mlflow_runs(runs: list[PlannedRun], num_workers: int):
     client = MlflowClient()
     for run in runs:
         stage, method = MLFLOW_STAGES[run.stage], run.method.label
-        where = f"{run.target} IF={run.task.imbalance_factor:g}"
         tags = {"mlflow.parentRunId": parent.info.run_id, "target": run.target}
         tags |= run_tags(run.spec, stage, method)
-        name = f"{stage}/{method}/{where}/seed{run.task.seed}"
+        name = f"{stage}/{method}/{_where(run.target, run.task)}/seed{run.task.seed}"
         created = client.create_run(parent.info.experiment_id, run_name=name, tags=tags)
         run.run_id = created.info.run_id
         params = as_params(run.spec.model_dump(mode="json")) | {
@@ -194,7 +212,10 @@ def _fit(runs: list[PlannedRun], cfg: LongTailStudyConfig, session: Session, num
     from raymeta.train.ray_train import RunRequest, fit_runs
 
     requests = [
-        RunRequest(r.spec, r.modulator, mlflow_run_id=r.run_id, keep_model=False) for r in runs
+        RunRequest(
+            r.spec, r.modulator, mlflow_run_id=r.run_id, keep_model=False, dead_run_is_result=True
+        )
+        for r in runs
     ]
     options = {
         "num_workers": num_workers,
@@ -220,9 +241,11 @@ def _fit(runs: list[PlannedRun], cfg: LongTailStudyConfig, session: Session, num
 
 
 def _row(run: PlannedRun, result) -> dict[str, Any]:
-    last = result.history[-1]
-    num_classes = len(run.counts)
-    per_class = [last.get(f"test_acc_class_{c}", float("nan")) for c in range(num_classes)]
+    """The ``mfm_runs`` row of a finished run; a dead run's accuracies are NaN."""
+    dead = result.dead_reason is not None
+    last = {} if dead else result.history[-1]
+    nan = float("nan")
+    per_class = [last.get(f"test_acc_class_{c}", nan) for c in range(len(run.counts))]
     return {
         "stage": run.stage,
         "target": run.target,
@@ -233,27 +256,36 @@ def _row(run: PlannedRun, result) -> dict[str, Any]:
         "class_order": run.task.class_order,
         "seed": run.task.seed,
         "method": run.method.label,
-        "top1_acc": last["test_acc"],
-        "many_acc": last["test_many_acc"],
-        "medium_acc": last["test_medium_acc"],
-        "few_acc": last["test_few_acc"],
+        "top1_acc": last.get("test_acc", nan),
+        "many_acc": last.get("test_many_acc", nan),
+        "medium_acc": last.get("test_medium_acc", nan),
+        "few_acc": last.get("test_few_acc", nan),
         "epochs": run.task.epochs,
         "wall_time_s": result.wall_time_s,
         "class_counts": "/".join(map(str, run.counts)),
         "per_class_acc": per_class,
         "class_rank_order": list(run.class_order),
         "modulator_version": run.modulator_version,
+        "dead": dead,
+        "dead_reason": result.dead_reason,
         "mlflow_run_id": run.run_id,
     }
 
 
-def _finish_mlflow_runs(runs: list[PlannedRun], results) -> None:
+def _finish_runs(runs: list[PlannedRun], results) -> None:
+    """End the runs' MLflow runs (FINISHED; a dead run FAILED with the tag ``dead_reason``)
+    and print each dead run's reason, once."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
     for run, result in zip(runs, results, strict=True):
         client.log_metric(run.run_id, "wall_time_s", result.wall_time_s)
-        client.set_terminated(run.run_id)
+        if result.dead_reason is None:
+            client.set_terminated(run.run_id)
+            continue
+        print(f"[{run.spec.label}] dead run, recorded as a dead row: {result.dead_reason}")
+        client.set_tag(run.run_id, "dead_reason", result.dead_reason)
+        client.set_terminated(run.run_id, status="FAILED")
 
 
 def _register(
@@ -263,6 +295,7 @@ def _register(
     ``keep``); returns ``(model_uri, version)``.
 
     Raises:
+        DeadRunError: the chosen run is dead (nothing is registered).
         RegistrationError: the store failed to register it.
     """
     import mlflow
@@ -272,25 +305,33 @@ def _register(
     from raymeta.tracking import register_meta_learner
 
     method = cfg.registered_method
+    profile = cfg.register_profile or cfg.grid_profiles[0]
     factor = cfg.register_imbalance_factor or cfg.factors[0]
     seed = cfg.seeds[0] if cfg.register_seed is None else cfg.register_seed
     (run, result) = next(
         (r, res)
         for r, res in zip(runs, results, strict=True)
-        if r.method is method and r.task.imbalance_factor == factor and r.task.seed == seed
+        if r.method is method
+        and (r.task.profile, r.task.imbalance_factor, r.task.seed) == (profile, factor, seed)
     )
+    if result.dead_reason is not None:
+        raise DeadRunError(
+            f"{cfg.registered_model} was not registered: its run {run.spec.label!r} is dead "
+            "(reason above), so the transfer was skipped; accepted: register_profile, "
+            "register_imbalance_factor and register_seed of a live mfm_network run"
+        )
     defaults = METHODS["mfm_network"].defaults
     config = {k: method.params.get(k, defaults[k]) for k in ModulatorNet().config()}
     modulator = ModulatorNet(**config)
     modulator.load_state_dict({k: v.cpu() for k, v in result.rule_state["modulation"].items()})
     source = (
-        f"MFM meta-trained on {run.target} IF={factor:g} ({run.task.profile}, "
-        f"{run.task.class_order}), {run.task.model}, seed {seed}, run {run.run_id}"
+        f"MFM meta-trained on {_where(run.target, run.task)} ({run.task.class_order}), "
+        f"{run.task.model}, seed {seed}, run {run.run_id}"
     )
     modulator.source = source
     last = result.history[-1]
     metadata = {
-        "task": f"{run.target} IF={factor:g} {run.task.model}",
+        "task": f"{_where(run.target, run.task)} {run.task.model}",
         "top1_acc": last["test_acc"],
         "few_acc": last["test_few_acc"],
     }
@@ -330,16 +371,18 @@ def _transfer_runs(cfg: LongTailStudyConfig, plans, session: Session) -> list[Pl
 
 
 def _per_class_panels(df: pd.DataFrame):
-    """Mean per-class accuracy over seeds by class *rank* (head first), per (target, IF)."""
+    """Mean per-class accuracy over the live seeds by class *rank* (head first), per (target,
+    profile, IF); a method whose every seed is dead has no line."""
     panels, xlabels = {}, {}
-    for (target, factor), part in df.groupby(["target", "imbalance_factor"], sort=False):
-        name = f"{target} IF {factor:g}"
+    groups = df.groupby(["target", "profile", "imbalance_factor"], sort=False)
+    for (target, profile, factor), part in groups:
+        name = f"{target} {profile} IF {factor:g}"
         first = part.iloc[0]
         counts = [int(c) for c in first["class_counts"].split("/")]
         ranks = sorted(range(len(counts)), key=lambda c: -counts[c])
         xlabels[name] = [f"#{i} (n={counts[c]})" for i, c in enumerate(ranks)]
         panels[name] = {}
-        for method, runs in part.groupby("method", sort=False):
+        for method, runs in part[~part["dead"]].groupby("method", sort=False):
             by_rank = []
             for _, row in runs.iterrows():
                 order = list(row["class_rank_order"])  # order[i] = class of rank i
@@ -366,11 +409,14 @@ def run_longtail_study(cfg: LongTailStudyConfig, session: Session) -> pd.DataFra
             output folder, registered modulators).
 
     Returns:
-        The summary table (mean and std over seeds per stage, target, imbalance factor and
-        method).
+        The summary table (mean and std over seeds per stage, target, profile, imbalance
+        factor and method).
 
     Raises:
         ConfigError, DataNotFoundError: a bad value (checked before any training).
+        DeadRunError: the run whose modulator is registered is dead (after the tables are
+            written; nothing is registered, no transfer runs).
+        RegistrationError: the store failed to register the modulator (after the tables).
     """
     import mlflow
 
@@ -390,13 +436,13 @@ def run_longtail_study(cfg: LongTailStudyConfig, session: Session) -> pd.DataFra
     if runs:
         _start_mlflow_runs(runs, num_workers)
         results = _fit(runs, cfg, session, num_workers, "longtail-grid")
-        _finish_mlflow_runs(runs, results)
+        _finish_runs(runs, results)
         if cfg.registered_method is None:
             print("no mfm_network run in this study: no modulator registered")
         else:
             try:
                 uri, version = _register(cfg, runs, results, session.output_dir / "modulator")
-            except RegistrationError as exc:  # report the trained runs first, then fail
+            except (DeadRunError, RegistrationError) as exc:  # report the runs first, then fail
                 failure = exc
             else:
                 mlflow.set_tag("registered_modulator", f"{uri} (version {version})")
@@ -410,26 +456,30 @@ def run_longtail_study(cfg: LongTailStudyConfig, session: Session) -> pd.DataFra
     if t_runs:
         _start_mlflow_runs(t_runs, num_workers)
         t_results = _fit(t_runs, cfg, session, num_workers, "longtail-transfer")
-        _finish_mlflow_runs(t_runs, t_results)
+        _finish_runs(t_runs, t_results)
         runs, results = runs + t_runs, results + t_results
     df = pd.DataFrame([_row(r, res) for r, res in zip(runs, results, strict=True)])
     out = session.output_dir
-    keys = ["stage", "target", "imbalance_factor", "method"]
-    summary = summarise(df, keys)
+    sections = ["stage", "target", "profile", "imbalance_factor"]
+    summary = summarise(df, [*sections, "method"])
     md = summary_markdown(
         summary,
-        ["stage", "target", "imbalance_factor"],
-        title=lambda stage, target, factor: f"{stage}: {target}, IF {factor:g}",
+        sections,
+        title=lambda stage, target, profile, factor: (
+            f"{stage}: {target}, {profile} profile, IF {factor:g}"
+        ),
     )
-    shown = df.drop(columns=["per_class_acc", "class_rank_order", "mlflow_run_id"])
+    hidden = ["per_class_acc", "class_rank_order", "dead_reason", "mlflow_run_id"]
+    shown = df.drop(columns=hidden)
     paths = [
         *write_table(df, out, "mfm_runs", markdown=to_markdown(shown)),
         *write_table(summary, out, "mfm_summary", markdown=md),
-        plot_per_class(*_per_class_panels(df), out / "mfm_per_class.png"),
     ]
+    if not df["dead"].all():
+        paths.append(plot_per_class(*_per_class_panels(df), out / "mfm_per_class.png"))
     log_results(paths)
     print("\n" + md + "\n")
-    print(f"results: mfm_*.parquet, mfm_*.md and mfm_per_class.png in {out}")
+    print(f"results: {', '.join(p.name for p in paths)} in {out}")
     if failure is not None:
         raise failure
     mlflow.log_metric("longtail_study_wall_time_s", time.perf_counter() - t0)

@@ -92,22 +92,27 @@ SHOT_METRICS = {"overall": "top1_acc", "many": "many_acc", "medium": "medium_acc
 def summarise(
     df: pd.DataFrame, by: list[str], metrics: dict[str, str] | None = None
 ) -> pd.DataFrame:
-    """Mean and sample standard deviation over seeds (the rows of each ``by`` group).
+    """Mean and sample standard deviation over seeds (the rows of each ``by`` group); NaN
+    values (a dead run's accuracies, a shot group with no class) are left out.
 
     Args:
-        df: one row per run, with the ``metrics`` columns (fractions).
+        df: one row per run, with the ``metrics`` columns (fractions) and optionally ``dead``
+            (bool: the dead-run guard stopped the run).
         by: the grouping columns (e.g. target, imbalance factor, method), kept in order of
             first appearance.
         metrics: display name -> column (default :data:`SHOT_METRICS`: overall top-1 and
             many / medium / few-shot accuracy).
 
     Returns:
-        One row per group: the ``by`` columns, ``seeds`` (runs in the group) and
-        ``acc_{name}_mean`` / ``acc_{name}_std`` (fractions; std is NaN for one seed).
+        One row per group: the ``by`` columns, ``seeds`` (runs in the group), ``dead`` (its
+        dead runs, when ``df`` has the column) and ``acc_{name}_mean`` / ``acc_{name}_std``
+        (fractions over the live runs; std is NaN for one).
     """
     metrics = metrics or SHOT_METRICS
     groups = df.groupby(by, sort=False, dropna=False)
     out = groups.size().rename("seeds").to_frame()
+    if "dead" in df:
+        out["dead"] = groups["dead"].sum().astype(int)
     for name, col in metrics.items():
         out[f"acc_{name}_mean"] = groups[col].mean()
         out[f"acc_{name}_std"] = groups[col].std(ddof=1)
@@ -118,7 +123,9 @@ def summary_markdown(
     summary: pd.DataFrame, sections: list[str], label: str = "method", title=None
 ) -> str:
     """Markdown tables of :func:`summarise`'s output, one per value of the ``sections``
-    columns: a row per ``label``, a column per metric as ``mean ± std`` in percent.
+    columns: a row per ``label``, a column per metric as ``mean ± std`` in percent; where a
+    table has dead runs, a ``dead`` column (``1 of 3``: dead runs of the row's seeds, left out
+    of its means).
 
     Args:
         title: ``section values -> heading`` (default: the values joined by ", ").
@@ -134,6 +141,9 @@ def summary_markdown(
             rows[n] = [_mean_std(m, s) for m, s in pairs]
         counts = sorted(set(part["seeds"]))
         seeds = ", ".join(str(v) for v in counts) + (" seed" if counts == [1] else " seeds")
+        if "dead" in part and part["dead"].any():
+            rows["dead"] = [f"{d} of {n}" for d, n in zip(part["dead"], part["seeds"], strict=True)]
+            seeds += ", dead runs left out"
         table = pd.DataFrame(rows).to_markdown(index=False)
         parts.append(f"#### {heading} (top-1 %, mean ± std over {seeds})\n\n{table}")
     return "\n\n".join(parts)

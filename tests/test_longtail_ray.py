@@ -5,6 +5,8 @@ meta-gradient averaged across workers) against one worker with the double batch.
 
 from __future__ import annotations
 
+import math
+
 import mlflow
 import pandas as pd
 import pytest
@@ -87,7 +89,7 @@ def test_mfm_and_baseline_register_reload_and_transfer(ray_local, tmp_path, monk
     assert not torch.allclose(modulator(feature, 0), feature)
     client = mlflow.MlflowClient()
     mv = client.get_model_version("mfm-test", "1")
-    assert "IF=10" in client.get_run(mv.run_id).info.run_name
+    assert "exp IF=10" in client.get_run(mv.run_id).info.run_name
     with pytest.raises(ConfigError, match="is a ModulatorNet, not an MLR-SNet meta-learner"):
         load_meta_learner("models:/mfm-test@champion", kind="mlrsnet")
 
@@ -104,8 +106,8 @@ def test_mfm_and_baseline_register_reload_and_transfer(ray_local, tmp_path, monk
         ).run_id.iloc[0]
     )
     assert sorted(nested["tags.mlflow.runName"]) == [
-        "longtail/CE/fashion_mnist-LT IF=10/seed3",
-        f"longtail/{mfm}/fashion_mnist-LT IF=10/seed3",
+        "longtail/CE/fashion_mnist-LT exp IF=10/seed3",
+        f"longtail/{mfm}/fashion_mnist-LT exp IF=10/seed3",
     ]
     assert set(nested["tags.family"]) == {"warmup_cosine"} and set(nested["tags.seed"]) == {"3"}
     assert set(nested["params.class_counts"]) == {grid.class_counts.iloc[0]}
@@ -114,6 +116,156 @@ def test_mfm_and_baseline_register_reload_and_transfer(ray_local, tmp_path, monk
     mfm_run = nested[nested["tags.method"] == mfm].run_id.iloc[0]
     assert len(client.get_metric_history(mfm_run, "lr")) > 3  # per step, with the warm-up
     assert len(client.get_metric_history(mfm_run, "meta_loss")) > 3
+
+
+TINY_STUDY = {
+    "task": {"dataset": "digits", "n_max": 60, "imbalance_factor": 10, "meta_per_class": 5,
+             "batch_size": 50, "epochs": 1},
+    "seeds": [0],
+    "schedule": {"schedule": "warmup_cosine", "lr": 0.1, "params": {"warmup_fraction": 0.2}},
+}  # fmt: skip
+
+
+def _tiny_study(tmp_path, monkeypatch, name: str, **longtail) -> PipelineConfig:
+    """A pipeline with one tiny digits-LT ``longtail`` section (:data:`TINY_STUDY` updated by
+    ``longtail``), its outputs and MLflow store in ``tmp_path``."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    pipeline = {"name": name, "output_dir": str(tmp_path / "out"), "ray": {"num_workers": 1},
+                "mlflow": {"experiment": name}, "longtail": TINY_STUDY | longtail}  # fmt: skip
+    return parse(PipelineConfig, pipeline)
+
+
+def _study_records(tmp_path, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``mfm_runs.parquet`` and the MLflow runs of the study's grid, as ``search_runs`` gives
+    them."""
+    runs = pd.read_parquet(tmp_path / "out" / "mfm_runs.parquet")
+    exp = mlflow.get_experiment_by_name(name)
+    nested = mlflow.search_runs([exp.experiment_id], filter_string="tags.stage = 'longtail'")
+    return runs, nested
+
+
+def test_one_study_runs_the_grid_for_both_profiles(ray_local, tmp_path, monkeypatch):
+    """``profiles: [exp, step]``: every method runs on both profiles, with their own class
+    counts, summary rows, run names and plot panels; ``register_profile`` picks the run
+    whose modulator is registered."""
+    from raymeta.longtail_study import _per_class_panels
+    from raymeta.pipeline import run_pipeline
+
+    cfg = _tiny_study(
+        tmp_path,
+        monkeypatch,
+        "profiles-test",
+        profiles=["exp", "step"],
+        methods=[
+            {"method": "ce"},
+            {"method": "mfm_network", "params": {"meta_lr": 1e-3}, "meta_batch_size": 50},
+        ],
+        registered_model="profiles-test",
+        register_profile="step",
+    )
+    summary = run_pipeline(cfg)
+    runs, nested = _study_records(tmp_path, "profiles-test")
+    mfm = "MFM (network) + CB-RS"
+    assert list(zip(runs.profile, runs.method, strict=True)) == [
+        ("exp", "CE"), ("exp", mfm), ("step", "CE"), ("step", mfm)
+    ]  # fmt: skip
+    counts = {p: runs[runs.profile == p].class_counts.iloc[0] for p in ("exp", "step")}
+    assert counts == {
+        "exp": "/".join(map(str, longtail_profile(10, 60, 10))),
+        "step": "/".join(["60"] * 5 + ["6"] * 5),
+    }
+    assert list(zip(summary.profile, summary.method, strict=True)) == [
+        ("exp", "CE"), ("exp", mfm), ("step", "CE"), ("step", mfm)
+    ]  # fmt: skip
+    assert set(summary.seeds) == {1}  # one run per row: the profiles are not pooled
+    for profile in ("exp", "step"):  # each summary row is its own run, not a mix
+        mine = runs[(runs.profile == profile) & (runs.method == "CE")]
+        row = summary[(summary.profile == profile) & (summary.method == "CE")]
+        assert row.acc_overall_mean.iloc[0] == mine.top1_acc.iloc[0]
+    md = (tmp_path / "out" / "mfm_summary.md").read_text()
+    assert "#### grid: digits-LT, exp profile, IF 10" in md
+    assert "#### grid: digits-LT, step profile, IF 10" in md
+    panels, xlabels = _per_class_panels(runs)
+    assert list(panels) == ["digits-LT exp IF 10", "digits-LT step IF 10"]
+    assert xlabels["digits-LT step IF 10"][5] == "#5 (n=6)"
+    assert sorted(nested["tags.mlflow.runName"]) == [
+        "longtail/CE/digits-LT exp IF=10/seed0",
+        "longtail/CE/digits-LT step IF=10/seed0",
+        f"longtail/{mfm}/digits-LT exp IF=10/seed0",
+        f"longtail/{mfm}/digits-LT step IF=10/seed0",
+    ]
+    client = mlflow.MlflowClient()
+    registered = client.get_run(client.get_model_version("profiles-test", "1").run_id)
+    assert registered.info.run_name == f"longtail/{mfm}/digits-LT step IF=10/seed0"
+
+
+def test_dead_runs_are_dead_rows_and_the_study_goes_on(ray_local, tmp_path, monkeypatch, capsys):
+    """Logit adjustment with ``tau`` 1e300 (an adjustment of -inf: its loss is NaN at the first
+    step) is stopped by the non-finite-loss check, first and last in the worker group (the last is the
+    ``mfm_network`` run to register): both are dead rows, CE between them trains, the tables
+    are written, nothing is registered and the study ends with one line saying why."""
+    from raymeta.errors import DeadRunError
+    from raymeta.pipeline import run_pipeline
+
+    deadly = {"tau": 1e300}
+    cfg = _tiny_study(
+        tmp_path,
+        monkeypatch,
+        "dead-test",
+        methods=[
+            {"method": "logit_adjust", "params": deadly},
+            {"method": "ce"},
+            {
+                "method": "mfm_network",
+                "params": {"base_loss": "logit_adjust", "base_params": deadly},
+                "meta_batch_size": 50,
+            },
+        ],
+        registered_model="dead-test",
+        transfer=[{"name": "digits-again", "task": TINY_STUDY["task"]}],
+    )
+    with pytest.raises(DeadRunError) as err:
+        run_pipeline(cfg)
+    la, mfm = (
+        "logit adjustment | digits-LT exp IF=10 s0",
+        "MFM (network) + LA | digits-LT exp IF=10 s0",
+    )
+    assert str(err.value) == (
+        f"dead-test was not registered: its run {mfm!r} is dead (reason above), so the "
+        "transfer was skipped; accepted: register_profile, register_imbalance_factor and "
+        "register_seed of a live mfm_network run"
+    )
+    reason = "training loss is nan at step 0 (epoch 1): training diverged; "
+    out = capsys.readouterr().out
+    for label in (la, mfm):  # the reason, printed once per dead run
+        assert out.count(f"[{label}] dead run, recorded as a dead row: {reason}") == 1
+    assert out.count("dead run, recorded") == 2
+
+    runs, nested = _study_records(tmp_path, "dead-test")
+    assert list(runs.stage) == ["grid"] * 3  # no transfer run
+    assert list(runs.dead) == [True, False, True]
+    assert runs.dead_reason[0].startswith(reason) and pd.isna(runs.dead_reason[1])
+    assert runs.top1_acc.isna().tolist() == [True, False, True]
+    assert 0 < runs.top1_acc[1] <= 1 and all(math.isnan(a) for a in runs.per_class_acc[0])
+    summary = pd.read_parquet(tmp_path / "out" / "mfm_summary.parquet")
+    assert list(summary.dead) == [1, 0, 1] and list(summary.seeds) == [1, 1, 1]
+    assert summary.acc_overall_mean[1] == runs.top1_acc[1]
+    md = (tmp_path / "out" / "mfm_summary.md").read_text()
+    assert "dead runs left out" in md and md.count("| 1 of 1 |") == 2
+    assert "| dead" in (tmp_path / "out" / "mfm_runs.md").read_text()
+    assert (tmp_path / "out" / "mfm_per_class.png").stat().st_size > 10_000
+
+    by_method = nested.set_index("tags.method")
+    assert by_method.status.to_dict() == {
+        "logit adjustment": "FAILED", "CE": "FINISHED", "MFM (network) + LA": "FAILED"
+    }  # fmt: skip
+    assert by_method["tags.dead_reason"]["logit adjustment"] == runs.dead_reason[0]
+    assert by_method["tags.dead_reason"].isna()["CE"]
+    assert by_method["metrics.dead_run"].fillna(0).to_dict() == {  # CE has none
+        "logit adjustment": 1.0, "CE": 0.0, "MFM (network) + LA": 1.0
+    }  # fmt: skip
+    assert mlflow.MlflowClient().search_registered_models() == []
 
 
 def _fit_two_methods(num_workers, tmp_path):

@@ -340,6 +340,8 @@ STUDY = {
         ({"task": {"meta_per_class": 0}}, "meta_per_class is 0 but MFM (network) + CB-RS needs"),
         ({"schedule": {"schedule": "mlrsnet"}}, "hand-designed schedule"),
         ({"register_seed": 7}, "register_seed=7"),
+        ({"profiles": ["exp", "linear"]}, "profiles.1: Input should be 'exp' or 'step'"),
+        ({"register_profile": "step"}, "register_profile='step' is not one of profiles ['exp']"),
         ({"transfer": [{"name": "t", "task": {}}], "methods": [{"method": "ce"}]}, "model_uri"),
     ],
 )
@@ -495,6 +497,35 @@ def test_summary_gives_mean_and_sample_std_over_seeds():
     assert s[s.method == "MFM"].iloc[0]["acc_few_mean"] == pytest.approx(0.7)  # NaN skipped
     md = summary_markdown(s, ["target", "imbalance_factor"], title=lambda t, f: f"{t} IF {f:g}")
     assert "#### a IF 100" in md and "| CE       | 82.00 ± 2.83 |" in md
+
+
+def test_summary_of_dead_runs_is_over_the_live_seeds_with_a_count():
+    nan = float("nan")
+    df = pd.DataFrame(
+        {
+            "imbalance_factor": [100.0] * 5,
+            "method": ["CE", "CE", "CE", "CB", "CB"],
+            "top1_acc": [0.80, nan, 0.84, nan, nan],
+            "many_acc": [0.9, nan, 0.9, nan, nan],
+            "medium_acc": [0.7, nan, 0.8, nan, nan],
+            "few_acc": [0.5, nan, 0.6, nan, nan],
+            "dead": [False, True, False, True, True],
+        }
+    )
+    s = summarise(df, ["imbalance_factor", "method"])
+    assert list(s.seeds) == [3, 2] and list(s.dead) == [1, 2]
+    ce = s.iloc[0]
+    assert ce.acc_overall_mean == pytest.approx(0.82)  # the two live seeds
+    assert ce.acc_overall_std == pytest.approx(math.sqrt(2 * 0.02**2))
+    assert math.isnan(s.iloc[1].acc_overall_mean)  # every seed dead
+    md = summary_markdown(s, ["imbalance_factor"])
+    assert "mean ± std over 2, 3 seeds, dead runs left out" in md
+    assert "| CE       | 82.00 ± 2.83 |" in md and md.count("| 1 of 3 |") == 1
+    assert md.count("| 2 of 2 |") == 1
+    live = summary_markdown(
+        summarise(df[~df.dead], ["imbalance_factor", "method"]), ["imbalance_factor"]
+    )
+    assert "dead" not in live  # no dead run: no column, the heading as before
 
 
 @pytest.mark.parametrize(

@@ -78,3 +78,24 @@ def test_dead_run_fails_once_with_one_line_and_no_retry(ray_local, tmp_path):
     assert msg.startswith("run 'dead': no progress: training loss ") and "LR 1e-07" in msg
     assert "\n" not in msg
     assert err.value.__context__ is None  # raised from the run's result, not a retried crash
+
+
+def test_a_dead_run_as_result_ends_alone_and_the_group_goes_on(ray_local, tmp_path):
+    """With ``dead_run_is_result`` the run at chance ends on 2 workers with the guard's reason
+    and the epoch it finished, and the next run of the same worker group trains to the end."""
+    from raymeta.spec import HandRun, ScheduleSpec
+    from raymeta.train.ray_train import RunRequest, fit_runs
+
+    runs = [
+        RunRequest(
+            HandRun(label=label, task=TASK, schedule=ScheduleSpec(family="fixed", lr=lr)),
+            dead_run_is_result=True,
+        )
+        for label, lr in (("dead", 1e-7), ("live", 0.5))
+    ]
+    dead, live = fit_runs(runs, name="dead-then-live", num_workers=2, storage_path=tmp_path)
+    assert dead.dead_reason.startswith("no progress: training loss ")
+    assert "after 20 steps" in dead.dead_reason and "LR 1e-07" in dead.dead_reason
+    assert [h["epoch"] for h in dead.history] == [1] and dead.model_state == {}
+    assert live.dead_reason is None and [h["epoch"] for h in live.history] == [1, 2]
+    assert live.history[-1]["test_acc"] > 0.3  # 10 classes: chance is 0.1

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from raymeta.console import progress_enabled
-from raymeta.errors import RaymetaError
+from raymeta.errors import DeadRunError, NonFiniteLossError, RaymetaError
 from raymeta.spec import MetaTrainRun, MultiTaskMetaTrainRun, RunSpec
 
 STATE_FILE = "state.pt"
@@ -56,12 +56,19 @@ class RunRequest:
             (:class:`raymeta.tracking.StepCurves`).
         keep_model: False drops the run's weights from its result once it is finished
             (sweeps: keeps checkpoints small).
+        dead_run_is_result: a run stopped as dead (:class:`~raymeta.errors.DeadRunError` from
+            the dead-run guard, :mod:`raymeta.train.guard`, or
+            :class:`~raymeta.errors.NonFiniteLossError` for a NaN or infinite loss) ends with a
+            result whose ``dead_reason`` is that one-line error, and the worker group goes on
+            with the next run; otherwise the error ends the whole :func:`fit_runs` call. Other
+            errors end it either way.
     """
 
     spec: RunSpec
     meta_learner: nn.Module | None = None
     mlflow_run_id: str | None = None
     keep_model: bool = True
+    dead_run_is_result: bool = False
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -204,18 +211,66 @@ def _train_run(
                 f"injected worker failure after epoch {fail_at} (fault-tolerance test)"
             )
 
-    built.train(
-        state=state,
-        optimizer_state=optimizer_state,
-        on_epoch_end=on_epoch_end,
-        on_step=curves if workers.rank == 0 and request.mlflow_run_id else None,
-    )
+    try:
+        built.train(
+            state=state,
+            optimizer_state=optimizer_state,
+            on_epoch_end=on_epoch_end,
+            on_step=curves if workers.rank == 0 and request.mlflow_run_id else None,
+        )
+    except (DeadRunError, NonFiniteLossError) as exc:
+        if not request.dead_run_is_result:
+            raise
+        dead = _dead_result(exc, state, time.perf_counter() - t_start)
+        _report_dead_run(dead, request, config, curves, index, done, workers.rank)
+        return dead
     if request.mlflow_run_id and workers.rank == 0:  # what an MLflow outage held back
         flush_metrics(config["tracking_uri"], request.mlflow_run_id, final=True)
     result = _result_of(payload)
     if not request.keep_model:
         result["model_state"] = {}
     return result
+
+
+def _dead_result(exc: RaymetaError, state, elapsed_s: float) -> dict:
+    """The result (the keys of :class:`FitResult`) of a run stopped as dead by ``exc``: the
+    epochs it finished before the stop (``state``, a :class:`~raymeta.train.loop.RunState`),
+    its LRs so far, no weights, and ``dead_reason``, the one-line error."""
+    return {
+        "history": state.history,
+        "lrs": state.lrs,
+        "saved_cells": {},
+        "gamma": None,
+        "gammas": None,
+        "wall_time_s": elapsed_s,
+        "model_state": {},
+        "dead_reason": str(exc),
+    }
+
+
+def _report_dead_run(
+    dead: dict, request: RunRequest, config: dict, curves, index: int, done: list, rank: int
+) -> None:
+    """Record a dead run (:attr:`RunRequest.dead_run_is_result`) so that the group goes on:
+    rank 0 logs ``dead_run`` 1 and the step curves up to the stop to the run's MLflow run, and
+    every worker reports once (all stop at the same step: the guard's losses are
+    worker-averaged), rank 0 with a checkpoint whose ``done`` ends with ``dead``, which a
+    restarted group resumes after and :func:`fit_runs` reads when this run is the last."""
+    import ray.train
+
+    from raymeta.tracking import flush_metrics, log_points
+
+    report = {"dead_run": 1, "run_index": index}
+    if rank != 0:
+        ray.train.report(report)
+        return
+    if request.mlflow_run_id:
+        points = [("dead_run", 1.0, 0), *curves.drain()]
+        log_points(config["tracking_uri"], request.mlflow_run_id, points)
+        flush_metrics(config["tracking_uri"], request.mlflow_run_id, final=True)
+    with tempfile.TemporaryDirectory() as d:
+        torch.save({"done": [*done, dead], "index": index}, Path(d) / STATE_FILE)
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def _train_multitask(
@@ -394,6 +449,7 @@ class FitResult:
     model_state: dict[str, torch.Tensor]
     rule_state: dict = field(default_factory=dict)  # e.g. an MFM run's meta-trained modulation
     tasks: list[dict] = field(default_factory=list)  # multi-task meta-training: each task's run
+    dead_reason: str | None = None  # why it is dead (RunRequest.dead_run_is_result)
 
 
 def fit(
@@ -452,11 +508,13 @@ def fit_runs(
 
     Returns:
         One :class:`FitResult` per run; ``wall_time_s`` is the run's own time in the worker
-        (training, evaluation, checkpoints).
+        (training, evaluation, checkpoints); a dead run of a request with
+        ``dead_run_is_result`` has its ``dead_reason`` and the epochs before the stop.
 
     Raises:
-        RaymetaError: a user-input error inside a worker (a bad value, a dead run), re-raised
-            on one line without restarting the workers (it would fail the same way).
+        RaymetaError: a user-input error inside a worker (a bad value, a dead run without
+            ``dead_run_is_result``), re-raised on one line without restarting the workers (it
+            would fail the same way).
         KeyboardInterrupt: Ctrl+C or SIGTERM in the driver (``trainer.fit`` runs off the main
             thread, :func:`raymeta.interrupts.call_off_main_thread`).
     """
@@ -507,4 +565,7 @@ def fit_runs(
         ckpt = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
     if "error" in ckpt:
         _raise_user_error(ckpt["error"])
-    return [FitResult(**r) for r in ckpt["done"]] + [FitResult(**_result_of(ckpt))]
+    results = [FitResult(**r) for r in ckpt["done"]]
+    if len(results) < len(runs):  # the last run's own checkpoint (a dead last run is in done)
+        results.append(FitResult(**_result_of(ckpt)))
+    return results
