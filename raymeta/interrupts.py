@@ -11,7 +11,9 @@ signal comes:
 - ``ray.init`` replaces the SIGTERM handler with ``sys.exit(15)``;
 - ``tune.run`` (behind ``Tuner.fit``) installs a SIGINT handler that ends the experiment
   gracefully (the state is saved once more, unfinished trials stay unfinished) and makes
-  ``fit`` *return*, and the handler stays installed after ``fit`` returns, so the next Ctrl+C
+  ``fit`` *return*; the handler only sets an event Tune's loop reads (it does not chain to
+  the previous handler), so a signal that lands as the last trial ends leaves no trace in what
+  ``fit`` returns, and the handler stays installed after ``fit`` returns, so the next Ctrl+C
   is swallowed (``TUNE_DISABLE_SIGINT_HANDLER=1`` would disable it; the interrupt then lands
   in the middle of Tune's loop instead);
 - Ray Train V2's ``TorchTrainer.fit``, in the main thread only, installs a SIGINT handler that
@@ -19,7 +21,8 @@ signal comes:
 
 Hence: :func:`sigterm_as_sigint` makes SIGTERM do whatever SIGINT does at that moment;
 :func:`fit_tuner` keeps Tune's graceful stop, puts the previous handlers back afterwards and
-raises ``KeyboardInterrupt`` when the experiment ended with unfinished trials;
+raises ``KeyboardInterrupt`` when a SIGINT or SIGTERM arrived during ``fit`` (recorded whichever
+handler took it) or the experiment ended with unfinished trials;
 :func:`call_off_main_thread` runs Train's ``fit`` in a helper thread, where Train installs no
 handler, while the main thread waits interruptibly.
 """
@@ -76,6 +79,38 @@ def _own_sigint_back() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def _stop_signals_received() -> Iterator[set[int]]:
+    """Record the SIGINT and SIGTERM the process receives within the block, whichever Python
+    handler takes them: the interpreter writes the number of every signal it catches to the
+    wakeup fd (:func:`signal.set_wakeup_fd`, here a non-blocking pipe) before any handler runs,
+    so a handler that swallows the signal (Tune's) cannot hide it.
+
+    Yields a set of signal numbers, filled when the block ends (also when it raises). In a
+    thread other than the main one the set stays empty (only the main thread can set the
+    wakeup fd; Tune installs no handler there, and SIGINT raises ``KeyboardInterrupt`` in the
+    main thread as usual). The previous wakeup fd is put back."""
+    received: set[int] = set()
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    os.set_blocking(write_end, False)
+    previous = signal.set_wakeup_fd(write_end)
+    try:
+        yield received
+    finally:
+        signal.set_wakeup_fd(previous)
+        seen = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(read_end, 512):
+                seen += chunk
+        os.close(read_end)
+        os.close(write_end)
+        received.update(s for s in (signal.SIGINT, signal.SIGTERM) if s in seen)
+
+
 def fit_tuner(tuner, total: int):
     """``tuner.fit()`` with a deterministic outcome under Ctrl+C / SIGTERM (module docstring).
 
@@ -87,12 +122,14 @@ def fit_tuner(tuner, total: int):
         The ``ResultGrid`` of a finished experiment (every trial terminated or errored).
 
     Raises:
-        KeyboardInterrupt: the experiment was interrupted: fewer than ``total`` trials ended
-            (its state is saved; ``--resume`` restores it).
+        KeyboardInterrupt: the experiment was interrupted: a SIGINT or SIGTERM arrived while
+            ``fit`` ran, even one that landed as the last trial ended, or fewer than ``total``
+            trials ended (its state is saved; ``--resume`` restores it).
     """
-    with _own_sigint_back():
+    # Handlers back first, then the record read: a signal between the two raises here.
+    with _stop_signals_received() as received, _own_sigint_back():
         grid = tuner.fit()
-    if grid.num_terminated + grid.num_errors < total:
+    if received or grid.num_terminated + grid.num_errors < total:
         raise KeyboardInterrupt
     return grid
 

@@ -16,7 +16,9 @@ import mlflow
 import pandas as pd
 import pytest
 import yaml
+from ray import tune
 
+from raymeta.interrupts import fit_tuner, sigterm_as_sigint
 from raymeta.tune.compare import TRIAL_LOG
 from raymeta.tune.study import TASK_LOG, read_results
 
@@ -276,3 +278,56 @@ def test_ctrl_c_during_a_ray_train_stage_stops_the_pipeline(tmp_path):
     assert below and not no_survivors(below)
     statuses = runs_by_status(uri)
     assert "RUNNING" not in statuses and statuses.get("KILLED", 0) >= 1, statuses
+
+
+class SignalAtTheLastEnd(tune.Callback):
+    """Sends ``sig`` to this process from Tune's loop (the driver's main thread) as the
+    ``total``-th trial completes: the race of a Ctrl+C with the end of a stage, without timing
+    (Tune's loop ends anyway, its handler only sets the event the loop reads)."""
+
+    def __init__(self, sig: int, total: int):
+        self.sig, self.total, self.completed = sig, total, 0
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.completed += 1
+        if self.completed == self.total:
+            os.kill(os.getpid(), self.sig)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_as_the_last_trial_ends_is_an_interrupt_and_resume_runs_nothing_again(
+    ray_local, tmp_path, sig
+):
+    """A Ctrl+C (or SIGTERM, handled as SIGINT by the command) that lands as the last trial of
+    an experiment completes is swallowed by Tune's handler and every trial has ended; it still
+    raises ``KeyboardInterrupt`` (the command exits 130 and records nothing as done), and the
+    restored experiment, as ``--resume`` fits it, returns the finished trials without running
+    any again."""
+    starts = tmp_path / "starts"
+
+    def trainable(config):  # local: Ray pickles it by value for its workers
+        with open(config["starts"], "a") as log:
+            log.write(f"{config['i']}\n")
+        tune.report({"score": config["i"]})
+
+    param_space = {"i": tune.grid_search([0, 1]), "starts": str(starts)}
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=1),
+        run_config=tune.RunConfig(
+            name="race",
+            storage_path=str(tmp_path),
+            callbacks=[SignalAtTheLastEnd(sig, total=2)],
+            verbose=0,
+        ),
+    )
+    with sigterm_as_sigint(), pytest.raises(KeyboardInterrupt):
+        fit_tuner(tuner, 2)
+    assert sorted(starts.read_text().split()) == ["0", "1"]  # both trials had ended
+
+    restored = tune.Tuner.restore(str(tmp_path / "race"), trainable, param_space=param_space)
+    grid = fit_tuner(restored, 2)
+    assert grid.num_terminated == 2 and grid.num_errors == 0
+    assert sorted(r.metrics["score"] for r in grid) == [0, 1]
+    assert sorted(starts.read_text().split()) == ["0", "1"]  # no trial ran again

@@ -100,7 +100,8 @@ def train_loop_per_worker(config: dict) -> None:
     for index in range(len(done), len(runs)):
         resume = ckpt if ckpt is not None and ckpt.get("index", 0) == index else None
         try:
-            done.append(_train_run(runs[index], config, index, done, resume, checkpoint is None))
+            attempt = _RunAttempt(runs[index], config, index, done, resume, checkpoint is None)
+            done.append(_train_run(attempt))
         except RaymetaError as exc:
             _report_user_error(type(exc)(f"run {runs[index].spec.label!r}: {exc}"))
             return
@@ -133,14 +134,47 @@ def _raise_user_error(error: dict) -> None:
     raise cls(error["message"])
 
 
-def _train_run(
-    request: RunRequest,
-    config: dict,
-    index: int,
-    done: list[dict],
-    ckpt: dict | None,
-    first_attempt: bool,
-) -> dict:
+@dataclass
+class _RunAttempt:
+    """One run of a sweep as a worker of :func:`train_loop_per_worker` trains it.
+
+    Attributes:
+        request: the run.
+        config: the loop's ``config``.
+        index: the run's place in the sweep (``config["runs"]``).
+        done: the results of the sweep's runs already finished (saved in every checkpoint).
+        ckpt: the run's checkpoint to resume from (the payload :meth:`report_checkpoint`
+            saved); None: from the start.
+        first_attempt: the group's first attempt (it started without any checkpoint); only it
+            injects ``fail_once_after_epoch``.
+    """
+
+    request: RunRequest
+    config: dict
+    index: int
+    done: list[dict]
+    ckpt: dict | None
+    first_attempt: bool
+
+    def report_checkpoint(self, metrics: dict, payload: dict) -> None:
+        """Rank 0's ``ray.train.report`` of ``metrics`` with a checkpoint (``STATE_FILE``)
+        holding ``payload`` and the run's place in the sweep (``index``, ``done``)."""
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as d:
+            torch.save({**payload, "index": self.index, "done": self.done}, Path(d) / STATE_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    def fail_if_injected(self, epoch: int) -> None:
+        """Raise the injected worker failure (fault-tolerance tests) after epoch
+        ``fail_once_after_epoch`` of the first attempt."""
+        if self.config.get("fail_once_after_epoch") == epoch and self.first_attempt:
+            raise RuntimeError(
+                f"injected worker failure after epoch {epoch} (fault-tolerance test)"
+            )
+
+
+def _train_run(attempt: _RunAttempt) -> dict:
     """One run of :func:`train_loop_per_worker`; returns its result (the keys of
     :class:`FitResult`)."""
     import ray.train
@@ -151,9 +185,10 @@ def _train_run(
     from raymeta.train.device import resolve_device
     from raymeta.train.loop import RunState, Workers
 
+    request, config, index, ckpt = attempt.request, attempt.config, attempt.index, attempt.ckpt
     spec = request.spec
     if isinstance(spec, MultiTaskMetaTrainRun):
-        return _train_multitask(request, config, index, done, ckpt, first_attempt)
+        return _train_multitask(attempt)
     built = build_run(
         spec,
         resolve_device(config["use_gpu"]),
@@ -172,7 +207,6 @@ def _train_run(
         built.model = ray.train.torch.prepare_model(model)
     saved_epochs = set(spec.saved_epochs) if isinstance(spec, MetaTrainRun) else set()
     t_start = time.perf_counter() - elapsed
-    fail_at = config.get("fail_once_after_epoch")
     payload: dict[str, Any] = {}
     curves = StepCurves(spec.task.epochs * built.steps_per_epoch)
 
@@ -203,13 +237,8 @@ def _train_run(
                 elapsed_s = time.perf_counter() - t_start
                 line = _progress_line(spec.label, metrics, spec.task.epochs, elapsed_s)
                 print(line, file=sys.__stdout__, flush=True)  # bypass Train's print-to-log tee
-            with tempfile.TemporaryDirectory() as d:
-                torch.save({**payload, "index": index, "done": done}, Path(d) / STATE_FILE)
-                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
-        if fail_at == metrics["epoch"] and first_attempt:
-            raise RuntimeError(
-                f"injected worker failure after epoch {fail_at} (fault-tolerance test)"
-            )
+            attempt.report_checkpoint(report, payload)
+        attempt.fail_if_injected(metrics["epoch"])
 
     try:
         built.train(
@@ -222,7 +251,7 @@ def _train_run(
         if not request.dead_run_is_result:
             raise
         dead = _dead_result(exc, state, time.perf_counter() - t_start)
-        _report_dead_run(dead, request, config, curves, index, done, workers.rank)
+        _report_dead_run(dead, attempt, curves, workers.rank)
         return dead
     if request.mlflow_run_id and workers.rank == 0:  # what an MLflow outage held back
         flush_metrics(config["tracking_uri"], request.mlflow_run_id, final=True)
@@ -248,9 +277,7 @@ def _dead_result(exc: RaymetaError, state, elapsed_s: float) -> dict:
     }
 
 
-def _report_dead_run(
-    dead: dict, request: RunRequest, config: dict, curves, index: int, done: list, rank: int
-) -> None:
+def _report_dead_run(dead: dict, attempt: _RunAttempt, curves, rank: int) -> None:
     """Record a dead run (:attr:`RunRequest.dead_run_is_result`) so that the group goes on:
     rank 0 logs ``dead_run`` 1 and the step curves up to the stop to the run's MLflow run, and
     every worker reports once (all stop at the same step: the guard's losses are
@@ -260,6 +287,7 @@ def _report_dead_run(
 
     from raymeta.tracking import flush_metrics, log_points
 
+    request, config, index = attempt.request, attempt.config, attempt.index
     report = {"dead_run": 1, "run_index": index}
     if rank != 0:
         ray.train.report(report)
@@ -269,18 +297,11 @@ def _report_dead_run(
         log_points(config["tracking_uri"], request.mlflow_run_id, points)
         flush_metrics(config["tracking_uri"], request.mlflow_run_id, final=True)
     with tempfile.TemporaryDirectory() as d:
-        torch.save({"done": [*done, dead], "index": index}, Path(d) / STATE_FILE)
+        torch.save({"done": [*attempt.done, dead], "index": index}, Path(d) / STATE_FILE)
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def _train_multitask(
-    request: RunRequest,
-    config: dict,
-    index: int,
-    done: list[dict],
-    ckpt: dict | None,
-    first_attempt: bool,
-) -> dict:
+def _train_multitask(attempt: _RunAttempt) -> dict:
     """Multi-task meta-training on this worker (:mod:`raymeta.train.multitask`): train its
     task to the end of each meta-training epoch, gather every task's state (one
     ``all_gather_object`` over all workers; rank 0 logs the tasks' metrics and saves the
@@ -301,6 +322,7 @@ def _train_multitask(
         task_summary,
     )
 
+    request, config, index, ckpt = attempt.request, attempt.config, attempt.index, attempt.ckpt
     spec: MultiTaskMetaTrainRun = request.spec
     device = resolve_device(config["use_gpu"])
     workers = Workers.for_tasks(len(spec.tasks))
@@ -364,14 +386,8 @@ def _train_multitask(
             )
             line = f"[{spec.label}] epoch {epoch}/{spec.epochs}  {lines}  {elapsed_s:.0f}s"
             print(line, file=sys.__stdout__, flush=True)
-        with tempfile.TemporaryDirectory() as d:
-            torch.save({**payload, "index": index, "done": done}, Path(d) / STATE_FILE)
-            report = {"epoch": epoch, "run_index": index}
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
-        if config.get("fail_once_after_epoch") == epoch and first_attempt:
-            raise RuntimeError(
-                f"injected worker failure after epoch {epoch} (fault-tolerance test)"
-            )
+        attempt.report_checkpoint({"epoch": epoch, "run_index": index}, payload)
+        attempt.fail_if_injected(epoch)
     return _multitask_result(payload) if dist.get_rank() == 0 else {}
 
 
