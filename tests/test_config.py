@@ -2,8 +2,9 @@
 
 import pytest
 
-from raymeta.config import load_pipeline
+from raymeta.config import SECTIONS, load_pipeline
 from raymeta.errors import ConfigError
+from raymeta.pipelines import find_pipeline, packaged_pipelines
 
 BASE = "name: t\nmeta_train:\n  task:\n    dataset: digits\n"
 
@@ -53,3 +54,10 @@ def test_valid_numbers_still_load(tmp_path):
     cfg = load_pipeline(path)
     assert cfg.meta_train.task.epochs == 2 and cfg.meta_train.task.weight_decay == 0.0
     assert cfg.meta_train.meta_lr == 1e-3
+
+
+@pytest.mark.parametrize("name", packaged_pipelines())
+def test_every_shipped_pipeline_is_valid(name):
+    """A shipped pipeline a user runs by name (`raymeta run NAME`) parses and has a section."""
+    cfg = load_pipeline(find_pipeline(name))
+    assert cfg.name and any(getattr(cfg, s) is not None for s in SECTIONS)
