@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from raymeta.errors import RaymetaError
@@ -544,26 +545,46 @@ def build_parser() -> argparse.ArgumentParser:
 INTERRUPTED = 130  # the exit status of a command stopped by Ctrl+C (128 + SIGINT) or SIGTERM
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one command. Exit status: 0 done; 2 a one-line ``raymeta: error: ...`` (bad input,
-    nothing of earlier work lost); 130 interrupted by Ctrl+C or SIGTERM (the command stops
-    whole, its Ray shut down, its MLflow runs KILLED; ``--resume`` continues it where it has
-    the flag)."""
+def interrupted_line(exc: KeyboardInterrupt) -> str:
+    """What an interrupted command prints last: the resume hint only when ``--resume`` would
+    continue it (a pipeline's :class:`~raymeta.interrupts.Interrupted` says so)."""
+    from raymeta.interrupts import Interrupted
+
+    if not isinstance(exc, Interrupted):
+        return "raymeta: interrupted"
+    if exc.resumable:
+        return "raymeta: interrupted; resume with --resume"
+    return "raymeta: interrupted; nothing saved to resume; run the command again to start over"
+
+
+def run_command(command: Callable[[], None]) -> int:
+    """Run ``command`` as every raymeta command line runs (``raymeta`` and the benchmarks):
+    MLflow logs warnings only, SIGTERM is handled as Ctrl+C.
+
+    Returns the exit status: 0 done; 2 after printing a :class:`RaymetaError` as one line
+    ``raymeta: error: ...`` (bad input, nothing of earlier work lost); 130 (:data:`INTERRUPTED`)
+    after Ctrl+C or SIGTERM, printing :func:`interrupted_line` (the command stops whole, its
+    Ray shut down, its MLflow runs KILLED).
+    """
     from raymeta.interrupts import sigterm_as_sigint
 
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no store-creation chatter
-    args = build_parser().parse_args(argv)
     try:
         with sigterm_as_sigint():
-            args.func(args)
+            command()
     except RaymetaError as exc:
         print(f"raymeta: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        hint = "; resume with --resume" if hasattr(args, "resume") else ""
-        print(f"raymeta: interrupted{hint}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt as exc:
+        print(interrupted_line(exc), file=sys.stderr, flush=True)
         return INTERRUPTED
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command (:func:`run_command`: exit status 0, 2 or 130)."""
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Ctrl+C and SIGTERM: one outcome for every command.
 
-The first SIGINT (Ctrl+C) or SIGTERM stops the whole command with ``KeyboardInterrupt``; the
-command line prints ``raymeta: interrupted; resume with --resume`` and exits with 130
-(:func:`raymeta.cli.main`), the session marks its MLflow runs KILLED and shuts down the Ray it
+The first SIGINT (Ctrl+C) or SIGTERM stops the whole command with ``KeyboardInterrupt``
+(:class:`Interrupted` once it leaves a pipeline); the command line prints
+``raymeta: interrupted; resume with --resume`` when the output folder holds saved work that
+``--resume`` continues, else ``raymeta: interrupted; nothing saved to resume; ...``, and exits
+with 130 (:func:`raymeta.cli.run_command`), the session marks its MLflow runs KILLED and shuts down the Ray it
 started (:mod:`raymeta.session`), and a stage that did not finish is never recorded as done.
 
 Left alone, three behaviours of the libraries (Ray 2.60) make the outcome depend on when the
@@ -35,6 +37,19 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl+C or SIGTERM stopped a pipeline (:func:`raymeta.pipeline.run_pipeline`).
+
+    Attributes:
+        resumable: its output folder holds saved work that ``--resume`` continues
+            (:func:`raymeta.session.can_resume`).
+    """
+
+    def __init__(self, resumable: bool):
+        super().__init__()
+        self.resumable = resumable
 
 
 def _sigterm(signum, frame) -> None:

@@ -22,8 +22,9 @@ import pandas as pd
 from raymeta.config import SECTIONS, MetaTrainConfig, PipelineConfig, TaskConfig, TransferConfig
 from raymeta.console import stage
 from raymeta.errors import ConfigError
+from raymeta.interrupts import Interrupted
 from raymeta.report import plot_accuracy_curves, plot_lr_curves, to_markdown, write_table
-from raymeta.session import ParentRun, Session, open_session
+from raymeta.session import ParentRun, Session, can_resume, open_session
 from raymeta.spec import MetaTrainRun
 
 STATE_FILE = "pipeline_state.json"  # the pipeline run's id, reopened by --resume
@@ -376,7 +377,25 @@ def run_pipeline(
     Raises:
         ConfigError, DataNotFoundError: a missing section or a bad value, before any training
             (one line).
+        Interrupted: Ctrl+C or SIGTERM (a ``KeyboardInterrupt``), once the session is closed;
+            it says whether ``--resume`` would continue the pipeline
+            (:func:`raymeta.session.can_resume`).
     """
+    if sections is None:
+        sections = [name for name in SECTIONS if getattr(cfg, name) is not None]
+    for name in sections:
+        if getattr(cfg, name) is None:
+            raise ConfigError(f"{cfg.name}: the pipeline has no {name!r} section")
+    sections = [name for name in SECTIONS if name in sections]
+    try:
+        check_pipeline(cfg, sections)
+        return _run_sections(cfg, sections, resume)
+    except KeyboardInterrupt as exc:
+        raise Interrupted(can_resume(cfg, sections)) from exc
+
+
+def _run_sections(cfg: PipelineConfig, sections: Sequence[str], resume: bool) -> pd.DataFrame:
+    """:func:`run_pipeline` after its checks: ``sections`` (in run order) in one session."""
     import mlflow
 
     from raymeta.tracking import as_params
@@ -384,13 +403,6 @@ def run_pipeline(
     from raymeta.tune.study import run_transfer_study
     from raymeta.tune.suite import run_transfer_suite
 
-    if sections is None:
-        sections = [name for name in SECTIONS if getattr(cfg, name) is not None]
-    for name in sections:
-        if getattr(cfg, name) is None:
-            raise ConfigError(f"{cfg.name}: the pipeline has no {name!r} section")
-    sections = [name for name in SECTIONS if name in sections]
-    check_pipeline(cfg, sections)
     table = pd.DataFrame()
     with open_session(cfg, sections, resume=resume) as session:
         params = as_params(cfg.model_dump(mode="json"))

@@ -308,6 +308,16 @@ def check_resume(cfg: PipelineConfig, sections: Sequence[str], output_dir: Path)
         )
 
 
+def can_resume(cfg: PipelineConfig, sections: Sequence[str]) -> bool:
+    """Whether ``--resume`` would continue ``sections`` of ``cfg`` now: :func:`check_resume`
+    passes on its output folder (a resumable section saved its state there)."""
+    try:
+        check_resume(cfg, sections, Path(cfg.output_dir).resolve())
+    except ConfigError:
+        return False
+    return True
+
+
 def registry_inputs(cfg: PipelineConfig, sections: Sequence[str]) -> dict[str, str]:
     """The registry URIs that ``sections`` of ``cfg`` load but do not register themselves (an
     earlier section among them registers the model's name), with the kind each must be."""

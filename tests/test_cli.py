@@ -138,3 +138,49 @@ def test_ui_refuses_zero_workers():
     res = run("ui", "--workers", "0")
     assert res.returncode == 2
     assert res.stderr.strip() == "raymeta: error: --workers 0: expected an integer >= 1"
+
+
+RESUME_LINE = "raymeta: interrupted; resume with --resume"
+NOTHING_LINE = "raymeta: interrupted; nothing saved to resume; run the command again to start over"
+
+
+@pytest.mark.parametrize(
+    ("section", "state_saved", "expected"),
+    [
+        ("compare", True, RESUME_LINE),  # Ctrl+C once the comparison saved its state
+        ("compare", False, NOTHING_LINE),  # Ctrl+C before it (e.g. in a meta-training stage)
+        ("transfer", True, NOTHING_LINE),  # transfer never resumes, whatever the folder holds
+    ],
+)
+def test_ctrl_c_prints_the_resume_hint_only_when_resume_continues(
+    tmp_path, monkeypatch, capsys, section, state_saved, expected
+):
+    """``run_pipeline`` turns Ctrl+C into ``Interrupted`` saying whether ``--resume`` would
+    continue it (its state checked as ``--resume`` checks it); the command prints the matching
+    line and exits 130. The session is replaced by a Ctrl+C at its start (no Ray here)."""
+    import json
+
+    import raymeta.pipeline as pipeline
+    from raymeta.cli import run_command
+    from raymeta.config import PipelineConfig, parse
+
+    task = {"dataset": "digits", "model": "mlp", "batch_size": 32, "epochs": 2, "val_size": 300,
+            "meta_per_class": 0}  # fmt: skip
+    sections = {
+        "compare": {"task": task, "search": {"families": ["fixed"], "trials_per_family": 2}},
+        "transfer": {"task": task, "methods": [{"schedule": "fixed", "lr": 0.1}]},
+    }
+    data = {"name": "tiny", "output_dir": str(tmp_path / "out"), section: sections[section]}
+    cfg = parse(PipelineConfig, data)
+    if state_saved:  # what the comparison writes as it starts (its parent run's id)
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "compare_state.json").write_text(json.dumps({"parent_run_id": "0"}))
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_run_sections", interrupted)
+    assert run_command(lambda: pipeline.run_pipeline(cfg)) == 130
+    assert capsys.readouterr().err == expected + "\n"
+    assert run_command(interrupted) == 130  # not a pipeline: no claim about resuming
+    assert capsys.readouterr().err == "raymeta: interrupted\n"

@@ -25,6 +25,9 @@ from raymeta.tune.study import TASK_LOG, read_results
 pytestmark = pytest.mark.ray
 RAYMETA = [sys.executable, "-m", "raymeta.cli"]
 INTERRUPTED = "raymeta: interrupted; resume with --resume"
+NOTHING_TO_RESUME = (
+    "raymeta: interrupted; nothing saved to resume; run the command again to start over"
+)
 
 
 def _children() -> dict[int, list[int]]:
@@ -273,7 +276,7 @@ def test_ctrl_c_during_a_ray_train_stage_stops_the_pipeline(tmp_path):
 
     res, below = interrupt([*RAYMETA, "run", str(cfg)], env, training, signal.SIGINT)
     assert res.returncode == 130, res.stderr[-3000:]
-    assert res.stderr.strip().splitlines()[-1] == INTERRUPTED
+    assert res.stderr.strip().splitlines()[-1] == NOTHING_TO_RESUME  # transfer does not resume
     assert "epoch 100/100" not in res.stdout  # stopped, not trained to the end
     assert below and not no_survivors(below)
     statuses = runs_by_status(uri)
