@@ -24,7 +24,7 @@ from raymeta.console import stage
 from raymeta.errors import ConfigError
 from raymeta.interrupts import Interrupted
 from raymeta.report import plot_accuracy_curves, plot_lr_curves, to_markdown, write_table
-from raymeta.session import ParentRun, Session, can_resume, open_session
+from raymeta.session import ParentRun, Session, can_resume, nested_run, open_session
 from raymeta.spec import MetaTrainRun
 
 STATE_FILE = "pipeline_state.json"  # the pipeline run's id, reopened by --resume
@@ -126,10 +126,8 @@ def run_meta_train(cfg: MetaTrainConfig, session: Session, num_workers: int):
     names = " + ".join(f"{t.dataset}/{t.model}" for t in cfg.meta_tasks)
     single = spec if isinstance(spec, MetaTrainRun) else spec.task_run(0)
     tags = run_tags(single, "meta-train", META_TRAIN_LABEL) | {"task": names}
-    with mlflow.start_run(
-        run_name=run_name("meta-train", META_TRAIN_LABEL, cfg.meta_tasks[0].seed),
-        nested=True,
-        tags=tags,
+    with nested_run(
+        run_name=run_name("meta-train", META_TRAIN_LABEL, cfg.meta_tasks[0].seed), tags=tags
     ) as run:
         mlflow.log_params(
             as_params(spec.model_dump(mode="json"))
@@ -241,9 +239,8 @@ def run_transfer(
             f"transfer: {method.label} on {cfg.task.dataset}/{cfg.task.model}, "
             f"batch {cfg.task.batch_size}"
         )
-        with mlflow.start_run(
+        with nested_run(
             run_name=run_name("transfer", method.label, cfg.task.seed),
-            nested=True,
             tags=run_tags(spec, "transfer", method.label),
         ) as run:
             mlflow.log_params(as_params(spec.model_dump(mode="json")))

@@ -498,6 +498,19 @@ class Session:
 
 
 @contextlib.contextmanager
+def nested_run(**start_run_args: Any) -> Iterator[Any]:
+    """``mlflow.start_run(nested=True, **start_run_args)`` (a run under the active one, e.g. a
+    Ray Train run of a stage), yielding its ``ActiveRun``, and ended as the session's runs
+    end (:func:`_status_on_exit`): ``FINISHED``, ``FAILED`` on an error, ``KILLED`` on Ctrl+C
+    (MLflow's own context manager ends it ``FAILED`` on any exception, Ctrl+C included)."""
+    import mlflow
+
+    run = mlflow.start_run(nested=True, **start_run_args)
+    with _status_on_exit():
+        yield run
+
+
+@contextlib.contextmanager
 def _status_on_exit(*, was_finished: bool = False) -> Iterator[None]:
     """End the active MLflow run on leaving the block: ``FINISHED``; ``FAILED`` on an error;
     ``KILLED`` on Ctrl+C, also for every run under it still RUNNING and any nested run the

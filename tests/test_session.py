@@ -1,0 +1,66 @@
+"""The session skeleton (:mod:`raymeta.session`) without Ray: how its MLflow runs end, what it
+checks before it creates anything, and what it prints at the end."""
+
+import pytest
+
+from raymeta.config import PipelineConfig, RayConfig, parse
+
+TASK = {"dataset": "digits", "model": "mlp", "batch_size": 32, "epochs": 2, "val_size": 300}
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A SQLite store under ``tmp_path``: ``(tracking URI, experiment id)``."""
+    import mlflow
+
+    from raymeta.tracking import setup
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    yield setup(None, "session")
+    mlflow.set_tracking_uri(None)
+
+
+def statuses(experiment_id: str) -> dict[str, str]:
+    """Run name -> status of every run of the experiment."""
+    import mlflow
+
+    runs = mlflow.MlflowClient().search_runs([experiment_id])
+    return {r.info.run_name: r.info.status for r in runs}
+
+
+@pytest.mark.parametrize(
+    ("raised", "status"), [(KeyboardInterrupt, "KILLED"), (RuntimeError, "FAILED")]
+)
+@pytest.mark.parametrize("section", ["meta_train", "transfer"])
+def test_a_training_run_ends_killed_on_ctrl_c_and_failed_on_an_error(
+    store, tmp_path, monkeypatch, section, raised, status
+):
+    """Ctrl+C (or an error) while Ray Train trains a stage's run: the training run ends as
+    its stage and the pipeline run do (MLflow's own context manager would end it FAILED)."""
+    import raymeta.train.ray_train
+    from raymeta.pipeline import run_meta_train, run_transfer
+    from raymeta.session import Session
+
+    def fit(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(raymeta.train.ray_train, "fit", fit)
+    data = {
+        "meta_train": {"task": TASK | {"meta_per_class": 20}},
+        "transfer": {
+            "task": TASK | {"meta_per_class": 0},
+            "methods": [{"schedule": "fixed", "lr": 0.1}],
+        },
+    }
+    cfg = parse(PipelineConfig, {"name": "p", "output_dir": str(tmp_path), section: data[section]})
+    session = Session("p", tmp_path, store[0], "session", store[1], RayConfig())
+    stage = {"meta_train": "meta-train", "transfer": "transfer"}[section]
+    run_stage = {"meta_train": run_meta_train, "transfer": run_transfer}[section]
+    with pytest.raises(raised), session.parent_run("pipeline") as parent, parent.stage(stage):
+        run_stage(getattr(cfg, section), session, 1)
+    training = {
+        "meta_train": "meta-train/MLR-SNet (meta-training)/seed0",
+        "transfer": "transfer/fixed/seed0",
+    }[section]
+    assert statuses(store[1]) == {"pipeline/p": status, stage: status, training: status}
