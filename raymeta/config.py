@@ -813,7 +813,10 @@ class TransferSuiteConfig(Section):
     its search's best validation accuracy (never by test accuracy): "win" when the learned mean
     test accuracy is at least the family's, "within" when it trails by at most ``tolerance``
     (a fraction: 0.003 = 0.3 points), else "loss". The suite's target: a win on at least
-    ``wins_needed`` tasks and no loss.
+    ``wins_needed`` tasks and no loss. The online rows (PBT, PB2) are shown for reference, not
+    part of the verdict. ``smoke``: the budgets are shrunk to check the plumbing
+    (``benchmarks/transfer_suite.py --smoke`` sets it); the output then says its numbers mean
+    nothing.
     """
 
     learned: MethodConfig
@@ -822,6 +825,7 @@ class TransferSuiteConfig(Section):
     tasks: list[SuiteTaskConfig] = Field(min_length=1)
     tolerance: Annotated[float, Field(ge=0, lt=1)] = 0.003
     wins_needed: PositiveInt | None = None
+    smoke: bool = False
 
     @model_validator(mode="after")
     def _check(self):

@@ -21,12 +21,15 @@ def write_table(
 
 
 def to_markdown(df: pd.DataFrame) -> str:
-    """Markdown table with accuracies as percentages and times in seconds."""
+    """Markdown table with accuracies as percentages and times in seconds; columns already in
+    percent or points (named ``... (%)``, ``... (points)``) with two decimals."""
     shown, names = df.copy(), {}
     for col in shown.columns:
         if "_acc" in col or col.startswith("acc_"):
             shown[col] = shown[col].map(lambda v: f"{100 * v:.2f}" if v == v else "-")
             names[col] = f"{col} (%)"
+        elif col.endswith((" (%)", " (points)")):
+            shown[col] = shown[col].map(lambda v: f"{v:.2f}" if v == v else "-")
         elif shown[col].dtype.kind == "f":
             shown[col] = shown[col].map(lambda v: f"{v:.4g}" if v == v else "-")
         elif shown[col].dtype.kind == "O":

@@ -119,6 +119,99 @@ def test_bad_suite_config_is_one_line(tmp_path, patch, message):
     assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 
+def verdicts_of(seeds: int, tmp_path, capsys, monkeypatch, smoke=False):
+    """``run_transfer_suite`` on two tasks whose comparisons return hand-made tables (no Ray):
+    ``(printed lines, the written verdict table)``."""
+    from raymeta.session import Session
+    from raymeta.tune import compare, suite
+
+    tables = iter(
+        [
+            table(0.9012, {"multistep": (0.95, 0.8950), "cosine": (0.94, 0.93)}),
+            table(0.8000, {"multistep": (0.90, 0.8100)}),
+        ]
+    )
+    monkeypatch.setattr(compare.Comparison, "run", lambda self, session: next(tables))
+    data = config_dict(tmp_path)
+    data["suite"].update(seeds=seeds, smoke=smoke)
+    cfg = parse(PipelineConfig, data, "suite")
+    session = Session("tiny-suite", tmp_path, "sqlite:///x.db", "e", "0", cfg.ray)
+    suite.run_transfer_suite(cfg, session)
+    return capsys.readouterr().out.strip().splitlines(), pd.read_parquet(
+        tmp_path / "transfer_suite.parquet"
+    )
+
+
+def test_the_verdict_table_is_in_percent_and_points(tmp_path, capsys, monkeypatch):
+    lines, written = verdicts_of(3, tmp_path, capsys, monkeypatch)
+    assert list(written.columns) == [
+        "task", "learned_mean (%)", "learned_std (%)", "family", "family_mean (%)",
+        "family_std (%)", "diff (points)", "family_trials", "family_compute_s", "verdict",
+    ]  # fmt: skip
+    first = written.iloc[0]
+    assert first["learned_mean (%)"] == pytest.approx(90.12)
+    assert first["family_std (%)"] == pytest.approx(2.0) and first["family"] == "multistep"
+    assert first["diff (points)"] == pytest.approx(0.62)
+    assert list(written["verdict"]) == ["win", "loss"]
+    row = (tmp_path / "transfer_suite.md").read_text().splitlines()[2]  # tabulate drops 0s
+    assert [cell.strip() for cell in row.split("|")[1:-1]] == [
+        "t0", "90.12", "1", "multistep", "89.5", "2", "0.62", "20", "100", "win"
+    ]  # fmt: skip
+    assert lines[-3] == (
+        "t0: learned 90.12 +- 1.00 vs multistep 89.50 +- 2.00 (+0.62 points; search 20 "
+        "trials, 100 CPU-s) -> win"
+    )
+    assert lines[-1].startswith("target NOT MET")
+
+
+def test_one_seed_has_no_spread_and_a_smoke_run_says_its_numbers_mean_nothing(
+    tmp_path, capsys, monkeypatch
+):
+    lines, written = verdicts_of(1, tmp_path, capsys, monkeypatch, smoke=True)
+    assert lines[-4].startswith("t0: learned 90.12 n/a (1 seed) vs multistep 89.50 n/a (1 seed)")
+    assert written["learned_std (%)"].isna().all() and written["family_std (%)"].isna().all()
+    assert lines[-2] == "smoke run: tiny budgets, the numbers mean nothing"
+    assert lines[-1].startswith("target NOT MET")
+
+
+def test_online_rows_are_labelled_as_reference_in_the_task_line():
+    from raymeta.tune.suite import task_line
+
+    t = table(0.90, {"multistep": (0.90, 0.89)})
+    t.loc[len(t)] = ["PBT", 0.7562, 0.0012, 20, 300.0, 0.99]
+    line = task_line({"task": "t", **task_verdict(t, "MLR-SNet (Test)", 0.003)}, seeds=3)
+    assert line.endswith(", PBT 75.62 +- 0.12 (reference) -> win"), line
+
+
+def test_the_benchmark_resumes_and_stops_on_ctrl_c_as_the_cli(tmp_path, monkeypatch, capsys):
+    """benchmarks/transfer_suite.py --smoke --resume: the shrunk suite, marked smoke, resumed;
+    Ctrl+C in it ends with the command line's interrupted line and exit status 130."""
+    import importlib.util
+    from pathlib import Path
+
+    import raymeta.pipeline
+    from raymeta.interrupts import Interrupted
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "transfer_suite.py"
+    spec = importlib.util.spec_from_file_location("transfer_suite_benchmark", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    calls = []
+
+    def run_pipeline(cfg, resume=False):
+        calls.append((cfg, resume))
+        raise Interrupted(resumable=True)
+
+    monkeypatch.setattr(raymeta.pipeline, "run_pipeline", run_pipeline)
+    status = benchmark.main(["--smoke", "--resume", "--output-dir", str(tmp_path)])
+    assert status == 130
+    assert capsys.readouterr().err == "raymeta: interrupted; resume with --resume\n"
+    ((cfg, resume),) = calls
+    assert resume and cfg.suite.smoke and cfg.suite.seeds == 1
+    assert cfg.output_dir == str(tmp_path) and cfg.meta_train.task.train_subset == 3000
+    assert {t.task.train_subset for t in cfg.suite.tasks} == {1500, None}  # digits: all of it
+
+
 @pytest.mark.ray
 def test_tiny_suite_runs_every_task_and_writes_the_verdicts(ray_local, tmp_path):
     from raymeta.pipeline import run_pipeline

@@ -11,7 +11,13 @@ Per task the verdict compares the learned row with the best searched family, *ch
 family's best validation accuracy in its search* (choosing it by test accuracy would select on
 the test split): ``win`` when the learned mean test accuracy is at least the family's,
 ``within`` when it trails by at most ``tolerance``, ``loss`` otherwise. The suite meets its
-target with at least ``wins_target`` wins and no loss.
+target with at least ``wins_target`` wins and no loss. The online rows (PBT, PB2) are shown
+for reference only: they are not part of the verdict (the target compares the frozen learned
+schedule with the best searched hand-designed family).
+
+The verdict table (``transfer_suite.{parquet,md}``, also printed) gives accuracies in percent
+(columns ``... (%)``) and the difference in points (``diff (points)``); a standard deviation
+over one seed is missing there and ``n/a (1 seed)`` in the per-task lines.
 """
 
 from __future__ import annotations
@@ -91,10 +97,10 @@ def suite_verdict(verdicts: pd.DataFrame, suite: TransferSuiteConfig) -> str:
 
 def run_transfer_suite(cfg: PipelineConfig, session: Session) -> pd.DataFrame:
     """Run (or resume) every task's comparison of ``cfg.suite`` in ``session`` and return the
-    verdict table (one row per task; also ``transfer_suite.{parquet,md}`` in the output
-    folder). Each task's comparison keeps its own folder (``output_dir/<task>``, with its
-    resume state) and its MLflow run ``compare/<task>``, nested under the active (pipeline)
-    run."""
+    verdicts (one row per task, :func:`task_verdict`'s keys, accuracies as fractions; written
+    in percent as ``transfer_suite.{parquet,md}`` in the output folder, :func:`verdict_table`).
+    Each task's comparison keeps its own folder (``output_dir/<task>``, with its resume state)
+    and its MLflow run ``compare/<task>``, nested under the active (pipeline) run."""
     from raymeta.tune.compare import Comparison
 
     suite = cfg.suite
@@ -114,23 +120,48 @@ def run_transfer_suite(cfg: PipelineConfig, session: Session) -> pd.DataFrame:
             {"task": task.name, **task_verdict(table, suite.learned.label, suite.tolerance)}
         )
     verdicts = pd.DataFrame(rows)
-    write_table(verdicts, session.output_dir, "transfer_suite")
-    print("\n" + to_markdown(verdicts) + "\n")
+    shown = verdict_table(verdicts, suite.seeds)
+    write_table(shown, session.output_dir, "transfer_suite")
+    print("\n" + to_markdown(shown) + "\n")
     for row in verdicts.itertuples():
-        print(task_line(row._asdict()))
+        print(task_line(row._asdict(), suite.seeds))
+    if suite.smoke:
+        print(SMOKE_LINE)
     print(suite_verdict(verdicts, suite))
     return verdicts
 
 
-def task_line(v: dict[str, Any]) -> str:
-    """One task's verdict as a line: both rows' mean +- std (%), the difference, the family's
-    search cost and the verdict."""
+SMOKE_LINE = "smoke run: tiny budgets, the numbers mean nothing"
+
+
+def verdict_table(verdicts: pd.DataFrame, seeds: int) -> pd.DataFrame:
+    """The verdicts as written and printed: means and standard deviations (columns
+    ``*_mean``, ``*_std``: fractions) in percent as ``<column> (%)``, ``diff`` in points as
+    ``diff (points)``, the other columns as they are. With one seed the standard deviations
+    are missing (NaN), not 0."""
+    shown = {}
+    for col, values in verdicts.items():
+        if col.endswith(("_mean", "_std")):
+            missing = col.endswith("_std") and seeds == 1
+            shown[f"{col} (%)"] = float("nan") if missing else 100 * values.astype(float)
+        elif col == "diff":
+            shown["diff (points)"] = 100 * values
+        else:
+            shown[col] = values
+    return pd.DataFrame(shown)
+
+
+def task_line(v: dict[str, Any], seeds: int) -> str:
+    """One task's verdict as a line: both rows' mean +- std over ``seeds`` seeds (%; with one
+    seed ``n/a (1 seed)``), the difference, the family's search cost, the online rows (for
+    reference: not in the verdict) and the verdict."""
 
     def pct(mean, std):
-        return f"{100 * mean:.2f} +- {100 * std:.2f}"
+        spread = "n/a (1 seed)" if seeds == 1 else f"+- {100 * std:.2f}"
+        return f"{100 * mean:.2f} {spread}"
 
     online = "".join(
-        f", {name} {pct(v[f'{name.lower()}_mean'], v[f'{name.lower()}_std'])}"
+        f", {name} {pct(v[f'{name.lower()}_mean'], v[f'{name.lower()}_std'])} (reference)"
         for name in ONLINE_ROWS
         if f"{name.lower()}_mean" in v
     )
