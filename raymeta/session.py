@@ -591,8 +591,9 @@ def open_session(
     import ray
 
     from raymeta.interrupts import sigterm_as_sigint
-    from raymeta.tracking import setup
+    from raymeta.tracking import resolve_tracking_uri, setup
 
+    default_uri = resolve_tracking_uri(None)  # `raymeta ui`'s store (setup exports the new one)
     out = check_output_dir(cfg.output_dir)
     if resume:
         check_resume(cfg, sections, out)
@@ -624,6 +625,18 @@ def open_session(
         finally:
             if started:
                 ray.shutdown()
-    print(
-        f"browse the runs: raymeta ui   (or: mlflow ui --backend-store-uri {uri} --host 127.0.0.1)"
+    print(browse_hint(uri, default_uri))
+
+
+def browse_hint(uri: str, default_uri: str) -> str:
+    """The line a command ends with: how to browse the runs of the store ``uri`` with
+    ``raymeta ui`` (with ``--tracking-uri`` unless ``uri`` is ``default_uri``, the store
+    ``raymeta ui`` opens without it: ``$MLFLOW_TRACKING_URI`` or ``./mlflow.db``) or with
+    ``mlflow ui``."""
+    import shlex
+
+    flag = "" if uri == default_uri else f" --tracking-uri {shlex.quote(uri)}"
+    return (
+        f"browse the runs: raymeta ui{flag}   (or: mlflow ui --backend-store-uri "
+        f"{shlex.quote(uri)} --host 127.0.0.1)"
     )

@@ -64,3 +64,40 @@ def test_a_training_run_ends_killed_on_ctrl_c_and_failed_on_an_error(
         "transfer": "transfer/fixed/seed0",
     }[section]
     assert statuses(store[1]) == {"pipeline/p": status, stage: status, training: status}
+
+
+def _pipeline(tmp_path, **update) -> PipelineConfig:
+    transfer = {"task": TASK | {"meta_per_class": 0}, "methods": [{"schedule": "fixed", "lr": 0.1}]}
+    data = {"name": "p", "output_dir": str(tmp_path / "out"), "transfer": transfer}
+    return parse(PipelineConfig, data | update)
+
+
+@pytest.mark.parametrize("own_store", [False, True])
+def test_the_end_line_gives_raymeta_ui_the_store_unless_it_is_the_default(
+    tmp_path, monkeypatch, capsys, own_store
+):
+    """``raymeta ui`` opens ``$MLFLOW_TRACKING_URI`` or ./mlflow.db: the end line adds
+    ``--tracking-uri`` only for another store. The session runs without Ray (its connection
+    replaced)."""
+    import mlflow
+
+    import raymeta.session
+    from raymeta.session import open_session
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset")  # restored after the test, then unset:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # open_session exports the store it uses
+    monkeypatch.setattr(raymeta.session, "connect_ray", lambda cfg: False)
+    store = f"sqlite:///{tmp_path}/runs/other.db"
+    cfg = _pipeline(tmp_path, mlflow={"tracking_uri": store} if own_store else {})
+    try:
+        with open_session(cfg, []):
+            pass
+    finally:
+        mlflow.set_tracking_uri(None)
+    uri = store if own_store else f"sqlite:///{tmp_path}/mlflow.db"
+    flag = f" --tracking-uri {uri}" if own_store else ""
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"browse the runs: raymeta ui{flag}   (or: mlflow ui --backend-store-uri {uri} "
+        "--host 127.0.0.1)"
+    )
