@@ -140,3 +140,43 @@ def test_a_dead_search_trial_is_a_poor_result_and_a_final_run_an_error():
     assert lr == list(range(len(lr))) and len(lr) > 1
     with pytest.raises(DeadRunError):
         train_trial(dead, reports.append)
+
+
+@pytest.mark.parametrize(
+    ("kind", "settings"),
+    [
+        (
+            "meta-training",
+            "the task's momentum or weight_decay (meta-training's LR comes from MLR-SNet, "
+            "scaled by gamma from the initial loss)",
+        ),
+        (
+            "frozen MLR-SNet",
+            "the method's gamma (default: set from the initial loss) or the momentum",
+        ),
+        ("hand-designed", "the learning rate or the momentum"),
+    ],
+)
+def test_a_diverging_run_names_the_settings_it_has(kind, settings):
+    """Each kind of run diverging at a huge step (gamma 1e6, LR 1e6): the error names what
+    can be lowered there; meta-training has no learning rate setting."""
+    from raymeta.config import MetaTrainConfig, MethodConfig
+    from raymeta.schedules import MLRSNet, MLRSNetBundle
+    from raymeta.spec import meta_train_run, method_run
+    from raymeta.train.build import build_run
+
+    task = TASK.model_copy(update={"momentum": 0.9, "meta_per_class": 20})
+    bundle = MLRSNetBundle([MLRSNet().state_dict()], [1])
+    spec = {
+        "meta-training": lambda: meta_train_run(MetaTrainConfig(task=task), task, "m"),
+        "frozen MLR-SNet": lambda: method_run(
+            MethodConfig(schedule="mlrsnet", model_uri="models:/m@a", gamma=1e6), task
+        ),
+        "hand-designed": lambda: method_run(MethodConfig(schedule="fixed", lr=1e6), task),
+    }[kind]()
+    run = build_run(spec, meta_learner=bundle)
+    if kind == "meta-training":
+        run.schedule.gamma = 1e6  # kept: gamma is set from L0 only when unset
+    with pytest.raises((DeadRunError, NonFiniteLossError)) as err:
+        run.train()
+    assert f"training diverged; lower {settings} (or raise guard.max_loss_ratio)" in str(err.value)

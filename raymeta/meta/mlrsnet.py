@@ -158,6 +158,11 @@ class MLRSNetMetaTrainer(MetaLearner, Schedule):
         return torch.tensor(loss / self.loss_scale, device=w.device, dtype=w.dtype)
 
     needs_loss = True
+    # meta-training has no LR setting: MLR-SNet gives the LR, scaled by gamma from L0
+    step_settings = (
+        "the task's momentum or weight_decay (meta-training's LR comes from MLR-SNet, scaled "
+        "by gamma from the initial loss)"
+    )
 
     def in_window(self, step: int) -> bool:
         """True when global step ``step`` (0-based) is one of the ``horizon`` steps before a

@@ -20,6 +20,9 @@ class Schedule(ABC):
     """
 
     needs_loss = False  # the LR depends on the batch loss (MLR-SNet)
+    #: the settings that size this schedule's steps, as the errors of a diverging run name
+    #: them ("lower ..."; :mod:`raymeta.train.guard`)
+    step_settings = "the learning rate or the momentum"
 
     def start_epoch(self, epoch: int, mean_train_loss: Callable[[], float]) -> None:  # noqa: B027
         """Called before each epoch; ``mean_train_loss()`` evaluates the mean training loss of
@@ -41,12 +44,11 @@ class Schedule(ABC):
             ConfigError: ``loss`` is None and the schedule needs it.
         """
 
-    @staticmethod
-    def check_loss(loss: float | None, step: int, epoch: int) -> None:
+    def check_loss(self, loss: float | None, step: int, epoch: int) -> None:
         """Raise a one-line :class:`NonFiniteLossError` if ``loss`` is NaN or infinite (None:
-        no loss yet, nothing to check)."""
+        no loss yet, nothing to check), naming :attr:`step_settings`."""
         if loss is not None and not math.isfinite(loss):
             raise NonFiniteLossError(
                 f"training loss is {loss} at step {step} (epoch {epoch + 1}): training diverged; "
-                "lower the learning rate (or gamma) or check the data"
+                f"lower {self.step_settings}, or check the data"
             )

@@ -260,6 +260,7 @@ class MLRSNetSchedule(Schedule):
             self._cell = self.bundle.cells[self.checkpoints[self.phase]]
 
     needs_loss = True
+    step_settings = "the method's gamma (default: set from the initial loss) or the momentum"
 
     @torch.no_grad()
     def lr(self, step, epoch, loss):

@@ -19,6 +19,7 @@ import math
 from collections import deque
 
 from raymeta.errors import DeadRunError, NonFiniteLossError
+from raymeta.schedules.base import Schedule
 
 
 class ProgressGuard:
@@ -32,6 +33,9 @@ class ProgressGuard:
         window: steps averaged for both checks (fewer at the start of a run).
         initial_loss: ``L0`` when resuming a run (None: taken from the first checked step).
         enabled: False makes :meth:`check` test only for non-finite losses.
+        step_settings: the settings that size the run's steps, named in the errors ("lower
+            ..."; the schedule's :attr:`~raymeta.schedules.base.Schedule.step_settings`:
+            meta-training has no learning rate to lower).
     """
 
     def __init__(
@@ -43,8 +47,10 @@ class ProgressGuard:
         window: int = 20,
         initial_loss: float | None = None,
         enabled: bool = True,
+        step_settings: str = Schedule.step_settings,
     ):
         self.patience_steps, self.min_progress = patience_steps, min_progress
+        self.step_settings = step_settings
         self.max_loss_ratio, self.enabled = max_loss_ratio, enabled
         self.initial_loss = initial_loss
         self.recent: deque[float] = deque(maxlen=min(window, patience_steps))
@@ -61,7 +67,7 @@ class ProgressGuard:
         if not math.isfinite(loss):
             raise NonFiniteLossError(
                 f"training loss is {loss} at step {step + 1} (LR {lr:.4g}): training diverged; "
-                "lower the learning rate (or gamma, or the momentum) or check the data"
+                f"lower {self.step_settings}, or check the data"
             )
         if not self.enabled:
             return
@@ -74,13 +80,12 @@ class ProgressGuard:
             raise DeadRunError(
                 f"training loss grew to {mean:.4g} (mean of the last {len(self.recent)} steps) "
                 f"at step {step + 1}, past {self.max_loss_ratio:g} x its initial value "
-                f"{l0:.4g} (LR {lr:.4g}): training diverged; lower the learning rate or the "
-                "momentum (or raise guard.max_loss_ratio)"
+                f"{l0:.4g} (LR {lr:.4g}): training diverged; lower {self.step_settings} (or "
+                "raise guard.max_loss_ratio)"
             )
         if step + 1 == self.patience_steps and mean > l0 * (1 - self.min_progress):
             raise DeadRunError(
                 f"no progress: training loss {mean:.4g} (mean of the last {len(self.recent)} "
                 f"steps) after {step + 1} steps is not below its initial value {l0:.4g} "
-                f"(LR {lr:.4g}); change the learning rate or the momentum, or raise "
-                "guard.patience_steps"
+                f"(LR {lr:.4g}); change {self.step_settings}, or raise guard.patience_steps"
             )

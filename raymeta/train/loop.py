@@ -435,6 +435,7 @@ def train(
         window=task.guard.window,
         initial_loss=state.initial_loss,
         enabled=task.guard.enabled,
+        step_settings=schedule.step_settings,
     )
     guard.recent.extend(state.guard_losses)
     chance_acc = majority_fraction(data.test_y)
