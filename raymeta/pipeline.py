@@ -204,13 +204,14 @@ def check_not_at_chance(last_epoch: dict, what: str) -> None:
         DeadRunError: one line with both accuracies.
     """
     from raymeta.errors import DeadRunError
+    from raymeta.meta.mlrsnet import MLRSNetMetaTrainer
 
     acc, chance = last_epoch["test_acc"], last_epoch["chance_acc"]
     if acc <= chance + CHANCE_MARGIN:
         raise DeadRunError(
             f"meta-training ended at chance level (test accuracy {acc:.2%}, chance "
-            f"{chance:.2%}); {what} was not registered; lower the LR scale (gamma) or the "
-            "momentum, or train longer"
+            f"{chance:.2%}); {what} was not registered; change "
+            f"{MLRSNetMetaTrainer.step_settings}, or train longer"
         )
 
 
