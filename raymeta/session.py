@@ -16,7 +16,7 @@ Before Ray starts it checks the output folder (a folder, creatable), the trackin
 (:func:`raymeta.tracking.setup`), the sizes (:func:`check_resources`: Ray Train workers and
 trials against the local CPUs and GPUs; a remote cluster's resources right after connecting)
 and, with ``resume``, the saved state (:func:`resume_state`: present, readable, and saved with
-a config the new one may continue). Inside the session SIGTERM is handled as SIGINT
+a config the new one may continue; checked first, so that a refused resume creates nothing). Inside the session SIGTERM is handled as SIGINT
 (:mod:`raymeta.interrupts`): either stops the command with ``KeyboardInterrupt``.
 
 :meth:`Session.parent_run` opens a command's (or a stage's) parent MLflow run: resumed by id
@@ -594,9 +594,9 @@ def open_session(
     from raymeta.tracking import resolve_tracking_uri, setup
 
     default_uri = resolve_tracking_uri(None)  # `raymeta ui`'s store (setup exports the new one)
+    if resume:  # before the folder is created: a refused resume leaves nothing behind
+        check_resume(cfg, sections, Path(cfg.output_dir).resolve())
     out = check_output_dir(cfg.output_dir)
-    if resume:
-        check_resume(cfg, sections, out)
     uri, experiment_id = setup(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     session = Session(
         cfg.name,

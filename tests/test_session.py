@@ -101,3 +101,19 @@ def test_the_end_line_gives_raymeta_ui_the_store_unless_it_is_the_default(
         f"browse the runs: raymeta ui{flag}   (or: mlflow ui --backend-store-uri {uri} "
         "--host 127.0.0.1)"
     )
+
+
+def test_a_refused_resume_creates_no_output_folder(tmp_path, monkeypatch):
+    from raymeta.errors import ConfigError
+    from raymeta.session import open_session
+
+    monkeypatch.chdir(tmp_path)
+    compare = {"task": TASK | {"meta_per_class": 0}, "search": {"families": ["fixed"]}}
+    cfg = _pipeline(tmp_path / "new", compare=compare)
+    with pytest.raises(ConfigError) as err, open_session(cfg, ["compare"], resume=True):
+        pass
+    assert str(err.value) == (
+        f"--resume: nothing to resume in {tmp_path}/new/out (no compare_state.json); run "
+        "without --resume to start"
+    )
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor a tracking store
