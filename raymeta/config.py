@@ -7,6 +7,7 @@ one-line :class:`~raymeta.errors.ConfigError` naming the key, e.g.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import re
 from pathlib import Path
@@ -21,6 +22,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from raymeta.errors import ConfigError
 
@@ -83,12 +85,33 @@ META_BATCH_SIZE = 100  # meta-set images per meta step (MLR-SNet's and Meta-Weig
 
 
 class Strict(BaseModel):
-    """A config section: unknown keys are refused, values are immutable, and a field with an
-    old name (``validation_alias=AliasChoices(new, old)``) accepts either name, not both."""
+    """A config section: unknown keys are refused (with the closest accepted name, if one is
+    close), values are immutable, and a field with an old name
+    (``validation_alias=AliasChoices(new, old)``) accepts either name, not both."""
 
     model_config = ConfigDict(
         extra="forbid", frozen=True, allow_inf_nan=False, populate_by_name=True
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        """Refuse a key that names no field (error type ``unknown_key``, the key in its
+        context), adding the closest accepted name (:func:`difflib.get_close_matches`), e.g.
+        ``meta_bach_size: unknown key; did you mean meta_batch_size?``."""
+        if isinstance(data, dict):
+            accepted = []
+            for name, info in cls.model_fields.items():
+                aliases = info.validation_alias
+                accepted += aliases.choices if isinstance(aliases, AliasChoices) else [name]
+            for key in data:
+                if key not in accepted:
+                    close = difflib.get_close_matches(str(key), map(str, accepted), n=1)
+                    hint = f"; did you mean {close[0]}?" if close else ""
+                    raise PydanticCustomError(
+                        "unknown_key", "unknown key{hint}", {"key": key, "hint": hint}
+                    )
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -966,11 +989,10 @@ SECTIONS = ("meta_train", "transfer", "longtail", "mfm_search", "compare", "stud
 def format_validation_error(exc: ValidationError, where: str = "") -> str:
     """The first error of a pydantic ``ValidationError`` as ``where: dotted.key: message (got X)``."""
     err = exc.errors()[0]
-    key = ".".join(str(p) for p in err["loc"]) or "<root>"
+    loc = [*err["loc"], err["ctx"]["key"]] if err["type"] == "unknown_key" else err["loc"]
+    key = ".".join(str(p) for p in loc) or "<root>"
     msg = err["msg"].removeprefix("Value error, ")
-    got = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {err.get('input')!r})"
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key"
+    got = "" if err["type"] in ("missing", "unknown_key") else f" (got {err.get('input')!r})"
     if err["type"] == "value_error" or isinstance(err.get("input"), dict):
         got = ""
     return f"{where + ': ' if where else ''}{key}: {msg}{got}"

@@ -61,3 +61,27 @@ def test_every_shipped_pipeline_is_valid(name):
     """A shipped pipeline a user runs by name (`raymeta run NAME`) parses and has a section."""
     cfg = load_pipeline(find_pipeline(name))
     assert cfg.name and any(getattr(cfg, s) is not None for s in SECTIONS)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            BASE + "  meta_bach_size: 50\n",
+            "meta_train.meta_bach_size: unknown key; did you mean meta_batch_size?",
+        ),
+        (BASE + "    epochz: 3\n", "meta_train.task.epochz: unknown key; did you mean epochs?"),
+        (BASE + "  t_vall: 5\n", "meta_train.t_vall: unknown key; did you mean t_val?"),  # old name
+        (BASE + "colour: red\n", "colour: unknown key"),  # nothing close: no guess
+        (
+            "name: t\ntransfer:\n  methods:\n    - {schedule: fixed, lr: 0.1, parms: {}}\n",
+            "transfer.methods.0.parms: unknown key; did you mean params?",
+        ),
+    ],
+)
+def test_an_unknown_key_names_the_closest_accepted_one(tmp_path, body, expected):
+    path = tmp_path / "p.yaml"
+    path.write_text(body)
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(path)
+    assert str(err.value) == f"{path}: {expected}"
