@@ -339,7 +339,13 @@ def test_groups_of_two_workers_match_groups_of_one(tmp_path):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        mp.spawn(_group_worker, args=(world, port, spec, str(tmp_path)), nprocs=world)
+        # forked, not spawned: the workers start with torch and raymeta already imported
+        mp.start_processes(
+            _group_worker,
+            args=(world, port, spec, str(tmp_path)),
+            nprocs=world,
+            start_method="fork",
+        )
     for i in range(2):
         one = torch.load(tmp_path / f"world2_task{i}.pt", weights_only=True)
         two = torch.load(tmp_path / f"world4_task{i}.pt", weights_only=True)
