@@ -233,13 +233,19 @@ def averaged_in_one_process():
     return cell, [run["lrs"] for run in runs]
 
 
-@pytest.mark.ray
-def test_two_tasks_on_two_workers_match_one_process_averaging_their_meta_gradients(
-    ray_local, tmp_path
-):
+@pytest.fixture(scope="module")
+def unbroken(ray_local, tmp_path_factory):
+    """:data:`TWO_TASKS` meta-trained on two workers (one per task) by Ray Train without a
+    failure: the :class:`~raymeta.train.ray_train.FitResult` that the one-process reference and
+    the run resumed after a worker failure are both compared with (one fit for both tests)."""
     from raymeta.train.ray_train import fit
 
-    result = fit(two_task_spec("mt"), num_workers=2, storage_path=tmp_path)
+    return fit(two_task_spec("mt"), num_workers=2, storage_path=tmp_path_factory.mktemp("mt"))
+
+
+@pytest.mark.ray
+def test_two_tasks_on_two_workers_match_one_process_averaging_their_meta_gradients(unbroken):
+    result = unbroken
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each worker: the same reduction order in the matmuls
     try:
@@ -262,15 +268,16 @@ def test_two_tasks_on_two_workers_match_one_process_averaging_their_meta_gradien
 
 
 @pytest.mark.ray
-def test_multitask_worker_failure_resumes_exactly_from_the_checkpoint(ray_local, tmp_path):
+def test_multitask_worker_failure_resumes_exactly_from_the_checkpoint(unbroken, tmp_path):
     """A failure after meta-training epoch 2 (task 0 restarted, both tasks inside an epoch of
     their own): the restarted group resumes from every task's checkpointed state and ends as
     the unbroken run."""
     from raymeta.train.ray_train import fit
 
-    spec = two_task_spec("mt-fail")
-    whole = fit(spec, num_workers=2, storage_path=tmp_path / "whole")
-    resumed = fit(spec, num_workers=2, storage_path=tmp_path / "r", fail_once_after_epoch=2)
+    whole = unbroken
+    resumed = fit(
+        two_task_spec("mt-fail"), num_workers=2, storage_path=tmp_path, fail_once_after_epoch=2
+    )
     assert [t["lrs"] for t in resumed.tasks] == [t["lrs"] for t in whole.tasks]
     for key, value in whole.saved_cells[3].items():
         assert torch.equal(resumed.saved_cells[3][key], value), key
@@ -332,7 +339,13 @@ def test_groups_of_two_workers_match_groups_of_one(tmp_path):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        mp.spawn(_group_worker, args=(world, port, spec, str(tmp_path)), nprocs=world)
+        # forked, not spawned: the workers start with torch and raymeta already imported
+        mp.start_processes(
+            _group_worker,
+            args=(world, port, spec, str(tmp_path)),
+            nprocs=world,
+            start_method="fork",
+        )
     for i in range(2):
         one = torch.load(tmp_path / f"world2_task{i}.pt", weights_only=True)
         two = torch.load(tmp_path / f"world4_task{i}.pt", weights_only=True)
