@@ -38,6 +38,28 @@ def meta_loss_of(cell, model, opt, loss, meta, gamma=0.5):
     return lookahead_loss(model, params, sgd_direction(model, opt), gamma * unit, *meta)
 
 
+def assert_directional_derivative(cell, grads, f, eps=1e-6) -> None:
+    """The analytic gradient ``grads`` of the scalar ``f()`` w.r.t. ``cell``'s parameters, along
+    a seeded random direction, equals the central finite difference of ``f`` (rel 1e-5)."""
+    torch.manual_seed(1)
+    direction = [torch.randn_like(p) for p in cell.parameters()]
+    analytic = float(sum((g * v).sum() for g, v in zip(grads, direction, strict=True)))
+
+    def shifted(sign):
+        with torch.no_grad():
+            for p, v in zip(cell.parameters(), direction, strict=True):
+                p += sign * eps * v
+        value = f()
+        with torch.no_grad():
+            for p, v in zip(cell.parameters(), direction, strict=True):
+                p -= sign * eps * v
+        return value
+
+    numeric = (shifted(1) - shifted(-1)) / (2 * eps)
+    assert abs(analytic) > 1e-6
+    assert analytic == pytest.approx(numeric, rel=1e-5)
+
+
 def test_meta_gradient_matches_finite_differences():
     model, opt, cell, loss, _, meta = setup_problem()
     grads = torch.autograd.grad(meta_loss_of(cell, model, opt, loss, meta), list(cell.parameters()))
@@ -181,24 +203,7 @@ def test_momentum_scaled_meta_gradient_matches_finite_differences(nesterov):
         return meta_loss_and_grads()[0]
 
     grads = meta_loss_and_grads()[1]
-    torch.manual_seed(1)
-    direction = [torch.randn_like(p) for p in cell.parameters()]
-    analytic = float(sum((g * v).sum() for g, v in zip(grads, direction, strict=True)))
-    eps = 1e-6
-
-    def shifted(sign):
-        with torch.no_grad():
-            for p, v in zip(cell.parameters(), direction, strict=True):
-                p += sign * eps * v
-        value = meta_loss().item()
-        with torch.no_grad():
-            for p, v in zip(cell.parameters(), direction, strict=True):
-                p -= sign * eps * v
-        return value
-
-    numeric = (shifted(1) - shifted(-1)) / (2 * eps)
-    assert abs(analytic) > 1e-6
-    assert analytic == pytest.approx(numeric, rel=1e-5)
+    assert_directional_derivative(cell, grads, lambda: meta_loss().item())
 
 
 def test_learned_lr_is_scaled_by_one_minus_momentum():
@@ -302,24 +307,7 @@ def test_delayed_meta_gradient_matches_finite_differences_of_its_surrogate(k, me
             w = {n: w[n] - 0.1 * 0.5 * unit * d[n] for n in w}
         return functional_loss(model, w, *meta).item()
 
-    torch.manual_seed(1)
-    direction = [torch.randn_like(p) for p in cell.parameters()]
-    analytic = float(sum((g * v).sum() for g, v in zip(grads, direction, strict=True)))
-    eps = 1e-6
-
-    def shifted(sign):
-        with torch.no_grad():
-            for p, v in zip(cell.parameters(), direction, strict=True):
-                p += sign * eps * v
-        value = surrogate()
-        with torch.no_grad():
-            for p, v in zip(cell.parameters(), direction, strict=True):
-                p -= sign * eps * v
-        return value
-
-    numeric = (shifted(1) - shifted(-1)) / (2 * eps)
-    assert abs(analytic) > 1e-6
-    assert analytic == pytest.approx(numeric, rel=1e-5)
+    assert_directional_derivative(cell, grads, surrogate)
 
 
 def test_delayed_window_is_the_horizon_before_each_meta_step():
