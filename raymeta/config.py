@@ -667,22 +667,34 @@ class MFMDesignSpace(Strict):
 
 
 class MFMSearchConfig(Section):
-    """The ``mfm_search`` section, the MFM design search (:mod:`raymeta.tune.mfm_search`):
-    Ray Tune + Optuna (seeded TPE) sample ``trials`` MFM configurations from ``space`` and
-    train each on the development task ``task`` under ``schedule``, selecting on the balanced
-    validation split (``task.val_per_class`` images per class, carved from the training data:
-    required); the test split is never loaded by a trial. ``baselines`` are trained once on
-    the same task for reference (their validation accuracy is reported beside the trials, not
-    used to choose). ``grace_period``: ASHA stops weak trials after that many epochs (None: no
-    early stopping). ``max_concurrent`` trials at once, ``cpus_per_trial`` each (also the
-    trial's torch threads). The best trial of each parameterisation is that variant's chosen
-    configuration, logged to MLflow (the parent run ``mfm-search/{name}``) and written to
-    ``mfm_design_choice.json``.
+    """The ``mfm_search`` section, the MFM design search (:mod:`raymeta.tune.mfm_search`).
+
+    1. **Trials.** For each variant a default is chosen for (``direct``; ``network``, with or
+       without the class-frequency statistic: the ``modulation`` choices of ``space``), Ray
+       Tune + Optuna (seeded TPE) sample ``trials_per_variant`` MFM configurations from
+       ``space`` and train each once on the development task ``task`` under ``schedule``,
+       scored on the balanced validation split (``task.val_per_class`` images per class,
+       carved from the training data: required); the test split is never loaded by a trial.
+       ``grace_period``: ASHA stops weak trials after that many epochs (None: no early
+       stopping). ``max_concurrent`` trials at once, ``cpus_per_trial`` each (also the trial's
+       torch threads).
+    2. **Confirmation.** The ``confirm_top`` best trials of each variant and the
+       ``baselines`` are re-trained ``repeats`` times, the k-th time (k = 0 .. repeats - 1)
+       with training seed ``task.seed + k`` and class order ``task.order_seed + k`` (when
+       fixed), so a choice rests on several seeds and class orders, not on one run's noise
+       (one validation image is 0.1 point of 1,000). The baselines are reported beside the
+       candidates (mean and std over the repeats), never used to choose.
+    3. **Choice.** Each variant's chosen configuration is its confirmed candidate with the
+       highest mean final validation accuracy (with ``confirm_top: 0``: its trial with the
+       highest one), logged to MLflow (the parent run ``mfm-search/{name}``) and written to
+       ``mfm_design_choice.json``.
     """
 
     task: LongTailTaskConfig
     space: MFMDesignSpace = Field(default_factory=MFMDesignSpace)  # built on use: imports torch
-    trials: PositiveInt = 16
+    trials_per_variant: PositiveInt = 8
+    confirm_top: Annotated[int, Field(ge=0, strict=True)] = 0
+    repeats: PositiveInt = 1
     baselines: list[LongTailMethodConfig] = Field(default_factory=list)
     schedule: MethodConfig = Field(
         default_factory=lambda: MethodConfig(**DEFAULT_LONGTAIL_SCHEDULE)
@@ -693,6 +705,18 @@ class MFMSearchConfig(Section):
     cpus_per_trial: PositiveFloat = 1.0
     grace_period: PositiveInt | None = None
     reduction_factor: Annotated[int, Field(ge=2, strict=True)] = 2
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_trials(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "trials" in data:
+            raise PydanticCustomError(
+                "unknown_key",
+                "renamed trials_per_variant (each variant now has its own search; the old "
+                "trials was a total over variants)",
+                {"key": "trials"},
+            )
+        return data
 
     @model_validator(mode="after")
     def _check(self):

@@ -342,20 +342,40 @@ def test_mfm_design_search_selects_on_validation_and_records_the_choice(
         },
         "schedule": {"schedule": "warmup_cosine", "lr": 0.1, "params": {"warmup_fraction": 0.2}},
         "meta_batch_size": 50,
-        "trials": 3,
+        "trials_per_variant": 2,
+        "confirm_top": 1,
+        "repeats": 2,
         "baselines": [{"method": "balanced_softmax"}],
     }
     out = tmp_path / "out"
     pipeline = {"name": "search-test", "output_dir": str(out), "mfm_search": search}
     cfg = parse(PipelineConfig, {**pipeline, "mlflow": {"experiment": "search-test"}})
     trials = run_pipeline(cfg)
-    assert len(trials) == 3 and set(trials.epochs) == {2}
+    # each variant its own search: 2 trials of direct, 2 of the network with class statistics
+    assert len(trials) == 4 and set(trials.epochs) == {2}
+    assert trials.modulation.value_counts().to_dict() == {
+        "direct": 2,
+        "network+class_statistics": 2,
+    }
     assert trials.val_acc.between(0, 1).all() and trials.val_acc.max() > 0.1
     record = json.loads((out / "mfm_design_choice.json").read_text())
-    assert record["trials"] == 3 and set(record["baselines_val_acc"]) == {"Balanced Softmax"}
+    assert record["trials"] == 4 and record["confirmed"] == 2 and record["repeats"] == 2
+    confirmation = pd.read_parquet(out / "mfm_search_confirmation.parquet")
+    assert len(confirmation) == 3 and set(confirmation.repeats) == {2}
+    base = confirmation[confirmation.baseline].iloc[0]
+    assert record["baselines_val_acc"] == {"Balanced Softmax": pytest.approx(base.val_acc)}
     for variant, info in record["chosen"].items():
         mine = trials[trials.modulation.str.startswith(variant)]
-        assert info["val_acc"] == mine.val_acc.max()
+        best = mine.loc[mine.val_acc.idxmax()]
+        assert info["trial"] == best.trial_id  # the confirmed candidate: the variant's best trial
+        row = confirmation[confirmation.trial_id == best.trial_id].iloc[0]
+        per_repeat = [float(a) / 100 for a in row.val_per_repeat.split(" / ")]
+        assert (
+            info["val_acc"]
+            == pytest.approx(row.val_acc)
+            == pytest.approx(sum(per_repeat) / 2, abs=1e-4)
+        )
+        assert per_repeat[0] == pytest.approx(best.val_acc, abs=1e-4)  # repeat 0 is the trial
         assert info["params"]["sites"] in ("stages", "embedding")
         model = SmallCNN(1, 10, 8)
         built = build_method(
@@ -368,7 +388,8 @@ def test_mfm_design_search_selects_on_validation_and_records_the_choice(
     parent = runs[runs["tags.mlflow.runName"] == "mfm-search"]  # nested in pipeline/<name>
     assert len(parent) == 1
     children = runs[runs["tags.mlflow.parentRunId"] == parent.run_id.iloc[0]]
-    assert len(children) == 4  # 3 trials and the baseline
+    assert len(children) == 10  # 4 trials, 2 x 2 confirmation runs and the baseline's 2
+    assert set(children["tags.seed"].astype(int)) == {0, 1}
     assert children["metrics.val_acc"].notna().all()
     assert not any(c.startswith("metrics.test_") for c in runs.columns)  # no test split
     logged = client.get_run(parent.run_id.iloc[0]).data

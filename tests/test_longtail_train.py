@@ -402,7 +402,10 @@ SEARCH = {
         ({"space": {"meta_every": [0]}}, "space.meta_every.0: Input should be greater than 0"),
         ({"space": {"meta_lr": [1e-2, 1e-3]}}, "space: meta_lr: empty range"),
         ({"space": {"sites": []}}, "space.sites: List should have at least 1 item"),
-        ({"trials": 0}, "mfm_search.trials: Input should be greater than 0"),
+        ({"trials_per_variant": 0}, "mfm_search.trials_per_variant: Input should be greater"),
+        ({"trials": 16}, "mfm_search.trials: renamed trials_per_variant (each variant now"),
+        ({"confirm_top": -1}, "mfm_search.confirm_top: Input should be greater than or equal"),
+        ({"repeats": 0}, "mfm_search.repeats: Input should be greater than 0"),
         ({"schedule": {"schedule": "mlrsnet"}}, "hand-designed schedule"),
     ],
 )
