@@ -117,6 +117,7 @@ def _import_reference(args) -> None:
 
     from raymeta.config import check_alias, check_registered_model_name
     from raymeta.schedules.reference import load_reference
+    from raymeta.session import nested_run
     from raymeta.tracking import log_meta_learner, setup
 
     for flag, check, value in (
@@ -130,7 +131,7 @@ def _import_reference(args) -> None:
     bundle = load_reference(args.dir, args.layout)
     source = args.dir or "the checkpoints shipped with raymeta"
     _, experiment_id = setup(args.tracking_uri, args.experiment)
-    with mlflow.start_run(experiment_id=experiment_id, run_name="import-reference"):
+    with nested_run(experiment_id=experiment_id, run_name="import-reference"):
         mlflow.log_params({"layout": args.layout, "dir": str(source)})
         version = log_meta_learner(bundle, args.registered_model, args.alias)
     losses = [2.3, 1.5, 1.0, 0.6, 0.3]

@@ -57,7 +57,7 @@ import pandas as pd
 
 from raymeta.config import LongTailMethodConfig, LongTailStudyConfig, LongTailTaskConfig
 from raymeta.errors import ConfigError, DeadRunError, RegistrationError
-from raymeta.session import Session
+from raymeta.session import Session, nested_run
 from raymeta.spec import LongTailRun, longtail_run
 
 
@@ -298,7 +298,6 @@ def _register(
         DeadRunError: the chosen run is dead (nothing is registered).
         RegistrationError: the store failed to register it.
     """
-    import mlflow
 
     from raymeta.meta.methods import METHODS
     from raymeta.models.modulation import ModulatorNet
@@ -335,7 +334,7 @@ def _register(
         "top1_acc": last["test_acc"],
         "few_acc": last["test_few_acc"],
     }
-    with mlflow.start_run(run_id=run.run_id, nested=True):
+    with nested_run(run_id=run.run_id, was_finished=True):  # the run ended FINISHED
         version = register_meta_learner(
             modulator, cfg.registered_model, cfg.alias, keep, name="modulator", metadata=metadata
         )

@@ -498,15 +498,17 @@ class Session:
 
 
 @contextlib.contextmanager
-def nested_run(**start_run_args: Any) -> Iterator[Any]:
+def nested_run(*, was_finished: bool = False, **start_run_args: Any) -> Iterator[Any]:
     """``mlflow.start_run(nested=True, **start_run_args)`` (a run under the active one, e.g. a
-    Ray Train run of a stage), yielding its ``ActiveRun``, and ended as the session's runs
-    end (:func:`_status_on_exit`): ``FINISHED``, ``FAILED`` on an error, ``KILLED`` on Ctrl+C
-    (MLflow's own context manager ends it ``FAILED`` on any exception, Ctrl+C included)."""
+    Ray Train run of a stage; a top-level run when none is active), yielding its
+    ``ActiveRun``, and ended as the session's runs end (:func:`_status_on_exit`):
+    ``FINISHED``, ``FAILED`` on an error, ``KILLED`` on Ctrl+C (MLflow's own context manager
+    ends it ``FAILED`` on any exception, Ctrl+C included). ``was_finished``: a finished run
+    reopened (``run_id``) to log more stays ``FINISHED`` whatever happens."""
     import mlflow
 
     run = mlflow.start_run(nested=True, **start_run_args)
-    with _status_on_exit():
+    with _status_on_exit(was_finished=was_finished):
         yield run
 
 

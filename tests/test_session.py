@@ -117,3 +117,25 @@ def test_a_refused_resume_creates_no_output_folder(tmp_path, monkeypatch):
         "without --resume to start"
     )
     assert list(tmp_path.iterdir()) == []  # neither the folder nor a tracking store
+
+
+@pytest.mark.parametrize("was_finished", [False, True])
+def test_a_nested_run_ends_killed_on_ctrl_c_unless_it_was_finished(store, was_finished):
+    """``nested_run`` as ``import-reference`` (a new run) and the long-tail registration (a
+    finished run reopened to log the modulator) use it: Ctrl+C ends a new run KILLED and
+    leaves a reopened finished run FINISHED (MLflow's own context manager: FAILED)."""
+    import mlflow
+
+    from raymeta.session import nested_run
+
+    with mlflow.start_run(experiment_id=store[1], run_name="earlier") as earlier:
+        pass
+    start = {"run_id": earlier.info.run_id} if was_finished else {"run_name": "new"}
+    with (
+        pytest.raises(KeyboardInterrupt),
+        nested_run(experiment_id=store[1], **start, was_finished=was_finished),
+    ):
+        raise KeyboardInterrupt
+    expected = {"earlier": "FINISHED"} | ({} if was_finished else {"new": "KILLED"})
+    assert statuses(store[1]) == expected
+    assert mlflow.active_run() is None
