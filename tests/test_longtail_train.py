@@ -479,6 +479,11 @@ def test_choice_takes_each_variant_s_best_final_validation_accuracy():
     assert chosen["network"]["params"]["class_statistics"] is True
     assert chosen["network"]["params"]["meta_every"] == 4 and chosen["network"]["val_acc"] == 0.65
     assert choose(trials[trials.modulation == "network"], 3).keys() == {"network"}
+    # a tie in validation accuracy (float sums of equal image counts) goes to fewer look-aheads
+    tied = trials.assign(val_acc=[0.7, 0.9, (0.831 + 0.802 + 0.812) / 3, 0.815])
+    assert (0.831 + 0.802 + 0.812) / 3 != 0.815  # the means differ in the last float bits
+    assert choose(tied, epochs=3)["network"]["trial"] == "d"  # meta_every 4 over 1
+    assert choose(tied.assign(epochs=3), 3)["direct"]["trial"] == "b"  # 0.9, not the tie rule
 
 
 def test_summary_gives_mean_and_sample_std_over_seeds():

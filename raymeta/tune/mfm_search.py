@@ -194,7 +194,9 @@ def check_mfm_search(cfg: MFMSearchConfig) -> None:
 
 def choose(trials: pd.DataFrame, epochs: int) -> dict[str, dict[str, Any]]:
     """The chosen configuration of each variant: the row with the highest ``val_acc`` among
-    those that ran ``epochs`` epochs (all of the variant's rows when none did).
+    those that ran ``epochs`` epochs (all of the variant's rows when none did). A tie (the same
+    number of validation images right: equal to 6 decimals) goes to the cheaper configuration,
+    the larger ``meta_every`` (fewer look-ahead steps), then to the smaller ``val_acc_std``.
 
     Args:
         trials: one row per trial, or per confirmed candidate (:func:`confirmed`): the design
@@ -208,8 +210,13 @@ def choose(trials: pd.DataFrame, epochs: int) -> dict[str, dict[str, Any]]:
     out = {}
     for name, mine in _by_variant(trials):
         full = mine[mine["epochs"] >= epochs]
-        best = (full if not full.empty else mine)["val_acc"].astype(float).idxmax()
-        row = mine.loc[best]
+        pool = (full if not full.empty else mine).assign(
+            _acc=lambda d: d["val_acc"].astype(float).round(6),
+            _every=lambda d: d["meta_every"].astype(float),
+            _std=lambda d: d["val_acc_std"].astype(float) if "val_acc_std" in d else 0.0,
+        )
+        order = pool.sort_values(["_acc", "_every", "_std"], ascending=[False, False, True])
+        row = mine.loc[order.index[0]]
         method = design_method(row.to_dict())
         out[name] = {
             "method": method.method,
