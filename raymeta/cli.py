@@ -422,13 +422,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "quickstart", help="run the shipped quickstart.yaml pipeline (about 5 minutes on 2 CPUs)"
     )
-    _add_resume(p, "an interrupted quickstart: its comparison resumes, the other stages rerun")
+    _add_resume(
+        p,
+        "an interrupted quickstart: its comparison resumes, a finished meta-training's "
+        "registered version is reused, the other stages rerun",
+    )
     _add_common(p)
     p.set_defaults(func=_run, file="quickstart.yaml")
 
     p = sub.add_parser("run", help="run a pipeline YAML file")
     p.add_argument("file", help="pipeline file, or the name of a shipped one, e.g. quickstart.yaml")
-    _add_resume(p, "an interrupted pipeline: compare, study and suite resume, the others rerun")
+    _add_resume(
+        p,
+        "an interrupted pipeline: compare, study and suite resume, a finished meta-training's "
+        "registered version is reused, the others rerun",
+    )
     _add_common(p)
     p.set_defaults(func=_run)
 

@@ -24,10 +24,17 @@ from raymeta.console import stage
 from raymeta.errors import ConfigError
 from raymeta.interrupts import Interrupted
 from raymeta.report import plot_accuracy_curves, plot_lr_curves, to_markdown, write_table
-from raymeta.session import ParentRun, Session, can_resume, nested_run, open_session
+from raymeta.session import (
+    PIPELINE_STATE_FILE,
+    ParentRun,
+    Session,
+    can_resume,
+    meta_train_record,
+    nested_run,
+    open_session,
+)
 from raymeta.spec import MetaTrainRun
 
-STATE_FILE = "pipeline_state.json"  # the pipeline run's id, reopened by --resume
 META_TRAIN_LABEL = "MLR-SNet (meta-training)"
 
 
@@ -304,12 +311,28 @@ def _meta_train_workers(cfg: PipelineConfig) -> int:
     return cfg.meta_train_workers or cfg.ray.num_workers
 
 
+def _meta_train_histories(result, rows: list[dict]) -> dict[str, list[dict]]:
+    """The per-epoch metrics of a meta-training ``result`` (a ``FitResult``) by its table
+    ``rows``' labels, as plotted: each task's first run of a multi-task run."""
+    if result.tasks:
+        return {
+            row["method"]: [h for h in task["history"] if h["restarts"] == 0]
+            for row, task in zip(rows, result.tasks, strict=True)
+        }
+    return {META_TRAIN_LABEL: result.history}
+
+
 def _run_training_sections(
     cfg: PipelineConfig, sections: Sequence[str], session: Session, parent: ParentRun
 ) -> pd.DataFrame:
     """``meta_train``, ``transfer`` and ``longtail`` (those in ``sections``), each in its stage
     run under the pipeline run ``parent`` (:meth:`ParentRun.stage`); returns the table of the
     last of them.
+
+    A meta-training that registered its version is recorded in the pipeline state
+    (:func:`raymeta.session.meta_train_record`); a resumed session that reuses it
+    (:attr:`Session.reused_meta_train`) does not meta-train again and reports the saved rows
+    and histories.
 
     Raises:
         RegistrationError: meta-training's registration failed (after the tables are written;
@@ -322,20 +345,22 @@ def _run_training_sections(
     rows, curves, histories = [], {}, {}
     table = pd.DataFrame()
     failure = None  # a failed registration: reported after the results tables are written
-    if "meta_train" in sections:
+    if "meta_train" in sections and session.reused_meta_train is not None:
+        rows += session.reused_meta_train["rows"]
+        histories.update(session.reused_meta_train["histories"])
+    elif "meta_train" in sections:
         try:
             with parent.stage("meta-train"):
-                _, _, result, meta_rows = run_meta_train(
+                _, version, result, meta_rows = run_meta_train(
                     cfg.meta_train, session, _meta_train_workers(cfg)
                 )
+                meta_histories = _meta_train_histories(result, meta_rows)
+                parent.save(meta_train=meta_train_record(cfg, version, meta_rows, meta_histories))
         except RegistrationError as exc:
-            failure, result, meta_rows = exc, exc.result, exc.rows
+            failure, meta_rows = exc, exc.rows
+            meta_histories = _meta_train_histories(exc.result, meta_rows)
         rows += meta_rows
-        if result.tasks:  # each task's first run
-            for row, task in zip(meta_rows, result.tasks, strict=True):
-                histories[row["method"]] = [h for h in task["history"] if h["restarts"] == 0]
-        else:
-            histories[META_TRAIN_LABEL] = result.history
+        histories.update(meta_histories)
     if "transfer" in sections and failure is None:
         with parent.stage("transfer"):
             t_rows, curves, t_hist = run_transfer(cfg.transfer, session, cfg.ray.num_workers)
@@ -370,7 +395,9 @@ def run_pipeline(
 
     Args:
         resume: reopen the parent runs and Ray Tune experiments that an interrupted command
-            saved (``compare`` and ``study``; the other sections start again).
+            saved (``compare``, ``study`` and ``suite``), and reuse the version that a finished
+            ``meta_train`` registered (:meth:`raymeta.session.Session.reuse_meta_learner`;
+            the other sections start again).
 
     Raises:
         ConfigError, DataNotFoundError: a missing section or a bad value, before any training
@@ -404,7 +431,9 @@ def _run_sections(cfg: PipelineConfig, sections: Sequence[str], resume: bool) ->
     table = pd.DataFrame()
     with open_session(cfg, sections, resume=resume) as session:
         params = as_params(cfg.model_dump(mode="json"))
-        with session.parent_run("pipeline", params=params, state_file=STATE_FILE) as parent:
+        with session.parent_run(
+            "pipeline", params=params, state_file=PIPELINE_STATE_FILE
+        ) as parent:
             t0 = time.perf_counter()
             if {"meta_train", "transfer", "longtail"} & set(sections):
                 table = _run_training_sections(cfg, sections, session, parent)

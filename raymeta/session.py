@@ -8,7 +8,10 @@
 2. the MLflow tracking store and experiment (:func:`raymeta.tracking.setup`);
 3. the registry inputs of the sections it runs: every meta-learner they load but do not
    register themselves is checked (one line naming what the registry accepts) and loaded once
-   in the driver; runs receive it beside their spec (:meth:`Session.meta_learner`);
+   in the driver; runs receive it beside their spec (:meth:`Session.meta_learner`). With
+   ``resume``, a meta-training that the interrupted invocation finished and registered is not
+   run again: that version is loaded, for every load of its ``models:/NAME@ALIAS``
+   (:meth:`Session.reuse_meta_learner`);
 4. the Ray session: a connection to ``ray.address`` / ``$RAY_ADDRESS``, or a local Ray
    (:func:`start_local_ray`), shut down on exit if started here.
 
@@ -16,7 +19,9 @@ Before Ray starts it checks the output folder (a folder, creatable), the trackin
 (:func:`raymeta.tracking.setup`), the sizes (:func:`check_resources`: Ray Train workers and
 trials against the local CPUs and GPUs; a remote cluster's resources right after connecting)
 and, with ``resume``, the saved state (:func:`resume_state`: present, readable, and saved with
-a config the new one may continue; checked first, so that a refused resume creates nothing). Inside the session SIGTERM is handled as SIGINT
+a config the new one may continue, and a finished meta-training saved with the same config,
+:func:`finished_meta_train`; checked first, so that a refused resume creates nothing). Inside
+the session SIGTERM is handled as SIGINT
 (:mod:`raymeta.interrupts`): either stops the command with ``KeyboardInterrupt``.
 
 :meth:`Session.parent_run` opens a command's (or a stage's) parent MLflow run: resumed by id
@@ -190,7 +195,8 @@ def local_resources(cfg: RayConfig) -> tuple[float, float, str]:
 
 @dataclass(frozen=True)
 class ResumeRule:
-    """How a resumable section (``compare``, ``study``) resumes.
+    """How a resumable section (``compare``, ``study``; and a finished ``meta_train``,
+    :data:`META_TRAIN_RESUME`) resumes.
 
     Attributes:
         state_file: its state under ``output_dir``.
@@ -230,6 +236,50 @@ def _changed_keys(saved: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 
+def _read_state(path: Path) -> dict[str, Any]:
+    """The saved state at ``path`` (an existing file) with its ``parent_run_id``.
+
+    Raises:
+        ConfigError: it is truncated or corrupt (one line).
+    """
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("parent_run_id"), str):
+            raise ValueError("no parent_run_id")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"--resume: the saved state {path} is unreadable (truncated or corrupt: "
+            f"{' '.join(str(exc).split())[:120]}); accepted: a state file written by raymeta; "
+            "run without --resume (or with another output_dir) to start again"
+        ) from None
+    return state
+
+
+def _refuse_changes(
+    rule: ResumeRule, saved: dict, config: dict, differs: str, prefix: str = ""
+) -> None:
+    """Refuse a resume whose ``config`` changed ``saved`` beyond what ``rule`` accepts.
+
+    Raises:
+        ConfigError: one line, ``--resume: {differs} in {prefix}KEY (OLD -> NEW), ...``, with
+            the accepted changes.
+    """
+
+    def allowed(key: str, old: Any, new: Any) -> bool:
+        if key in rule.may_grow:
+            return isinstance(old, int) and isinstance(new, int) and new >= old
+        return any(key == f or key.startswith(f + ".") for f in rule.free)
+
+    changed = _changed_keys(saved, config)
+    bad = {k: v for k, v in changed.items() if not allowed(k, *v)}
+    if bad:
+        listed = ", ".join(f"{prefix}{k} ({old!r} -> {new!r})" for k, (old, new) in bad.items())
+        raise ConfigError(
+            f"--resume: {differs} in {listed}; accepted changes: {rule.accepted}; run without "
+            "--resume (or with another output_dir) to start again"
+        )
+
+
 def resume_state(output_dir: Path, section: str, config: dict[str, Any]) -> dict[str, Any] | None:
     """The saved state of ``section`` under ``output_dir`` for ``--resume``, checked: None when
     there is none; else readable, and saved with a config that ``config`` (the section's
@@ -243,41 +293,71 @@ def resume_state(output_dir: Path, section: str, config: dict[str, Any]) -> dict
     path = output_dir / rule.state_file
     if not path.exists():
         return None
-    try:
-        state = json.loads(path.read_text())
-        if not isinstance(state, dict) or not isinstance(state.get("parent_run_id"), str):
-            raise ValueError("no parent_run_id")
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"--resume: the saved state {path} is unreadable (truncated or corrupt: "
-            f"{' '.join(str(exc).split())[:120]}); accepted: a state file written by raymeta; "
-            "run without --resume (or with another output_dir) to start again"
-        ) from None
+    state = _read_state(path)
     saved = state.get("config")
-    if saved is None:  # saved by a raymeta that did not record the config
-        return state
-    changed = _changed_keys(saved, config)
-
-    def allowed(key: str, old: Any, new: Any) -> bool:
-        if key in rule.may_grow:
-            return isinstance(old, int) and isinstance(new, int) and new >= old
-        return any(key == f or key.startswith(f + ".") for f in rule.free)
-
-    bad = {k: v for k, v in changed.items() if not allowed(k, *v)}
-    if bad:
-        listed = ", ".join(f"{section}.{k} ({old!r} -> {new!r})" for k, (old, new) in bad.items())
-        raise ConfigError(
-            f"--resume: the {section} config differs from the saved one in {listed}; accepted "
-            f"changes: {rule.accepted}; run without --resume (or with another output_dir) to "
-            "start again"
-        )
+    if saved is not None:  # None: saved by a raymeta that did not record the config
+        differs = f"the {section} config differs from the saved one"
+        _refuse_changes(rule, saved, config, differs, prefix=f"{section}.")
     return state
+
+
+#: the pipeline's state under ``output_dir``: its run's id and stages (reopened by
+#: ``--resume``) and, once its meta-training registered a version, that meta-training's record
+#: (:func:`meta_train_record`)
+PIPELINE_STATE_FILE = "pipeline_state.json"
+
+#: a finished meta-training is reused on ``--resume`` only with the config it ran with
+META_TRAIN_RESUME = ResumeRule(
+    PIPELINE_STATE_FILE,
+    may_grow=(),
+    free=(),
+    accepted="none (the resumed sections go on with the meta-learner it registered)",
+)
+
+
+def meta_train_record(
+    cfg: PipelineConfig, version: str, rows: list[dict], histories: dict[str, list[dict]]
+) -> dict[str, Any]:
+    """What the pipeline state keeps (key ``meta_train``) of a meta-training that registered
+    ``version`` of ``cfg.meta_train.registered_model``: the registry reference, the ``meta_train``
+    section (JSON form; its number of workers is not part of it: they split the same global
+    batches), and its results-table ``rows`` and per-epoch ``histories``
+    (label -> the epochs' metrics, plotted), so that a resumed pipeline reuses it
+    (:func:`finished_meta_train`) and still reports it."""
+    return {
+        "registered_model": cfg.meta_train.registered_model,
+        "alias": cfg.meta_train.alias,
+        "version": str(version),
+        "config": cfg.meta_train.model_dump(mode="json"),
+        "rows": rows,
+        "histories": histories,
+    }
+
+
+def finished_meta_train(cfg: PipelineConfig, output_dir: Path) -> dict[str, Any] | None:
+    """The record (:func:`meta_train_record`) of the meta-training that the interrupted
+    invocation of ``cfg`` finished and registered, from the pipeline state under
+    ``output_dir``; None when it did not get that far (meta-training then runs again).
+
+    Raises:
+        ConfigError: the state is unreadable, or ``cfg``'s meta-training differs from the one
+            that registered the version (one line listing the keys).
+    """
+    path = output_dir / PIPELINE_STATE_FILE
+    record = _read_state(path).get("meta_train") if path.exists() else None
+    if record is not None:
+        uri = f"models:/{record['registered_model']} version {record['version']}"
+        differs = f"the meta-training config differs from the one that registered {uri}"
+        config = cfg.meta_train.model_dump(mode="json")
+        _refuse_changes(META_TRAIN_RESUME, record["config"], config, differs, "meta_train.")
+    return record
 
 
 def check_resume(cfg: PipelineConfig, sections: Sequence[str], output_dir: Path) -> None:
     """``--resume`` needs saved work: the state of at least one resumable section of
     ``sections`` (each checked with :func:`resume_state`; the ``suite`` section resumes each
-    task's comparison, saved under ``output_dir/<task>``).
+    task's comparison, saved under ``output_dir/<task>``). A ``meta_train`` section that
+    finished is checked too (:func:`finished_meta_train`).
 
     Raises:
         ConfigError: nothing is saved, or a state file is unreadable or does not fit.
@@ -306,6 +386,8 @@ def check_resume(cfg: PipelineConfig, sections: Sequence[str], output_dir: Path)
             f"--resume: nothing to resume in {output_dir} (no {files}); run without --resume "
             "to start"
         )
+    if "meta_train" in sections:
+        finished_meta_train(cfg, output_dir)
 
 
 def can_resume(cfg: PipelineConfig, sections: Sequence[str]) -> bool:
@@ -393,6 +475,9 @@ class Session:
             times (a task of the transfer suite, :mod:`raymeta.tune.suite`, which replaces
             ``name``, ``output_dir`` and ``scope``); it names the nested parent runs
             (:meth:`parent_run`).
+        reused_meta_train: in a resumed session, the record of the meta-training that the
+            interrupted invocation finished (:func:`finished_meta_train`), reused instead of
+            run again (:meth:`reuse_meta_learner`); else None.
     """
 
     name: str
@@ -404,6 +489,7 @@ class Session:
     resume: bool = False
     allow_pickle: bool = False
     scope: str | None = None
+    reused_meta_train: dict[str, Any] | None = None
     _loaded: dict[str, tuple[Any, str | None]] = field(default_factory=dict, repr=False)
 
     @property
@@ -431,6 +517,42 @@ class Session:
                 model_uri, kind, allow_pickle=self.allow_pickle
             )
         return self._loaded[model_uri]
+
+    def reuse_meta_learner(self, record: dict[str, Any]) -> str:
+        """Reuse the version that a finished meta-training registered (``record``,
+        :func:`meta_train_record`): loaded by version, it is what every load of
+        ``models:/NAME@ALIAS`` (its name and alias) gets in this session, even where the alias
+        has moved since: the resumed sections go on with the meta-learner that the
+        interrupted run's finished work used. Sets :attr:`reused_meta_train`.
+
+        Returns the line that says so.
+
+        Raises:
+            ConfigError: that version cannot be loaded any more (one line).
+        """
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        name, alias, version = record["registered_model"], record["alias"], record["version"]
+        pinned = f"models:/{name}/{version}"
+        try:
+            self.meta_learner(pinned)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"--resume: the meta-learner {pinned} that the interrupted run registered "
+                f"cannot be loaded ({exc}); run without --resume to meta-train again"
+            ) from None
+        self._loaded[f"models:/{name}@{alias}"] = self._loaded[pinned]
+        self.reused_meta_train = record
+        try:
+            now = str(MlflowClient().get_model_version_by_alias(name, alias).version)
+        except MlflowException:  # the alias was deleted
+            now = None
+        line = f"meta-train: reusing models:/{name} version {version} from the interrupted run"
+        if now != version:
+            where = "is no longer set" if now is None else f"now points at version {now}"
+            line += f" (the alias @{alias} {where}; this run loads version {version} for it)"
+        return line
 
     def saved_state(self, section: str) -> dict[str, Any] | None:
         """The saved state of a resumable section when the session resumes (checked before
@@ -610,6 +732,10 @@ def open_session(
         resume,
         cfg.mlflow.allow_pickle,
     )
+    if resume and "meta_train" in sections:
+        record = finished_meta_train(cfg, out)
+        if record is not None:
+            print(session.reuse_meta_learner(record))
     for model_uri, kind in registry_inputs(cfg, sections).items():
         session.meta_learner(model_uri, kind)
     local = not (ray.is_initialized() or cfg.ray.address or os.environ.get("RAY_ADDRESS"))

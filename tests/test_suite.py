@@ -258,3 +258,91 @@ def test_tiny_suite_runs_every_task_and_writes_the_verdicts(ray_local, tmp_path)
         assert trials == ["search/cosine/trial0", "search/cosine/trial1"]
         finals = sorted(r.info.run_name for r in children[stages["final"].info.run_id])
         assert finals == ["final/MLR-SNet (Test)/seed0", "final/cosine/seed0"]
+
+
+@pytest.mark.ray
+def test_resume_after_meta_training_reuses_the_registered_version(
+    ray_local, tmp_path, monkeypatch, capsys
+):
+    """Interrupted after meta-training registered ``tiny`` version 1, as the suite's task
+    starts its final runs: ``--resume`` does not meta-train again, the final runs load version
+    1, and the results table keeps the meta-training row. Resumed again after the alias moved
+    to another version, the pipeline still loads version 1 and says so; a changed
+    meta-training config is refused."""
+    from raymeta.errors import ConfigError
+    from raymeta.interrupts import Interrupted
+    from raymeta.pipeline import META_TRAIN_LABEL, run_pipeline
+    from raymeta.schedules import MLRSNet, MLRSNetBundle
+    from raymeta.session import check_resume, open_session
+    from raymeta.tracking import log_meta_learner
+    from raymeta.tune.compare import Comparison
+
+    data = config_dict(tmp_path, n_tasks=1, families=["fixed"], trials_per_family=1)
+    task = {"dataset": "digits", "model": "mlp", "batch_size": 32, "epochs": 2,
+            "val_size": 300, "meta_per_class": 10}  # fmt: skip
+    data["meta_train"] = {"task": task, "meta_every": 5, "meta_batch_size": 40,
+                          "registered_model": "tiny", "alias": "champion"}  # fmt: skip
+    cfg = parse(PipelineConfig, data, "suite")
+    final_runs = Comparison.final_runs
+
+    def interrupted_once(self, *args, **kwargs):  # Ctrl+C as the final runs start
+        if not interrupts:
+            interrupts.append("final")
+            raise KeyboardInterrupt
+        return final_runs(self, *args, **kwargs)
+
+    interrupts = []
+    monkeypatch.setattr(Comparison, "final_runs", interrupted_once)
+    try:
+        with pytest.raises(Interrupted) as err:
+            run_pipeline(cfg)
+        assert err.value.resumable and interrupts == ["final"]
+        before = pd.read_parquet(tmp_path / "results.parquet")
+        (tmp_path / "accuracy_curves.png").unlink()
+        capsys.readouterr()
+        verdicts = run_pipeline(cfg, resume=True)
+        reused = "meta-train: reusing models:/tiny version 1 from the interrupted run"
+        assert reused in capsys.readouterr().out.splitlines()
+        client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+        assert [v.version for v in client.search_model_versions("name='tiny'")] == [1]
+        experiment = client.get_experiment_by_name("tiny-suite").experiment_id
+        trained = client.search_runs(
+            [experiment], "attributes.run_name = 'meta-train/MLR-SNet (meta-training)/seed0'"
+        )
+        assert len(trained) == 1  # meta-trained once
+        after = pd.read_parquet(tmp_path / "results.parquet")
+        pd.testing.assert_frame_equal(after, before)
+        assert list(after["method"]) == [META_TRAIN_LABEL]
+        assert list(after["meta_learner_version"]) == ["1"] and after["test_acc"][0] > 0.2
+        assert (tmp_path / "accuracy_curves.png").stat().st_size > 0  # from the saved history
+        state = json.loads((tmp_path / "pipeline_state.json").read_text())
+        history = state["meta_train"]["histories"][META_TRAIN_LABEL]
+        assert [h["epoch"] for h in history] == [1, 2]
+        assert history[-1]["test_acc"] == after["test_acc"][0]
+        assert list(verdicts["task"]) == ["t0"]
+        comparison = pd.read_parquet(tmp_path / "t0" / "comparison.parquet").set_index("method")
+        assert comparison.loc["MLR-SNet (Test)", "meta_learner_version"] == "1"
+        assert comparison.loc["fixed", "search_trials"] == 1  # searched before the interrupt
+
+        torch.manual_seed(1)  # another meta-learner takes the alias
+        mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+        with mlflow.start_run(experiment_id=experiment):
+            log_meta_learner(MLRSNetBundle([MLRSNet().state_dict()], [1]), "tiny", "champion")
+        capsys.readouterr()
+        with open_session(cfg, ["meta_train", "suite"], resume=True) as session:
+            assert session.meta_learner(LEARNED["model_uri"])[1] == "1"
+        moved = " (the alias @champion now points at version 2; this run loads version 1 for it)"
+        assert reused + moved in capsys.readouterr().out.splitlines()
+
+        data["meta_train"]["task"]["epochs"] = 3
+        changed = parse(PipelineConfig, data, "suite")
+        with pytest.raises(ConfigError) as err:
+            check_resume(changed, ["meta_train", "suite"], tmp_path)
+        assert str(err.value) == (
+            "--resume: the meta-training config differs from the one that registered "
+            "models:/tiny version 1 in meta_train.task.epochs (2 -> 3); accepted changes: none "
+            "(the resumed sections go on with the meta-learner it registered); run without "
+            "--resume (or with another output_dir) to start again"
+        )
+    finally:
+        mlflow.set_tracking_uri(None)
