@@ -98,7 +98,7 @@ def test_shipped_pipeline_runs_by_name_from_any_folder(tmp_path):
     )
 
 
-def test_ui_runs_mlflow_with_this_interpreter_on_loopback(tmp_path):
+def test_ui_runs_mlflow_with_this_interpreter_on_loopback(tmp_path, new_store):
     """``raymeta ui`` as the README gives it (venv not activated: no ``mlflow`` on PATH) serves
     the store on 127.0.0.1 with one worker (issue 12 item 10)."""
     import signal
@@ -112,6 +112,7 @@ def test_ui_runs_mlflow_with_this_interpreter_on_loopback(tmp_path):
     # start and plays no part in what is checked here
     env = dict(os.environ, PATH="/usr/bin:/bin", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     db = tmp_path / "mlflow.db"
+    new_store(db)
     proc = subprocess.Popen(
         [*RAYMETA, "ui", "--port", str(port), "--tracking-uri", f"sqlite:///{db}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env,

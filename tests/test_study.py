@@ -141,7 +141,7 @@ def test_study_resumes_without_repeating_finished_tasks_and_reports(ray_local, t
 
 
 @pytest.mark.ray
-def test_raymeta_run_runs_a_study_only_pipeline(ray_local, tmp_path):
+def test_raymeta_run_runs_a_study_only_pipeline(ray_local, tmp_path, new_store):
     """Every section of a pipeline runs under `raymeta run`, the transfer study included."""
     from raymeta.config import MlflowConfig
     from raymeta.pipeline import run_pipeline
@@ -149,7 +149,7 @@ def test_raymeta_run_runs_a_study_only_pipeline(ray_local, tmp_path):
     cfg = load_pipeline(TINY).model_copy(
         update={
             "output_dir": str(tmp_path / "out"),
-            "mlflow": MlflowConfig(experiment="s", tracking_uri=f"sqlite:///{tmp_path}/m.db"),
+            "mlflow": MlflowConfig(experiment="s", tracking_uri=new_store(tmp_path / "m.db")),
         }
     )
     table = run_pipeline(cfg)

@@ -213,12 +213,13 @@ def test_the_benchmark_resumes_and_stops_on_ctrl_c_as_the_cli(tmp_path, monkeypa
 
 
 @pytest.mark.ray
-def test_tiny_suite_runs_every_task_and_writes_the_verdicts(ray_local, tmp_path):
+def test_tiny_suite_runs_every_task_and_writes_the_verdicts(ray_local, tmp_path, new_store):
     from raymeta.pipeline import run_pipeline
     from raymeta.schedules import MLRSNet, MLRSNetBundle
     from raymeta.tracking import log_meta_learner, setup
 
     cfg = parse(PipelineConfig, config_dict(tmp_path, families=["cosine"]), "suite")
+    new_store(tmp_path / "mlflow.db")
     _, exp = setup(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     torch.manual_seed(0)
     with mlflow.start_run(experiment_id=exp):
