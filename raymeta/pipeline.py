@@ -426,7 +426,6 @@ def run_pipeline(
 
 def _run_sections(cfg: PipelineConfig, sections: Sequence[str], resume: bool) -> pd.DataFrame:
     """:func:`run_pipeline` after its checks: ``sections`` (in run order) in one session."""
-    import mlflow
     import pandas as pd
 
     from raymeta.tracking import as_params
@@ -436,6 +435,8 @@ def _run_sections(cfg: PipelineConfig, sections: Sequence[str], resume: bool) ->
 
     table = pd.DataFrame()
     with open_session(cfg, sections, resume=resume) as session:
+        import mlflow  # once the session is open: it refuses a bad --resume without MLflow
+
         params = as_params(cfg.model_dump(mode="json"))
         with session.parent_run(
             "pipeline", params=params, state_file=PIPELINE_STATE_FILE
