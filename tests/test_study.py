@@ -96,11 +96,11 @@ def test_tiny_study_file_is_valid():
 
 
 @pytest.mark.ray
-def test_study_resumes_without_repeating_finished_tasks_and_reports(ray_local, tmp_path):
+def test_study_resumes_without_repeating_finished_tasks_and_reports(ray_local, tmp_path, new_store):
     address = ray_local.get_runtime_context().gcs_address
     out = tmp_path / "study"
     cmd = [sys.executable, "-m", "raymeta.cli", "study", str(TINY), "--address", address,
-           "--output-dir", str(out), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]  # fmt: skip
+           "--output-dir", str(out), "--tracking-uri", new_store(tmp_path / "mlflow.db")]  # fmt: skip
     env = {**os.environ, "RAY_ADDRESS": address}
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
