@@ -29,8 +29,8 @@ def ray_local():
 def _migrated_store(tmp_path_factory):
     """One empty MLflow SQLite store with every schema migration applied, made once per session:
     MLflow makes a store by running its Alembic migrations one by one, seconds per store (most of
-    it waiting for the disk). Its default experiment is deleted: MLflow recreates it when a copy
-    is opened, with its artifact location resolved there, as in a store made there."""
+    it waiting for the disk). Its default experiment is deleted: MLflow adds it again when a copy
+    is opened, with its artifact location resolved then, as in a store made there."""
     import mlflow
 
     path = tmp_path_factory.mktemp("migrated") / "mlflow.db"
@@ -42,9 +42,10 @@ def _migrated_store(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def new_store(_migrated_store):
-    """``new_store(path)`` puts an empty MLflow SQLite store at ``path`` (a copy of
-    ``_migrated_store``: the same file as MLflow makes, without the seconds of migrations) and
-    returns its URI ``sqlite:///{path}``. For tests whose subject is not the making of a store."""
+    """``new_store(path)`` puts an empty MLflow SQLite store at ``path`` and returns its URI
+    ``sqlite:///{path}``: a copy of ``_migrated_store``, which opens as a store that MLflow makes
+    there (tests/test_tracking.py checks it), without the seconds of migrations. For tests whose
+    subject is not the making of a store."""
 
     def make(path):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ __all__ = [
 
 
 def __getattr__(name: str):
+    """The MLR-SNet names, from :mod:`raymeta.schedules.mlrsnet` on first use."""
     if name in ("MLRSNet", "MLRSNetBundle", "MLRSNetSchedule", "gamma_scale"):
         from raymeta.schedules import mlrsnet
 
