@@ -112,13 +112,7 @@ def _transfer(args) -> None:
 
 
 def _import_reference(args) -> None:
-    import mlflow
-    import torch
-
     from raymeta.config import check_alias, check_registered_model_name
-    from raymeta.schedules.reference import load_reference
-    from raymeta.session import nested_run
-    from raymeta.tracking import log_meta_learner, setup
 
     for flag, check, value in (
         ("--registered-model", check_registered_model_name, args.registered_model),
@@ -128,6 +122,13 @@ def _import_reference(args) -> None:
             check(value)
         except ValueError as exc:
             raise RaymetaError(f"{flag}: {exc}") from None
+    import mlflow  # once the names are checked: a refusal needs neither MLflow nor torch
+    import torch
+
+    from raymeta.schedules.reference import load_reference
+    from raymeta.session import nested_run
+    from raymeta.tracking import log_meta_learner, setup
+
     bundle = load_reference(args.dir, args.layout)
     source = args.dir or "the checkpoints shipped with raymeta"
     _, experiment_id = setup(args.tracking_uri, args.experiment)

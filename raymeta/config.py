@@ -8,7 +8,6 @@ one-line :class:`~raymeta.errors.ConfigError` naming the key, e.g.
 from __future__ import annotations
 
 import difflib
-import inspect
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -25,6 +24,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from raymeta.errors import ConfigError
+from raymeta.schedules.mlrsnet_settings import HIDDEN_SIZE, MLP_HIDDEN, check_meta_objective
 
 # Integers are strict (YAML's ``true`` is not 1, ``2.5`` is not 2); floats refuse NaN and
 # infinity everywhere (``allow_inf_nan=False`` on :class:`Strict`).
@@ -141,16 +141,6 @@ class Section(Strict):
     def registers(self) -> str | None:
         """The registered model name this section creates a version of, if any."""
         return None
-
-
-def _lower_default(module: str, obj: str, parameter: str) -> Any:
-    """The default of ``parameter`` of ``module.obj`` (a lower-floor class): config defaults
-    that a lower floor already defines are read from it, not copied. Imported on first use
-    (the lower floors import torch; ``raymeta --help`` must not)."""
-    import importlib
-
-    target = getattr(importlib.import_module(module), obj)
-    return inspect.signature(target).parameters[parameter].default
 
 
 def longtail_methods() -> dict[str, tuple[str, bool]]:
@@ -301,8 +291,8 @@ class OuterLoopConfig(Strict):
     ``horizon`` steps before each meta step, default ``meta_every``;
     :mod:`raymeta.meta.mlrsnet`). ``meta_batch_size``: global meta batch (summed over
     workers). ``meta_lr``, ``meta_weight_decay``: Adam on the meta-learner (paper: 1e-3,
-    1e-4). ``hidden_size``, ``mlp_hidden``: the MLR-SNet cell (default: the paper's, as
-    :class:`~raymeta.schedules.MLRSNet` defines them).
+    1e-4). ``hidden_size``, ``mlp_hidden``: the MLR-SNet cell (default: the paper's,
+    :mod:`raymeta.schedules.mlrsnet_settings`).
     """
 
     meta_every: PositiveInt = Field(20, validation_alias=AliasChoices("meta_every", "t_val"))
@@ -311,17 +301,11 @@ class OuterLoopConfig(Strict):
     meta_batch_size: PositiveInt = META_BATCH_SIZE
     meta_lr: PositiveFloat = 1e-3
     meta_weight_decay: NonNegFloat = 1e-4
-    hidden_size: PositiveInt = Field(
-        default_factory=lambda: _lower_default("raymeta.schedules", "MLRSNet", "hidden_size")
-    )
-    mlp_hidden: PositiveInt = Field(
-        default_factory=lambda: _lower_default("raymeta.schedules", "MLRSNet", "mlp_hidden")
-    )
+    hidden_size: PositiveInt = HIDDEN_SIZE
+    mlp_hidden: PositiveInt = MLP_HIDDEN
 
     @model_validator(mode="after")
     def _check_objective(self):
-        from raymeta.meta.mlrsnet import check_meta_objective
-
         try:
             check_meta_objective(self.meta_objective, self.horizon)
         except ConfigError as exc:

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from raymeta.config import SECTIONS, MetaTrainConfig, PipelineConfig, TaskConfig, TransferConfig
 from raymeta.console import stage
 from raymeta.errors import ConfigError
 from raymeta.interrupts import Interrupted
-from raymeta.report import plot_accuracy_curves, plot_lr_curves, to_markdown, write_table
 from raymeta.session import (
     PIPELINE_STATE_FILE,
     ParentRun,
@@ -34,6 +32,9 @@ from raymeta.session import (
     open_session,
 )
 from raymeta.spec import MetaTrainRun
+
+if TYPE_CHECKING:  # pandas is imported once sections run: a bad pipeline file is refused first
+    import pandas as pd
 
 META_TRAIN_LABEL = "MLR-SNet (meta-training)"
 
@@ -124,6 +125,7 @@ def run_meta_train(cfg: MetaTrainConfig, session: Session, num_workers: int):
     import mlflow
 
     from raymeta.errors import RegistrationError
+    from raymeta.report import plot_lr_curves
     from raymeta.schedules import MLRSNetBundle
     from raymeta.tracking import as_params, log_results, register_meta_learner, run_name, run_tags
     from raymeta.train.ray_train import fit
@@ -338,8 +340,11 @@ def _run_training_sections(
         RegistrationError: meta-training's registration failed (after the tables are written;
             ``transfer`` and ``longtail`` do not run).
     """
+    import pandas as pd
+
     from raymeta.errors import RegistrationError
     from raymeta.longtail_study import run_longtail_study
+    from raymeta.report import plot_accuracy_curves, plot_lr_curves, to_markdown, write_table
     from raymeta.tracking import log_results
 
     rows, curves, histories = [], {}, {}
@@ -421,7 +426,7 @@ def run_pipeline(
 
 def _run_sections(cfg: PipelineConfig, sections: Sequence[str], resume: bool) -> pd.DataFrame:
     """:func:`run_pipeline` after its checks: ``sections`` (in run order) in one session."""
-    import mlflow
+    import pandas as pd
 
     from raymeta.tracking import as_params
     from raymeta.tune.compare import Comparison
@@ -430,6 +435,8 @@ def _run_sections(cfg: PipelineConfig, sections: Sequence[str], resume: bool) ->
 
     table = pd.DataFrame()
     with open_session(cfg, sections, resume=resume) as session:
+        import mlflow  # once the session is open: it refuses a bad --resume without MLflow
+
         params = as_params(cfg.model_dump(mode="json"))
         with session.parent_run(
             "pipeline", params=params, state_file=PIPELINE_STATE_FILE

@@ -712,14 +712,14 @@ def open_session(
             after connecting).
         KeyboardInterrupt: Ctrl+C or SIGTERM (the Ray started here is shut down).
     """
-    import ray
-
     from raymeta.interrupts import sigterm_as_sigint
     from raymeta.tracking import resolve_tracking_uri, setup
 
     default_uri = resolve_tracking_uri(None)  # `raymeta ui`'s store (setup exports the new one)
     if resume:  # before the folder is created: a refused resume leaves nothing behind
         check_resume(cfg, sections, Path(cfg.output_dir).resolve())
+    import ray  # after the resume check: a refused --resume needs neither Ray nor MLflow
+
     out = check_output_dir(cfg.output_dir)
     uri, experiment_id = setup(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     session = Session(

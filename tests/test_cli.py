@@ -1,5 +1,6 @@
 """The command line as a user meets it: fast help, one-line errors for bad configs."""
 
+import json
 import os
 import subprocess
 import sys
@@ -73,6 +74,36 @@ def test_bad_config_is_one_line_error(tmp_path, patch, expected):
     )
 
 
+def test_a_bad_pipeline_file_is_refused_before_any_heavy_import(tmp_path):
+    """``raymeta run`` checks a file's every section (here MLR-SNet's settings and the schedule
+    families) without importing the heavy libraries, so a refusal comes at once (checked
+    structurally, as for ``--help``)."""
+    cfg = tmp_path / "bad.yaml"
+    task = "{dataset: digits, model: mlp}"
+    cfg.write_text(
+        f"name: bad\noutput_dir: {tmp_path}/out\n"
+        f"meta_train: {{task: {task}, meta_objective: delayed, horizon: 3}}\n"
+        f"transfer: {{task: {task}, methods: [{{schedule: cosine, lr: 0.1}}, "
+        "{schedule: stepwise, lr: 0.1}]}\n"
+    )
+    probe = (
+        "import contextlib, io, json, sys\n"
+        "from raymeta.cli import main\n"
+        "with contextlib.redirect_stderr(io.StringIO()) as err:\n"
+        f"    code = main(['run', {str(cfg)!r}])\n"
+        f"heavy = sorted(m for m in {HEAVY!r} if m in sys.modules)\n"
+        "print(json.dumps([code, heavy, err.getvalue()]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [
+        2,
+        [],
+        f"raymeta: error: {cfg}: transfer.methods.1: unknown schedule 'stepwise'; accepted: "
+        "mlrsnet, fixed, multistep, exponential, cosine, sgdr, onecycle, warmup_cosine\n",
+    ]
+
+
 def test_missing_pipeline_file_lists_the_shipped_pipelines(tmp_path):
     res = run("run", "nope.yaml", cwd=tmp_path)
     shipped = sorted(p.name for p in (ROOT / "raymeta" / "pipelines").glob("*.yaml"))
@@ -98,7 +129,7 @@ def test_shipped_pipeline_runs_by_name_from_any_folder(tmp_path):
     )
 
 
-def test_ui_runs_mlflow_with_this_interpreter_on_loopback(tmp_path):
+def test_ui_runs_mlflow_with_this_interpreter_on_loopback(tmp_path, new_store):
     """``raymeta ui`` as the README gives it (venv not activated: no ``mlflow`` on PATH) serves
     the store on 127.0.0.1 with one worker (issue 12 item 10)."""
     import signal
@@ -112,6 +143,7 @@ def test_ui_runs_mlflow_with_this_interpreter_on_loopback(tmp_path):
     # start and plays no part in what is checked here
     env = dict(os.environ, PATH="/usr/bin:/bin", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     db = tmp_path / "mlflow.db"
+    new_store(db)
     proc = subprocess.Popen(
         [*RAYMETA, "ui", "--port", str(port), "--tracking-uri", f"sqlite:///{db}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env,

@@ -67,9 +67,9 @@ def tiny(tmp_path, out="out") -> dict:
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory):
+def registry(tmp_path_factory, new_store):
     root = tmp_path_factory.mktemp("cmp")
-    uri, exp = setup(f"sqlite:///{root}/mlflow.db", "tiny-compare")
+    uri, exp = setup(new_store(root / "mlflow.db"), "tiny-compare")
     torch.manual_seed(0)
     with mlflow.start_run(experiment_id=exp):
         log_meta_learner(MLRSNetBundle([MLRSNet().state_dict()], [1]), "tiny-mlrsnet", "champion")

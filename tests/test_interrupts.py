@@ -123,10 +123,11 @@ DIGITS_MLP = {"dataset": "digits", "model": "mlp", "batch_size": 32, "epochs": 2
               "val_size": 300, "meta_per_class": 0}  # fmt: skip
 
 
-def pipeline(tmp_path: Path, name: str, section: str, body: dict) -> tuple[dict, str]:
+def pipeline(tmp_path: Path, new_store, name: str, section: str, body: dict) -> tuple[dict, str]:
     """A pipeline ``name`` with one ``section`` (``body``) on a local 2-CPU Ray, writing to
-    ``tmp_path/out`` and its own SQLite store; returns the config dict and the store's URI."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    ``tmp_path/out`` and its own SQLite store (empty, made by ``new_store``); returns the config
+    dict and the store's URI."""
+    uri = new_store(tmp_path / "mlflow.db")
     data = {
         "name": name,
         "output_dir": str(tmp_path / "out"),
@@ -137,7 +138,7 @@ def pipeline(tmp_path: Path, name: str, section: str, body: dict) -> tuple[dict,
     return data, uri
 
 
-def test_ctrl_c_mid_search_then_resume_and_a_larger_budget(tmp_path):
+def test_ctrl_c_mid_search_then_resume_and_a_larger_budget(tmp_path, new_store):
     """Ctrl+C after the first trial of the first family: exit 130, the family is not recorded
     as searched, the local Ray is gone and no run is left RUNNING; --resume finishes with the
     right trial counts without rerunning finished trials; a second --resume with a larger
@@ -145,7 +146,7 @@ def test_ctrl_c_mid_search_then_resume_and_a_larger_budget(tmp_path):
     search = {"families": ["fixed", "cosine"], "trials_per_family": 3, "max_concurrent": 1,
               "seed": 3}  # fmt: skip
     body = {"task": dict(DIGITS_MLP), "search": search, "seeds": 1}
-    data, uri = pipeline(tmp_path, "interrupted", "compare", body)
+    data, uri = pipeline(tmp_path, new_store, "interrupted", "compare", body)
     cfg = tmp_path / "compare.yaml"
     cfg.write_text(yaml.safe_dump(data))
     out = tmp_path / "out"
@@ -198,7 +199,7 @@ def test_ctrl_c_mid_search_then_resume_and_a_larger_budget(tmp_path):
     assert state["families"]["fixed"]["trials"] == 4
 
 
-def test_sigterm_mid_study_then_resume_with_a_grown_grid(tmp_path):
+def test_sigterm_mid_study_then_resume_with_a_grown_grid(tmp_path, new_store):
     """SIGTERM during a study ends it like Ctrl+C (exit 130, no RUNNING run, no row of an
     unfinished task); --resume with one more batch size runs the unfinished and the new
     tasks only, and the table has every task of the grown grid."""
@@ -208,7 +209,7 @@ def test_sigterm_mid_study_then_resume_with_a_grown_grid(tmp_path):
         "methods": [{"schedule": "fixed", "lr": 0.1}],
         "max_concurrent": 1,
     }
-    data, uri = pipeline(tmp_path, "sigterm", "study", body)
+    data, uri = pipeline(tmp_path, new_store, "sigterm", "study", body)
     cfg = tmp_path / "study.yaml"
     cfg.write_text(yaml.safe_dump(data))
     out = tmp_path / "out"
@@ -252,11 +253,11 @@ def test_sigterm_mid_study_then_resume_with_a_grown_grid(tmp_path):
     )
 
 
-def test_ctrl_c_during_a_ray_train_stage_stops_the_pipeline(tmp_path):
+def test_ctrl_c_during_a_ray_train_stage_stops_the_pipeline(tmp_path, new_store):
     """Ctrl+C during a Ray Train run (a pipeline's transfer stage): Train's own handler would
     abort and exit 0; raymeta stops with 130, no Ray process and no RUNNING run left."""
     body = {"task": DIGITS_MLP | {"epochs": 100}, "methods": [{"schedule": "fixed", "lr": 0.05}]}
-    data, uri = pipeline(tmp_path, "train-stage", "transfer", body)
+    data, uri = pipeline(tmp_path, new_store, "train-stage", "transfer", body)
     cfg = tmp_path / "transfer.yaml"
     cfg.write_text(yaml.safe_dump(data))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAYMETA_QUIET")}

@@ -56,11 +56,12 @@ PIPELINE = {
 }
 
 
-def test_mfm_and_baseline_register_reload_and_transfer(ray_local, tmp_path, monkeypatch):
+def test_mfm_and_baseline_register_reload_and_transfer(ray_local, tmp_path, monkeypatch, new_store):
     from raymeta.pipeline import run_pipeline
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    new_store(tmp_path / "mlflow.db")  # the default store, empty
     cfg = parse(PipelineConfig, {**PIPELINE, "output_dir": str(tmp_path / "out")})
     summary = run_pipeline(cfg)
     runs = pd.read_parquet(tmp_path / "out" / "mfm_runs.parquet")
@@ -126,11 +127,12 @@ TINY_STUDY = {
 }  # fmt: skip
 
 
-def _tiny_study(tmp_path, monkeypatch, name: str, **longtail) -> PipelineConfig:
+def _tiny_study(tmp_path, monkeypatch, new_store, name: str, **longtail) -> PipelineConfig:
     """A pipeline with one tiny digits-LT ``longtail`` section (:data:`TINY_STUDY` updated by
-    ``longtail``), its outputs and MLflow store in ``tmp_path``."""
+    ``longtail``), its outputs and (empty) MLflow store in ``tmp_path``."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    new_store(tmp_path / "mlflow.db")
     pipeline = {"name": name, "output_dir": str(tmp_path / "out"), "ray": {"num_workers": 1},
                 "mlflow": {"experiment": name}, "longtail": TINY_STUDY | longtail}  # fmt: skip
     return parse(PipelineConfig, pipeline)
@@ -145,7 +147,7 @@ def _study_records(tmp_path, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     return runs, nested
 
 
-def test_one_study_runs_the_grid_for_both_profiles(ray_local, tmp_path, monkeypatch):
+def test_one_study_runs_the_grid_for_both_profiles(ray_local, tmp_path, monkeypatch, new_store):
     """``profiles: [exp, step]``: every method runs on both profiles, with their own class
     counts, summary rows, run names and plot panels; ``register_profile`` picks the run
     whose modulator is registered."""
@@ -155,6 +157,7 @@ def test_one_study_runs_the_grid_for_both_profiles(ray_local, tmp_path, monkeypa
     cfg = _tiny_study(
         tmp_path,
         monkeypatch,
+        new_store,
         "profiles-test",
         profiles=["exp", "step"],
         methods=[
@@ -200,7 +203,9 @@ def test_one_study_runs_the_grid_for_both_profiles(ray_local, tmp_path, monkeypa
     assert registered.info.run_name == f"longtail/{mfm}/digits-LT step IF=10/seed0"
 
 
-def test_dead_runs_are_dead_rows_and_the_study_goes_on(ray_local, tmp_path, monkeypatch, capsys):
+def test_dead_runs_are_dead_rows_and_the_study_goes_on(
+    ray_local, tmp_path, monkeypatch, capsys, new_store
+):
     """Logit adjustment with ``tau`` 1e300 (an adjustment of -inf: its loss is NaN at the first
     step) is stopped by the non-finite-loss check, first and last in the worker group (the last is the
     ``mfm_network`` run to register): both are dead rows, CE between them trains, the tables
@@ -212,6 +217,7 @@ def test_dead_runs_are_dead_rows_and_the_study_goes_on(ray_local, tmp_path, monk
     cfg = _tiny_study(
         tmp_path,
         monkeypatch,
+        new_store,
         "dead-test",
         methods=[
             {"method": "logit_adjust", "params": deadly},
@@ -310,7 +316,7 @@ def test_two_workers_match_one_worker_for_both_mfm_look_aheads(ray_local, tmp_pa
 
 
 def test_mfm_design_search_selects_on_validation_and_records_the_choice(
-    ray_local, tmp_path, monkeypatch
+    ray_local, tmp_path, monkeypatch, new_store
 ):
     """Ray Tune + Optuna over a small design space on digits-LT: every trial reports validation
     accuracy and no test metric (its data have no test split), each variant's choice is its
@@ -323,6 +329,7 @@ def test_mfm_design_search_selects_on_validation_and_records_the_choice(
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    new_store(tmp_path / "mlflow.db")  # the default store, empty
     search = {
         "task": {
             "dataset": "digits",

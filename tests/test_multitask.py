@@ -358,7 +358,7 @@ def test_groups_of_two_workers_match_groups_of_one(tmp_path):
 
 
 @pytest.mark.ray
-def test_multitask_pipeline_registers_one_meta_learner(ray_local, tmp_path, monkeypatch):
+def test_multitask_pipeline_registers_one_meta_learner(ray_local, tmp_path, monkeypatch, new_store):
     """The shipped multitask_meta_train.yaml, reduced: one row per task in the results table,
     one registered meta-learner with its first, middle and last checkpoints, the tasks'
     metrics in the meta-training run."""
@@ -375,7 +375,7 @@ def test_multitask_pipeline_registers_one_meta_learner(ray_local, tmp_path, monk
     fashion.update(train_subset=1536, val_size=500, epochs=3)  # 3 x 12 steps
     digits.update(batch_size=64, epochs=1)  # 17 steps: restarts after steps 17 and 34
     data["output_dir"] = str(tmp_path / "out")
-    data["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path}/mlflow.db"
+    data["mlflow"]["tracking_uri"] = new_store(tmp_path / "mlflow.db")
     run_pipeline(parse(PipelineConfig, data, "reduced multitask"))
     rows = pd.read_parquet(tmp_path / "out" / "results.parquet")
     assert list(rows["method"]) == [

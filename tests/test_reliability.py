@@ -97,7 +97,8 @@ def test_registry_names_and_aliases_are_refused_before_training(tmp_path, args, 
 # -- sizes (item 4) ----------------------------------------------------------------------------
 
 
-def test_workers_beyond_the_local_cpus_are_refused_before_ray_starts(tmp_path):
+def test_workers_beyond_the_local_cpus_are_refused_before_ray_starts(tmp_path, new_store):
+    new_store(tmp_path / "mlflow.db")  # the sizes are checked once the store is open
     task = {"dataset": "digits", "model": "mlp", "batch_size": 32, "epochs": 1, "val_size": 300}
     meta = {"task": task | {"meta_per_class": 10}, "meta_batch_size": 40}
     data = tiny(tmp_path, meta_train=meta) | {"ray": {"num_cpus": 2, "num_workers": 4}}
@@ -109,7 +110,8 @@ def test_workers_beyond_the_local_cpus_are_refused_before_ray_starts(tmp_path):
     assert seconds < 60 and not (tmp_path / "out" / "ray_results").exists()
 
 
-def test_a_trial_larger_than_the_local_ray_is_refused(tmp_path):
+def test_a_trial_larger_than_the_local_ray_is_refused(tmp_path, new_store):
+    new_store(tmp_path / "mlflow.db")  # the sizes are checked once the store is open
     data = tiny(tmp_path, compare="compare") | {"ray": {"num_cpus": 2}}
     data["compare"]["search"]["cpus_per_trial"] = 3
     res, _ = run(["compare", write(tmp_path, data)], tmp_path)
@@ -354,14 +356,14 @@ def test_output_dir_below_a_file_is_refused(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
+def store(tmp_path, monkeypatch, new_store):
     import mlflow
 
     from raymeta.tracking import setup
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri, exp = setup(f"sqlite:///{tmp_path}/mlflow.db", "reliability")
+    uri, exp = setup(new_store(tmp_path / "mlflow.db"), "reliability")
     yield uri, exp
     mlflow.set_tracking_uri(None)
 
@@ -506,9 +508,10 @@ def _meta_train(tmp_path, **ray) -> PipelineConfig:
 
 
 @pytest.mark.ray
-def test_workers_beyond_a_running_clusters_cpus_are_refused(ray_local, tmp_path):
+def test_workers_beyond_a_running_clusters_cpus_are_refused(ray_local, tmp_path, new_store):
     from raymeta.pipeline import run_pipeline
 
+    new_store(tmp_path / "mlflow.db")
     address = ray_local.get_runtime_context().gcs_address
     with pytest.raises(ConfigError) as err:
         run_pipeline(_meta_train(tmp_path, num_workers=4))
@@ -540,7 +543,7 @@ def test_training_goes_on_when_the_store_fails(ray_local, tmp_path):
 
 
 @pytest.mark.ray
-def test_a_failed_registration_still_writes_the_results_table(ray_local, tmp_path):
+def test_a_failed_registration_still_writes_the_results_table(ray_local, tmp_path, new_store):
     """The artifact store refuses the meta-learner after training: the command ends with one
     line naming the local copy, and the results table holds the trained run."""
     import pandas as pd
@@ -549,6 +552,7 @@ def test_a_failed_registration_still_writes_the_results_table(ray_local, tmp_pat
     from raymeta.pipeline import run_pipeline
     from raymeta.tracking import read_meta_learner
 
+    new_store(tmp_path / "mlflow.db")
     (tmp_path / "mlartifacts").write_text("a file where the artifact folder should be")
     with pytest.raises(RegistrationError) as err:
         run_pipeline(_meta_train(tmp_path))

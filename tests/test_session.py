@@ -9,14 +9,14 @@ TASK = {"dataset": "digits", "model": "mlp", "batch_size": 32, "epochs": 2, "val
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
-    """A SQLite store under ``tmp_path``: ``(tracking URI, experiment id)``."""
+def store(tmp_path, monkeypatch, new_store):
+    """An empty SQLite store under ``tmp_path``: ``(tracking URI, experiment id)``."""
     import mlflow
 
     from raymeta.tracking import setup
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", new_store(tmp_path / "mlflow.db"))
     yield setup(None, "session")
     mlflow.set_tracking_uri(None)
 
@@ -74,11 +74,11 @@ def _pipeline(tmp_path, **update) -> PipelineConfig:
 
 @pytest.mark.parametrize("own_store", [False, True])
 def test_the_end_line_gives_raymeta_ui_the_store_unless_it_is_the_default(
-    tmp_path, monkeypatch, capsys, own_store
+    tmp_path, monkeypatch, capsys, new_store, own_store
 ):
     """``raymeta ui`` opens ``$MLFLOW_TRACKING_URI`` or ./mlflow.db: the end line adds
     ``--tracking-uri`` only for another store. The session runs without Ray (its connection
-    replaced)."""
+    replaced), on an empty store already there."""
     import mlflow
 
     import raymeta.session
@@ -88,7 +88,7 @@ def test_the_end_line_gives_raymeta_ui_the_store_unless_it_is_the_default(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset")  # restored after the test, then unset:
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # open_session exports the store it uses
     monkeypatch.setattr(raymeta.session, "connect_ray", lambda cfg: False)
-    store = f"sqlite:///{tmp_path}/runs/other.db"
+    store = new_store(tmp_path / "runs" / "other.db" if own_store else tmp_path / "mlflow.db")
     cfg = _pipeline(tmp_path, mlflow={"tracking_uri": store} if own_store else {})
     try:
         with open_session(cfg, []):

@@ -96,11 +96,11 @@ def test_tiny_study_file_is_valid():
 
 
 @pytest.mark.ray
-def test_study_resumes_without_repeating_finished_tasks_and_reports(ray_local, tmp_path):
+def test_study_resumes_without_repeating_finished_tasks_and_reports(ray_local, tmp_path, new_store):
     address = ray_local.get_runtime_context().gcs_address
     out = tmp_path / "study"
     cmd = [sys.executable, "-m", "raymeta.cli", "study", str(TINY), "--address", address,
-           "--output-dir", str(out), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]  # fmt: skip
+           "--output-dir", str(out), "--tracking-uri", new_store(tmp_path / "mlflow.db")]  # fmt: skip
     env = {**os.environ, "RAY_ADDRESS": address}
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -141,7 +141,7 @@ def test_study_resumes_without_repeating_finished_tasks_and_reports(ray_local, t
 
 
 @pytest.mark.ray
-def test_raymeta_run_runs_a_study_only_pipeline(ray_local, tmp_path):
+def test_raymeta_run_runs_a_study_only_pipeline(ray_local, tmp_path, new_store):
     """Every section of a pipeline runs under `raymeta run`, the transfer study included."""
     from raymeta.config import MlflowConfig
     from raymeta.pipeline import run_pipeline
@@ -149,7 +149,7 @@ def test_raymeta_run_runs_a_study_only_pipeline(ray_local, tmp_path):
     cfg = load_pipeline(TINY).model_copy(
         update={
             "output_dir": str(tmp_path / "out"),
-            "mlflow": MlflowConfig(experiment="s", tracking_uri=f"sqlite:///{tmp_path}/m.db"),
+            "mlflow": MlflowConfig(experiment="s", tracking_uri=new_store(tmp_path / "m.db")),
         }
     )
     table = run_pipeline(cfg)

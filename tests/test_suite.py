@@ -213,12 +213,13 @@ def test_the_benchmark_resumes_and_stops_on_ctrl_c_as_the_cli(tmp_path, monkeypa
 
 
 @pytest.mark.ray
-def test_tiny_suite_runs_every_task_and_writes_the_verdicts(ray_local, tmp_path):
+def test_tiny_suite_runs_every_task_and_writes_the_verdicts(ray_local, tmp_path, new_store):
     from raymeta.pipeline import run_pipeline
     from raymeta.schedules import MLRSNet, MLRSNetBundle
     from raymeta.tracking import log_meta_learner, setup
 
     cfg = parse(PipelineConfig, config_dict(tmp_path, families=["cosine"]), "suite")
+    new_store(tmp_path / "mlflow.db")
     _, exp = setup(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
     torch.manual_seed(0)
     with mlflow.start_run(experiment_id=exp):
@@ -262,7 +263,7 @@ def test_tiny_suite_runs_every_task_and_writes_the_verdicts(ray_local, tmp_path)
 
 @pytest.mark.ray
 def test_resume_after_meta_training_reuses_the_registered_version(
-    ray_local, tmp_path, monkeypatch, capsys
+    ray_local, tmp_path, monkeypatch, capsys, new_store
 ):
     """Interrupted after meta-training registered ``tiny`` version 1, as the suite's task
     starts its final runs: ``--resume`` does not meta-train again, the final runs load version
@@ -283,6 +284,7 @@ def test_resume_after_meta_training_reuses_the_registered_version(
     data["meta_train"] = {"task": task, "meta_every": 5, "meta_batch_size": 40,
                           "registered_model": "tiny", "alias": "champion"}  # fmt: skip
     cfg = parse(PipelineConfig, data, "suite")
+    new_store(tmp_path / "mlflow.db")
     final_runs = Comparison.final_runs
 
     def interrupted_once(self, *args, **kwargs):  # Ctrl+C as the final runs start

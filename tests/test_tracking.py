@@ -1,5 +1,7 @@
 """MLflow registry round trip on a real local SQLite store (no mocks)."""
 
+import contextlib
+
 import mlflow
 import pytest
 import torch
@@ -15,19 +17,59 @@ from raymeta.tracking import (
 )
 
 
+def schema(path) -> set[tuple[str, str, frozenset[str]]]:
+    """The tables, indexes and triggers of a SQLite file, and its MLflow schema revision: each
+    statement as the set of its lines without commas (MLflow's migrations put a table's
+    constraints in an order that varies from one store they make to the next)."""
+    import sqlite3
+
+    query = (
+        "SELECT type, name, sql FROM sqlite_master "
+        "UNION ALL SELECT 'revision', version_num, '' FROM alembic_version"
+    )
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        rows = db.execute(query).fetchall()
+    return {
+        (kind, name, frozenset((sql or "").replace(",", "").split("\n")))
+        for kind, name, sql in rows
+    }
+
+
 @pytest.fixture
-def store(tmp_path, monkeypatch):
+def store(tmp_path, monkeypatch, new_store):
+    """The default store (./mlflow.db in the test's folder), empty: ``(uri, experiment id)``."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    new_store(tmp_path / "mlflow.db")
     uri, exp = setup(None, "test-registry")
     yield uri, exp
     mlflow.set_tracking_uri(None)
 
 
-def test_default_store_is_absolute_sqlite_with_artifacts_beside_it(store, tmp_path):
-    uri, exp = store
-    assert uri == f"sqlite:///{tmp_path}/mlflow.db"
-    assert mlflow.get_experiment(exp).artifact_location == (tmp_path / "mlartifacts").as_uri()
+def test_default_store_is_absolute_sqlite_with_artifacts_beside_it(
+    tmp_path, monkeypatch, new_store
+):
+    """setup makes the default store; a copy of the tests' migrated store (``new_store``) opens
+    as the same store."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    try:
+        uri, exp = setup(None, "test-registry")
+        assert uri == f"sqlite:///{tmp_path}/mlflow.db"
+        assert mlflow.get_experiment(exp).artifact_location == (tmp_path / "mlartifacts").as_uri()
+        made = {e.experiment_id: e.name for e in mlflow.search_experiments()}
+        default = mlflow.get_experiment("0").artifact_location  # MLflow's, under the cwd
+        _, copy_exp = setup(new_store(tmp_path / "copy" / "mlflow.db"), "test-registry")
+        assert (
+            mlflow.get_experiment(copy_exp).artifact_location
+            == (tmp_path / "copy" / "mlartifacts").as_uri()
+        )
+        assert {e.experiment_id: e.name for e in mlflow.search_experiments()} == made
+        assert mlflow.get_experiment("0").artifact_location == default
+    finally:
+        mlflow.set_tracking_uri(None)
+    made_schema = schema(tmp_path / "mlflow.db")
+    assert len(made_schema) > 30 and schema(tmp_path / "copy" / "mlflow.db") == made_schema
     assert resolve_tracking_uri("sqlite:///rel/x.db") == f"sqlite:///{tmp_path}/rel/x.db"
     assert resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
 

@@ -79,11 +79,11 @@ def _wait_healthy(base: str, proc: subprocess.Popen, log: Path, timeout: float =
 
 
 @pytest.fixture(scope="module")
-def comparison_ui(ray_local, tmp_path_factory):
+def comparison_ui(ray_local, tmp_path_factory, new_store):
     """A finished tiny comparison and ``raymeta ui`` serving its store: yields
     ``(base_url, experiment_id)``."""
     root = tmp_path_factory.mktemp("ui")
-    uri, experiment_id = setup(f"sqlite:///{root}/mlflow.db", "ui-compare")
+    uri, experiment_id = setup(new_store(root / "mlflow.db"), "ui-compare")
     torch.manual_seed(0)
     with mlflow.start_run(experiment_id=experiment_id, run_name="register-tiny-mlrsnet"):
         log_meta_learner(MLRSNetBundle([MLRSNet().state_dict()], [1]), "tiny-mlrsnet", "champion")

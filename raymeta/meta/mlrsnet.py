@@ -49,7 +49,6 @@ from collections import deque
 import torch
 from torch import nn
 
-from raymeta.errors import ConfigError
 from raymeta.meta.base import MetaLearner
 from raymeta.meta.lookahead import (
     Average,
@@ -60,23 +59,7 @@ from raymeta.meta.lookahead import (
 )
 from raymeta.schedules.base import Schedule
 from raymeta.schedules.mlrsnet import MLRSNet, gamma_scale, momentum_lr_scale, require_loss
-
-META_OBJECTIVES = ("lookahead", "delayed")
-
-
-def check_meta_objective(meta_objective: str, horizon: int | None) -> None:
-    """Raise a one-line :class:`ConfigError` for an unknown ``meta_objective`` or a ``horizon``
-    that does not fit it: ``lookahead`` takes none, ``delayed`` an integer >= 1."""
-    if meta_objective not in META_OBJECTIVES:
-        raise ConfigError(
-            f"meta_objective {meta_objective!r} is unknown; accepted: {', '.join(META_OBJECTIVES)}"
-        )
-    if meta_objective == "lookahead" and horizon is not None:
-        raise ConfigError(
-            f"horizon={horizon} applies to meta_objective delayed, not to lookahead (one step)"
-        )
-    if horizon is not None and horizon < 1:
-        raise ConfigError(f"horizon={horizon} is invalid; accepted: an integer >= 1 (steps)")
+from raymeta.schedules.mlrsnet_settings import check_meta_objective
 
 
 class MLRSNetMetaTrainer(MetaLearner, Schedule):
@@ -104,7 +87,7 @@ class MLRSNetMetaTrainer(MetaLearner, Schedule):
 
     Raises:
         ConfigError: ``meta_every < 1``, an unknown ``meta_objective`` or a bad ``horizon``
-            (:func:`check_meta_objective`).
+            (:func:`~raymeta.schedules.mlrsnet_settings.check_meta_objective`).
         ValueError: ``momentum`` not in ``[0, 1)``.
     """
 

@@ -16,6 +16,10 @@ Every family is stepped once per optimisation step (not per epoch), so fractions
                 (Smith & Topin 2019)
 ``warmup_cosine`` ``lr``, ``warmup_fraction`` (default 0.05), ``final_lr_fraction`` (default 0)
 ============== ==================================================================
+
+A family's builder takes ``torch.optim.lr_scheduler`` as its first argument: this module
+imports torch only when a schedule is built, so that the config checks family names (and
+``raymeta run`` refuses a bad pipeline file) without importing torch.
 """
 
 from __future__ import annotations
@@ -23,27 +27,28 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
-from torch.optim import lr_scheduler as sched
-
 from raymeta.errors import ConfigError
 from raymeta.schedules.base import Schedule
 
 
-def _multistep(opt, total, spe, milestones=(0.5, 0.75), decay=0.1):
+def _fixed(sched, opt, total, spe):
+    return sched.ConstantLR(opt, factor=1.0, total_iters=0)
+
+
+def _multistep(sched, opt, total, spe, milestones=(0.5, 0.75), decay=0.1):
     return sched.MultiStepLR(opt, sorted(max(1, round(f * total)) for f in milestones), decay)
 
 
-def _exponential(opt, total, spe, decay=0.9):
+def _exponential(sched, opt, total, spe, decay=0.9):
     return sched.ExponentialLR(opt, decay ** (1.0 / spe))
 
 
-def _cosine(opt, total, spe, final_lr_fraction=0.0):
+def _cosine(sched, opt, total, spe, final_lr_fraction=0.0):
     lr = opt.param_groups[0]["lr"]
     return sched.CosineAnnealingLR(opt, total, eta_min=lr * final_lr_fraction)
 
 
-def _sgdr(opt, total, spe, first_cycle_epochs=1.0, cycle_mult=2, final_lr_fraction=0.0):
+def _sgdr(sched, opt, total, spe, first_cycle_epochs=1.0, cycle_mult=2, final_lr_fraction=0.0):
     lr = opt.param_groups[0]["lr"]
     t0 = max(1, round(first_cycle_epochs * spe))
     return sched.CosineAnnealingWarmRestarts(
@@ -51,14 +56,14 @@ def _sgdr(opt, total, spe, first_cycle_epochs=1.0, cycle_mult=2, final_lr_fracti
     )
 
 
-def _onecycle(opt, total, spe, warmup_fraction=0.3):
+def _onecycle(sched, opt, total, spe, warmup_fraction=0.3):
     lr = opt.param_groups[0]["lr"]
     return sched.OneCycleLR(
         opt, lr, total_steps=total + 1, pct_start=warmup_fraction, cycle_momentum=False
     )
 
 
-def _warmup_cosine(opt, total, spe, warmup_fraction=0.05, final_lr_fraction=0.0):
+def _warmup_cosine(sched, opt, total, spe, warmup_fraction=0.05, final_lr_fraction=0.0):
     lr = opt.param_groups[0]["lr"]
     warm = max(1, round(warmup_fraction * total))
     return sched.SequentialLR(
@@ -72,7 +77,7 @@ def _warmup_cosine(opt, total, spe, warmup_fraction=0.05, final_lr_fraction=0.0)
 
 
 FAMILIES: dict[str, Callable[..., Any]] = {
-    "fixed": lambda opt, total, spe: sched.ConstantLR(opt, factor=1.0, total_iters=0),
+    "fixed": _fixed,
     "multistep": _multistep,
     "exponential": _exponential,
     "cosine": _cosine,
@@ -104,10 +109,15 @@ class HandSchedule(Schedule):
             )
         if not lr > 0:
             raise ConfigError(f"schedule {family}: lr must be > 0, got {lr}")
+        import torch
+        from torch.optim import lr_scheduler
+
         self.family, self.params = family, dict(params)
         self._opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
         try:
-            self._sched = FAMILIES[family](self._opt, total_steps, steps_per_epoch, **params)
+            self._sched = FAMILIES[family](
+                lr_scheduler, self._opt, total_steps, steps_per_epoch, **params
+            )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"schedule {family} with {params}: {exc}") from None
         self._step = 0

@@ -20,6 +20,7 @@ from torch import nn
 
 from raymeta.errors import ConfigError
 from raymeta.schedules.base import Schedule
+from raymeta.schedules.mlrsnet_settings import HIDDEN_SIZE, MLP_HIDDEN
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -33,7 +34,7 @@ class MLRSNet(nn.Module):
             for the defaults.
     """
 
-    def __init__(self, hidden_size: int = 50, mlp_hidden: int = 25):
+    def __init__(self, hidden_size: int = HIDDEN_SIZE, mlp_hidden: int = MLP_HIDDEN):
         super().__init__()
         self.hidden_size, self.mlp_hidden = hidden_size, mlp_hidden
         self.fc_i2h = nn.Sequential(
@@ -141,8 +142,8 @@ class MLRSNetBundle(nn.Module):
         self,
         cells: list[dict[str, torch.Tensor]],
         checkpoint_epochs: list[int],
-        hidden_size: int = 50,
-        mlp_hidden: int = 25,
+        hidden_size: int = HIDDEN_SIZE,
+        mlp_hidden: int = MLP_HIDDEN,
         source: str = "",
     ):
         super().__init__()
