@@ -479,6 +479,7 @@ def test_mfm_trains_with_the_chosen_base_loss_and_meta_objective():
         _tiny_cnn(),
         base_loss="logit_adjust",
         base_params={"tau": 2.0},
+        meta_objective="ce",
         **shape,
     )
     assert isinstance(la, MFMTrainer) and isinstance(la.loss, LogitAdjustedLoss)
@@ -492,7 +493,8 @@ def test_mfm_trains_with_the_chosen_base_loss_and_meta_objective():
     assert isinstance(ldam.meta_loss, LogitAdjustedLoss) and ldam.modulation.sites == [
         "features.2",
         "features.5",
-    ]
+        "classifier.2",
+    ]  # the network's default sites, stages+embedding (MFM_DEFAULTS)
     ldam.start_epoch(4)  # DRW from int(0.8 * 5)
     assert ldam.loss.reweight
     rs = build_method("mfm_direct", COUNTS, _tiny_cnn(), base_loss="cb_resample", **shape)
